@@ -1,0 +1,181 @@
+"""Asyncio face of the engine: the core steps on its own thread; callers add a request, stream its
+outputs and abort it. The worker services wrap this."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from baton.shared.config import EngineConfig
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.outputs import EngineOutput
+from baton.shared.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (a fatal error or shutdown); no request can make progress."""
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_STOP = object()
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[EngineOutput | BaseException]
+
+
+class AsyncEngine:
+    """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown()."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(EngineCore(config))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="baton-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Abort everything in flight and stop the engine thread."""
+        if self._thread is None or self._stopped:
+            self._stopped = True
+            return
+        self._stopped = True
+        self._commands.put(_STOP)
+        self._thread.join(timeout_s)
+
+    async def __aenter__(self) -> AsyncEngine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.shutdown)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopped
+
+    # -- requests --------------------------------------------------------------------------------
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream one request's outputs (one per step it got a token in); the last one has
+        `finished` set. Bad input raises ValueError before anything is queued. Leaving the loop
+        early (break, cancellation, client gone) aborts the request."""
+        self._check_alive()
+        self.core.validate(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request wherever it is; its stream ends with finish_reason 'abort'."""
+        self._commands.put(_Abort(request_id))
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"engine stopped after a fatal error: {self._error!r}")
+        if not self.is_running:
+            raise EngineDeadError("engine is not running (call start() first, or it was shut down)")
+
+    # -- engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._apply_commands(block=not self.core.has_unfinished()):
+                    break
+                if self.core.has_unfinished():
+                    self._deliver(self.core.step())
+        except BaseException as exc:  # fatal: every caller must hear about it, nobody may hang
+            logger.exception("engine thread died")
+            self._error = exc
+            self._fail_all(EngineDeadError(f"engine failed: {exc!r}"))
+            return
+        self._deliver(self.core.abort_requests(list(self._streams)))
+        self._fail_all(EngineDeadError("engine shut down"))
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; wait for one if `block`. False once asked to stop."""
+        while True:
+            try:
+                command = self._commands.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command is _STOP:
+                return False
+            if isinstance(command, _Add):
+                self._add(command)
+            elif isinstance(command, _Abort):
+                self._deliver(self.core.abort_requests([command.request_id]))
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.core.add_request(command.request_id, command.prompt_token_ids, command.params)
+        except ValueError as exc:
+            self._send(command.request_id, exc, last=True)
+
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
+        for out in outputs:
+            self._send(out.request_id, out, last=out.finished)
+
+    def _send(self, request_id: str, item: EngineOutput | BaseException, last: bool) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None and not stream.loop.is_closed():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            if not stream.loop.is_closed():
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

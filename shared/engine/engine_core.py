@@ -1,0 +1,256 @@
+"""The engine core: requests in, one step at a time, outputs back. No threads, no sockets
+(the async engine and the worker services wrap it)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from baton.shared.config import EngineConfig
+from baton.shared.engine.attention import get_attention_backend
+from baton.shared.engine.block_pool import BlockPool
+from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
+from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
+from baton.shared.engine.model_runner import ModelRunner
+from baton.shared.engine.outputs import EngineOutput, Logprob, PositionLogprobs
+from baton.shared.engine.request import Request
+from baton.shared.engine.sampler import Sampler
+from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
+from baton.shared.models import ModelConfig, load_model, resolve_dtype
+from baton.shared.models.model_config import read_json
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_cached_blocks: int
+    num_held_blocks: int
+    num_preemptions: int
+    prefix_cache_hit_rate: float
+
+
+class EngineCore:
+    """Owns the model, the paged KV cache, the scheduler and the sampler of one worker."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_dir = Path(config.model)
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.device = _resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config)
+        self.max_model_len = _resolve_max_model_len(config, self.model_config)
+        self.eos_token_ids = frozenset(_eos_token_ids(self.model_dir, self.model_config))
+        backend = get_attention_backend(
+            "torch" if config.attention_backend == "auto" else config.attention_backend
+        )
+        self.model = load_model(
+            self.model_dir, self.model_config, self.dtype, self.device, backend, self.max_model_len
+        )
+        num_blocks = self._num_kv_blocks()
+        self.kv_caches = allocate_kv_caches(
+            self.model_config, num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.kv_manager = KVCacheManager(
+            BlockPool(num_blocks, config.enable_prefix_caching), config.block_size
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len),
+            self.kv_manager,
+        )
+        self.runner = ModelRunner(
+            self.model, self.kv_caches, self.kv_manager, Sampler(self.device, config.seed), self.device
+        )
+        logger.info(
+            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            self.model_config.architecture,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a request; touches no state."""
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens, longer than the model allows "
+                f"(max_model_len {self.max_model_len})"
+            )
+        vocab = self.model_config.vocab_size
+        for position, token_id in enumerate(prompt_token_ids):
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or not 0 <= token_id < vocab:
+                raise ValueError(
+                    f"prompt token id {token_id!r} at position {position} "
+                    f"is outside the vocabulary [0, {vocab})"
+                )
+        bad_stops = [t for t in params.stop_token_ids if t >= vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.validate(prompt_token_ids, params)
+        self.scheduler.add(
+            Request(
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params,
+                eos_token_ids=self.eos_token_ids,
+                block_size=self.config.block_size,
+            )
+        )
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineOutput]:
+        return [_final_output(r, []) for r in self.scheduler.abort(request_ids)]
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- stepping --------------------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        """Schedule, run the model once, sample; outputs for requests that got a token or ended."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        sampled = self.runner.execute(sched)
+        changed = self.scheduler.update(sched, sampled)
+        return [self._output(r, sampled[r.request_id]) for r in changed]
+
+    def _output(self, request: Request, token: SampledToken) -> EngineOutput:
+        logprobs = None
+        if request.sampling_params.logprobs is not None and token.logprob is not None:
+            top = token.top_logprobs or []
+            position: PositionLogprobs = {
+                tid: Logprob(lp, rank) for rank, (tid, lp) in enumerate(top, start=1)
+            }
+            position[token.token_id] = Logprob(token.logprob, token.rank)
+            logprobs = [position]
+        if request.is_finished:
+            return _final_output(request, [token.token_id], logprobs)
+        return EngineOutput(
+            request.request_id,
+            [token.token_id],
+            logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )
+
+    # -- introspection ---------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        usage = self.kv_manager.pool.usage()
+        queries = self.kv_manager.prefix_queries
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_blocks=usage.num_free,
+            num_cached_blocks=usage.num_cached,
+            num_held_blocks=usage.num_held,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.kv_manager.prefix_hits / queries if queries else 0.0,
+        )
+
+    def check_integrity(self) -> None:
+        """Raise IntegrityError if any block's state or refcount is inconsistent (I1)."""
+        self.kv_manager.check_integrity()
+
+    def assert_no_leaks(self) -> None:
+        """I3: with no request left, every block is free or cached."""
+        self.check_integrity()
+        usage = self.kv_manager.pool.usage()
+        if self.scheduler.has_unfinished() or usage.num_held or self.kv_manager.num_requests:
+            raise AssertionError(
+                f"leak: {self.scheduler.num_unfinished} unfinished requests, {usage.num_held} held blocks"
+            )
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = block_nbytes(self.model_config, cfg.block_size, self.dtype)
+        needed = cdiv(self.max_model_len, cfg.block_size)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - cfg.gpu_memory_utilization) * total - _activation_reserve_nbytes(self)
+            num_blocks = int(budget // per_block)
+        else:
+            enough_for_all = cdiv(cfg.max_num_seqs * self.max_model_len, cfg.block_size)
+            num_blocks = min(int(cfg.cpu_kv_cache_gib * 2**30 // per_block), enough_for_all)
+        if num_blocks < needed:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {cfg.block_size} tokens cannot hold one sequence of "
+                f"max_model_len {self.max_model_len}; raise num_kv_blocks (or the memory budget) to at least "
+                f"{needed}, or lower max_model_len"
+            )
+        return num_blocks
+
+
+def _final_output(
+    request: Request, new_token_ids: list[int], logprobs: list[PositionLogprobs] | None = None
+) -> EngineOutput:
+    return EngineOutput(
+        request.request_id,
+        new_token_ids,
+        logprobs,
+        finish_reason=request.finish_reason.value if request.finish_reason else None,
+        stop_reason=request.stop_reason,
+        error=request.error,
+        num_prompt_tokens=request.num_prompt_tokens,
+        num_cached_tokens=request.num_cached_tokens,
+    )
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device {name!r} is not a valid torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: Baton runs on 'cpu' or 'cuda'")
+    return device
+
+
+def _resolve_max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    limit = model_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(
+            f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {limit}"
+        )
+    return config.max_model_len
+
+
+def _eos_token_ids(model_dir: Path, model_config: ModelConfig) -> set[int]:
+    """End-of-sequence ids: generation_config.json's (often a list), else config.json's."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        value = read_json(path).get("eos_token_id")
+        if value is not None:
+            return set(value) if isinstance(value, list) else {value}
+    return set(model_config.eos_token_ids)
+
+
+def _activation_reserve_nbytes(engine: EngineCore) -> int:
+    """Rough peak of one step's activations (hidden states, MLP, logits) to keep out of the KV budget."""
+    cfg, mc = engine.config, engine.model_config
+    itemsize = torch.empty((), dtype=engine.dtype).element_size()
+    tokens = cfg.max_num_batched_tokens
+    per_token = (
+        4 * mc.hidden_size + 3 * mc.intermediate_size + 2 * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+    )
+    logits = cfg.max_num_seqs * mc.vocab_size * 4 * 3
+    return tokens * per_token * itemsize + logits + 256 * 2**20

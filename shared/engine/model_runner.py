@@ -1,0 +1,115 @@
+"""Runs one scheduled step on the model: flattens the batch, builds attention metadata, samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from baton.shared.engine.attention import AttentionMetadata
+from baton.shared.engine.kv_cache import KVCaches
+from baton.shared.engine.kv_cache_manager import KVCacheManager
+from baton.shared.engine.sampler import Sampler, SamplingRow
+from baton.shared.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
+from baton.shared.models import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampling] int64: last token of each chunk that samples
+    sampling_chunks: list[ScheduledChunk]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: KVCaches,
+        kv_manager: KVCacheManager,
+        sampler: Sampler,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.kv = kv_manager
+        self.sampler = sampler
+        self.device = device
+        self.block_size = kv_manager.block_size
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        inputs = self.prepare_inputs(sched.chunks)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        if not inputs.sampling_chunks:
+            return {}
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
+        rows = [_sampling_row(chunk) for chunk in inputs.sampling_chunks]
+        out = self.sampler(logits, rows)
+        sampled = {}
+        for i, chunk in enumerate(inputs.sampling_chunks):
+            sampled[chunk.request.request_id] = SampledToken(
+                token_id=out.token_ids[i],
+                logprob=out.logprobs[i] if out.logprobs is not None else None,
+                rank=out.ranks[i] if out.ranks is not None else None,
+                top_logprobs=out.top_logprobs[i] if out.top_logprobs is not None else None,
+            )
+        return sampled
+
+    def prepare_inputs(self, chunks: list[ScheduledChunk]) -> ModelInputs:
+        """Chunks arrive decodes first (the scheduler's order), which the metadata relies on."""
+        bs = self.block_size
+        query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int64)
+        starts = np.array([c.start for c in chunks], dtype=np.int64)
+        seq_lens = starts + query_lens
+        cu = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu[1:])
+        # positions: for each token, its chunk's start plus its offset inside the chunk
+        seq_of_token = np.repeat(np.arange(len(chunks)), query_lens)
+        positions = starts[seq_of_token] + np.arange(cu[-1]) - cu[seq_of_token]
+        max_blocks = int(-(-seq_lens.max() // bs))
+        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
+        input_ids = np.empty(cu[-1], dtype=np.int64)
+        for i, chunk in enumerate(chunks):
+            blocks = self.kv.block_ids(chunk.request.request_id)
+            block_tables[i, : len(blocks)] = blocks[:max_blocks]
+            input_ids[cu[i] : cu[i + 1]] = chunk.request.all_token_ids[chunk.start : chunk.end]
+        slot_mapping = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(chunks)
+        sampling = [i for i, c in enumerate(chunks) if c.samples]
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(slot_mapping),
+            query_start_loc=self._to_device(cu.astype(np.int32)),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(block_tables),
+            num_decodes=num_decodes,
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_host=tuple(cu.tolist()),
+            seq_lens_host=tuple(seq_lens.tolist()),
+        )
+        return ModelInputs(
+            input_ids=self._to_device(input_ids),
+            positions=self._to_device(positions),
+            meta=meta,
+            logits_indices=self._to_device(cu[1:][sampling] - 1),
+            sampling_chunks=[chunks[i] for i in sampling],
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def _sampling_row(chunk: ScheduledChunk) -> SamplingRow:
+    request = chunk.request
+    params = request.sampling_params
+    banned: frozenset[int] = frozenset()
+    if request.num_output_tokens < params.min_tokens:
+        eos = frozenset() if params.ignore_eos else request.eos_token_ids
+        banned = eos | frozenset(params.stop_token_ids)
+    return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, banned)

@@ -1,0 +1,82 @@
+"""What the engine hands back: per-step deltas (EngineOutput) and finished results (RequestOutput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """Log-probability of one token under the model's raw distribution at one position."""
+
+    logprob: float
+    rank: int | None = None
+    """1-based rank among all tokens (1 = most likely)."""
+    decoded_token: str | None = None
+
+
+PositionLogprobs = dict[int, Logprob]
+"""At one generated position: the sampled token and the requested top alternatives, by token id."""
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """What one step produced for one request: new tokens (usually one) and, at the end, why it ended."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[PositionLogprobs] | None = None
+    finish_reason: str | None = None
+    """'stop', 'length', 'abort' or 'error' once finished; None while running."""
+    stop_reason: int | None = None
+    """The stop token id that ended the request, if one did."""
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence (Baton generates one per prompt)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[PositionLogprobs] | None
+    finish_reason: str | None
+    stop_reason: int | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A prompt and what was generated for it, as vLLM's `RequestOutput`; the first (only) completion's
+    fields are also available directly: `.text`, `.token_ids`, `.finish_reason`, `.logprobs`."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[PositionLogprobs] | None:
+        return self.outputs[0].logprobs

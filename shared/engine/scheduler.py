@@ -1,0 +1,223 @@
+"""Continuous batching: each step mixes decodes and (chunked) prefills under a token budget.
+
+Order of service in a step: running requests with one token to compute (decodes), then running
+requests part-way through their prompt (prefill chunks), then waiting requests in arrival order.
+When blocks run out, the most recently arrived running request not yet scheduled this step is
+preempted (its blocks freed, its tokens recomputed later, cached prefix blocks reused); a request
+is never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from baton.shared.engine.kv_cache_manager import NO_MATCH, KVCacheManager, PrefixMatch
+from baton.shared.engine.request import FinishReason, Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    """Token budget of one step (decodes count one each; prompts are chunked to fit)."""
+    max_num_seqs: int
+    """Most requests in the running batch."""
+    max_model_len: int
+    """Context length: a request ends (finish_reason "length") when it reaches it."""
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """`num_new_tokens` tokens of `request`, starting at position `start`, computed this step."""
+
+    request: Request
+    start: int
+    num_new_tokens: int
+    samples: bool
+    """The chunk reaches the end of the known tokens, so its last position yields a new token."""
+
+    @classmethod
+    def of(cls, request: Request, start: int, num_new_tokens: int) -> ScheduledChunk:
+        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    """Decodes first, then prefill chunks; the model runner keeps this order."""
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    """What the model runner produced for one request in one step."""
+
+    token_id: int
+    logprob: float | None = None
+    rank: int | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Scheduler:
+    """Owns the waiting and running queues and decides what each step computes."""
+
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- queue management ------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_ids: Iterable[str]) -> list[Request]:
+        """Finish these requests with reason ABORT wherever they are; unknown ids are ignored."""
+        aborted = []
+        for request_id in request_ids:
+            request = self._requests.get(request_id)
+            if request is not None:
+                self._finish(request, FinishReason.ABORT)
+                aborted.append(request)
+        return aborted
+
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    # -- one step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        for request in decodes + prefills:
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, num_new, scheduled, out):
+                continue
+            out.chunks.append(ScheduledChunk.of(request, request.num_computed_tokens, num_new))
+            scheduled.add(request.request_id)
+            budget -= num_new
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _make_room(self, request: Request, num_new: int, scheduled: set[str], out: SchedulerOutput) -> bool:
+        """Allocate slots for a running request, preempting later arrivals until they fit.
+        False if the request had to preempt itself."""
+        while self.kv.allocate_slots(request, num_new) is None:
+            victims = [r for r in self.running if r.request_id not in scheduled]
+            victim = victims[-1]  # the request itself is always among them
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            prefix: PrefixMatch = (
+                self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else NO_MATCH
+            )
+            start = max(request.num_computed_tokens, prefix.num_tokens)
+            num_new = min(request.num_tokens - start, budget)
+            if self.kv.allocate_slots(request, num_new, prefix) is None:
+                break  # first come, first served: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = prefix.num_tokens
+            request.num_computed_tokens = start
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk.of(request, start, num_new))
+            budget -= num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    # -- after the step ran ----------------------------------------------------------------------
+    def update(self, out: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
+        """Advance computed counts, publish full blocks to the prefix cache, append sampled tokens
+        and finish requests that hit a stop condition. Returns the requests that changed
+        (got a token or finished)."""
+        changed = []
+        for chunk in out.chunks:
+            request = chunk.request
+            if request.is_finished:
+                continue  # aborted while the step ran
+            request.num_computed_tokens = chunk.end
+            self.kv.publish_computed_blocks(request)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue
+            request.append_output_token(token.token_id)
+            reason, stop_reason = self._stop_condition(request, token.token_id)
+            if reason is not None:
+                self._finish(request, reason, stop_reason)
+            changed.append(request)
+        return changed
+
+    def _stop_condition(self, request: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in request.eos_token_ids and not params.ignore_eos:
+                return FinishReason.STOP, None
+            if token_id in params.stop_token_ids:
+                return FinishReason.STOP, token_id
+        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def fail(self, request_id: str, message: str) -> Request | None:
+        """Finish one request with an error (a per-request failure, the engine goes on)."""
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._finish(request, FinishReason.ERROR, error=message)
+        return request
+
+    def _finish(
+        self, request: Request, reason: FinishReason, stop_reason: int | None = None, error: str | None = None
+    ) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.finish(reason, stop_reason, error)
+        del self._requests[request.request_id]

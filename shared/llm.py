@@ -1,0 +1,149 @@
+"""The offline API: `LLM(model=DIR).generate(prompts, SamplingParams(...))`, as vLLM users know it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from baton.shared.config import EngineConfig
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
+from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.tokenizer import Tokenizer
+
+PromptInput = str | Sequence[int]
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """Generates for a batch of prompts with continuous batching, paged KV and prefix caching.
+
+    Keyword arguments are EngineConfig's fields (dtype, block_size, num_kv_blocks,
+    max_num_batched_tokens, max_num_seqs, max_model_len, enable_prefix_caching, device, seed, ...).
+    A model directory without tokenizer files works with token-id prompts; text is then empty.
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.config = EngineConfig(model=str(model), **kwargs)
+        self.engine = EngineCore(self.config)
+        self.tokenizer = Tokenizer.from_dir(self.config.model)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. Prompts are strings or lists of token ids; every
+        prompt is checked before any runs, so a bad one raises ValueError and nothing is queued."""
+        batch = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(batch))
+        encoded = [self._encode(p) for p in batch]
+        for ids, sp in zip(encoded, params, strict=True):
+            self.engine.validate(ids, sp)
+        return self._run(
+            [
+                (p if isinstance(p, str) else None, ids, sp)
+                for p, ids, sp in zip(batch, encoded, params, strict=True)
+            ]
+        )
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or several,
+        rendered with the model's chat template."""
+        tokenizer = self._require_tokenizer("chat")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [tokenizer.encode_chat(list(c), add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _encode(self, prompt: PromptInput) -> list[int]:
+        if isinstance(prompt, str):
+            return self._require_tokenizer("text prompts").encode(prompt)
+        return list(prompt)
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} need a tokenizer, and {self.config.model} has no tokenizer.json; pass token ids"
+            )
+        return self.tokenizer
+
+    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        order = []
+        try:
+            for text, ids, sp in requests:
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, ids, sp)
+                results[request_id] = RequestOutput(
+                    request_id,
+                    text,
+                    ids,
+                    [CompletionOutput(0, "", [], [] if sp.logprobs is not None else None, None)],
+                )
+                order.append(request_id)
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    self._accumulate(results[out.request_id], out)
+        except BaseException:
+            self.engine.abort_requests(order)  # Ctrl-C or a failure: leave nothing behind
+            raise
+        for request_id, sp in zip(order, (r[2] for r in requests), strict=True):
+            self._finalize(results[request_id], sp)
+        return [results[i] for i in order]
+
+    @staticmethod
+    def _accumulate(result: RequestOutput, out: EngineOutput) -> None:
+        completion = result.outputs[0]
+        completion.token_ids.extend(out.new_token_ids)
+        if completion.logprobs is not None and out.new_logprobs:
+            completion.logprobs.extend(out.new_logprobs)
+        result.num_cached_tokens = out.num_cached_tokens
+        if out.finished:
+            completion.finish_reason = out.finish_reason
+            completion.stop_reason = out.stop_reason
+            result.error = out.error
+            result.finished = True
+
+    def _finalize(self, result: RequestOutput, params: SamplingParams) -> None:
+        if self.tokenizer is None:
+            return
+        completion = result.outputs[0]
+        completion.text = self.tokenizer.decode(completion.token_ids, params.skip_special_tokens)
+        for position in completion.logprobs or []:
+            for token_id, lp in position.items():
+                position[token_id] = Logprob(lp.logprob, lp.rank, self.tokenizer.decode([token_id], False))
+
+    def get_tokenizer(self) -> Tokenizer | None:
+        return self.tokenizer
+
+
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [prompts]  # a single token-id prompt
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) and not (isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray))):
+            raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+    return params
