@@ -36,7 +36,6 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from baton import LLM, SamplingParams
 
-    model = args.model or str(demo_model_dir())
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -45,7 +44,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model or str(demo_model_dir()), dtype=args.dtype, device=args.device)
     prompts = args.prompt or ["Once upon a time", "It was the best of times,", "Call me Ishmael."]
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

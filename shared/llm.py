@@ -39,9 +39,13 @@ class LLM:
         prompt is checked before any runs, so a bad one raises ValueError and nothing is queued."""
         batch = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(batch))
-        encoded = [self._encode(p) for p in batch]
-        for ids, sp in zip(encoded, params, strict=True):
-            self.engine.validate(ids, sp)
+        encoded = []
+        for i, (prompt, sp) in enumerate(zip(batch, params, strict=True)):
+            try:
+                encoded.append(self._encode(prompt))
+                self.engine.validate(encoded[-1], sp)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from exc
         return self._run(
             [
                 (p if isinstance(p, str) else None, ids, sp)
@@ -64,6 +68,8 @@ class LLM:
 
     def _encode(self, prompt: PromptInput) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: it must have at least one token")
             return self._require_tokenizer("text prompts").encode(prompt)
         return list(prompt)
 

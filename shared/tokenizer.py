@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from baton.shared.models.model_config import ModelDirectoryError, read_json
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+
+from baton.shared.models.model_config import ModelDirectoryError, read_json
 
 
 class Tokenizer:

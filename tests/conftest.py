@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from baton.shared.demo.tiny_model import ARCHITECTURES, write_tiny_model
 
 

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from baton.shared.config import EngineConfig
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.block_pool import BlockPool
@@ -179,7 +181,10 @@ class EngineCore:
         if cfg.num_kv_blocks is not None:
             num_blocks = cfg.num_kv_blocks
         elif self.device.type == "cuda":
+            gc.collect()  # an engine dropped in a reference cycle still holds its KV cache until collected
             free, total = torch.cuda.mem_get_info(self.device)
+            # memory this process's caching allocator holds but no tensor uses is free for us too
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             budget = free - (1 - cfg.gpu_memory_utilization) * total - _activation_reserve_nbytes(self)
             num_blocks = int(budget // per_block)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from baton.shared.models.model_config import ModelConfig
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from baton.shared.engine.attention import AttentionMetadata
 from baton.shared.engine.kv_cache import KVCaches
 from baton.shared.engine.kv_cache_manager import KVCacheManager

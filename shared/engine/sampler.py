@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from baton.shared.engine.sampling_params import SamplingParams
 
 _SEED_MIX = (

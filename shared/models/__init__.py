@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from baton.shared.engine.attention import AttentionBackend
 from baton.shared.models.llama import KVCache, LlamaForCausalLM
 from baton.shared.models.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelDirectoryError

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from baton.shared.engine.attention import AttentionBackend, AttentionLayerSpec, AttentionMetadata
 from baton.shared.models.model_config import ModelConfig
 from baton.shared.models.rope import RotaryEmbedding
-from torch import nn
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 """One layer's (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from baton.shared.models.llama import LlamaForCausalLM
 from baton.shared.models.model_config import ModelDirectoryError, read_json
-from safetensors import SafetensorError, safe_open
 
 # Checkpoint tensors that carry nothing a model needs (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from baton.shared.engine.block_hash import hash_block
 from baton.shared.engine.block_pool import BlockPool, BlockUsage, IntegrityError
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.kv_cache_manager import KVCacheManager
 from baton.shared.engine.request import FinishReason, Request, RequestStatus

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+
 from baton.shared.engine.attention.metadata import AttentionMetadata
 
 

@@ -6,6 +6,7 @@ Correctness first (the Triton kernels are checked against it); decodes are batch
 from __future__ import annotations
 
 import torch
+
 from baton.shared.engine.attention.backend import AttentionBackend, AttentionLayerSpec
 from baton.shared.engine.attention.metadata import AttentionMetadata
 

@@ -1,0 +1,128 @@
+"""The async engine: stream, abort, concurrent requests, failures that must not hang."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from baton import LLM, SamplingParams
+from baton.shared.config import EngineConfig
+from baton.shared.engine.async_engine import AsyncEngine, EngineDeadError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500], list(range(10, 90))]
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir: Path) -> list[list[int]]:
+    return [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+async def collect(
+    engine: AsyncEngine, prompt: list[int], params: SamplingParams = GREEDY
+) -> tuple[list[int], str]:
+    tokens, reason = [], None
+    async for out in engine.generate(prompt, params):
+        tokens.extend(out.new_token_ids)
+        reason = out.finish_reason
+    return tokens, reason
+
+
+def test_concurrent_streams_match_offline_generation(llama_dir: Path, expected: list[list[int]]) -> None:
+    async def main() -> list:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            results = await asyncio.gather(*(collect(engine, p) for p in PROMPTS))
+            engine.core.assert_no_leaks()
+            return results
+
+    results = run(main())
+    assert [tokens for tokens, _ in results] == expected
+    assert all(reason == "length" for _, reason in results)
+
+
+def test_leaving_the_stream_early_aborts_the_request(llama_dir: Path) -> None:
+    async def main() -> None:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+            got = 0
+            async for _ in engine.generate(list(range(5, 40)), params):
+                got += 1
+                if got == 3:
+                    break
+            for _ in range(200):  # the abort is applied by the engine thread
+                if not engine.core.has_unfinished():
+                    break
+                await asyncio.sleep(0.01)
+            engine.core.assert_no_leaks()
+
+    run(main())
+
+
+def test_explicit_abort_ends_the_stream_with_abort(llama_dir: Path) -> None:
+    async def main() -> str:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            params = SamplingParams(max_tokens=1000, temperature=0, ignore_eos=True)
+            reason = None
+            async for out in engine.generate([1, 2, 3], params, request_id="victim"):
+                if len(out.new_token_ids) and reason is None:
+                    engine.abort("victim")
+                    reason = "requested"
+                if out.finished:
+                    reason = out.finish_reason
+            engine.core.assert_no_leaks()
+            return reason
+
+    assert run(main()) == "abort"
+
+
+def test_bad_input_raises_before_streaming(llama_dir: Path) -> None:
+    async def main() -> None:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            with pytest.raises(ValueError, match="outside the vocabulary"):
+                async for _ in engine.generate([10**7], GREEDY):
+                    pass
+            with pytest.raises(ValueError, match="already in use"):
+                first = engine.generate([1, 2], SamplingParams(max_tokens=50), request_id="dup")
+                await first.__anext__()
+                async for _ in engine.generate([1, 2], GREEDY, request_id="dup"):
+                    pass
+            await first.aclose()
+
+    run(main())
+
+
+def test_after_shutdown_requests_fail_fast(llama_dir: Path) -> None:
+    async def main() -> None:
+        engine = AsyncEngine.from_config(EngineConfig(model=str(llama_dir)))
+        engine.start()
+        engine.shutdown()
+        with pytest.raises(EngineDeadError, match="not running"):
+            async for _ in engine.generate([1, 2], GREEDY):
+                pass
+
+    run(main())
+
+
+def test_fatal_engine_error_reaches_every_stream(llama_dir: Path) -> None:
+    async def main() -> None:
+        engine = AsyncEngine.from_config(EngineConfig(model=str(llama_dir)))
+
+        def broken_step() -> list:
+            raise RuntimeError("device lost")
+
+        engine.core.step = broken_step  # type: ignore[method-assign]
+        engine.start()
+        with pytest.raises(EngineDeadError, match="device lost"):
+            async for _ in engine.generate([1, 2], GREEDY):
+                pass
+        with pytest.raises(EngineDeadError, match="fatal error"):
+            async for _ in engine.generate([1, 2], GREEDY):
+                pass
+
+    run(main())
