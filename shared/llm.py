@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
@@ -133,15 +133,15 @@ class LLM:
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
-    if not prompts:
+    items = list(prompts)
+    if not items:
         raise ValueError("no prompts given")
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
-        return [prompts]  # a single token-id prompt
-    for i, p in enumerate(prompts):
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+        return [cast("list[int]", items)]  # a single token-id prompt
+    for i, p in enumerate(items):
         if not isinstance(p, str) and not (isinstance(p, Sequence) and not isinstance(p, (bytes, bytearray))):
             raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(p).__name__}")
-    return prompts
+    return cast("list[PromptInput]", items)
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None, n: int) -> list[SamplingParams]:

@@ -101,7 +101,7 @@ def write_tiny_model(
     try:
         tokenizer = train_tokenizer()
         tokenizer.save(str(staging / "tokenizer.json"))
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        ids = {t: tokenizer.token_to_id(t) or 0 for t in SPECIAL_TOKENS}  # trained in, always present
         config = {
             **_ARCH[arch],
             **_SHAPE,

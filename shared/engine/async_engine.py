@@ -139,7 +139,9 @@ class AsyncEngine:
             self._error = exc
             self._fail_all(EngineDeadError(f"engine failed: {exc!r}"))
             return
-        self._deliver(self.core.abort_requests(list(self._streams)))
+        with self._lock:
+            in_flight = list(self._streams)
+        self._deliver(self.core.abort_requests(in_flight))
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _apply_commands(self, block: bool) -> bool:

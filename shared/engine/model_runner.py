@@ -74,8 +74,8 @@ class ModelRunner:
         block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
         input_ids = np.empty(cu[-1], dtype=np.int64)
         for i, chunk in enumerate(chunks):
-            blocks = self.kv.block_ids(chunk.request.request_id)
-            block_tables[i, : len(blocks)] = blocks[:max_blocks]
+            blocks = self.kv.block_ids(chunk.request.request_id)[:max_blocks]
+            block_tables[i, : len(blocks)] = blocks
             input_ids[cu[i] : cu[i + 1]] = chunk.request.all_token_ids[chunk.start : chunk.end]
         slot_mapping = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(chunks)

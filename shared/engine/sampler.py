@@ -131,8 +131,11 @@ def _with_logprobs(raw: torch.Tensor, rows: list[SamplingRow], chosen: torch.Ten
     chosen_lp = raw.gather(1, chosen[:, None])  # [rows, 1]
     ranks = (raw > chosen_lp).sum(dim=-1) + 1
     k_max = max(r.params.logprobs or 0 for r in rows)
-    top_values, top_ids = raw.topk(k_max, dim=-1) if k_max else (raw[:, :0], chosen[:, None][:, :0])
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if k_max:
+        values, ids = raw.topk(k_max, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
     tops = [
         list(zip(top_ids[i][: r.params.logprobs or 0], top_values[i][: r.params.logprobs or 0], strict=True))
         for i, r in enumerate(rows)

@@ -7,12 +7,15 @@ preemption, aborts) must reproduce it exactly, and leave every block free or cac
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from baton import LLM, SamplingParams
@@ -183,3 +186,25 @@ def test_aborts_midway_leave_the_rest_intact(reference: Reference) -> None:
             assert finish[rid] == "length" and tokens[rid] == reference.token_ids[i]
     assert engine.stats().num_preemptions > 0
     assert_clean(llm)
+
+
+def test_llama2_style_untied_with_attention_bias(llama_dir: Path, tmp_path: Path) -> None:
+    """Llama 2 layout: default rope, untied lm_head, and `attention_bias` (which covers o_proj too)."""
+    model_dir = tmp_path / "llama2"
+    shutil.copytree(llama_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["rope_scaling"]
+    config.update(rope_theta=10000.0, tie_word_embeddings=False, attention_bias=True)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    weights = load_file(model_dir / "model.safetensors")
+    gen = torch.Generator().manual_seed(5)
+    weights["lm_head.weight"] = torch.randn(weights["model.embed_tokens.weight"].shape, generator=gen) * 0.25
+    for name in [
+        n for n in weights if n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+    ]:
+        weights[name.replace(".weight", ".bias")] = torch.randn(weights[name].shape[0], generator=gen) * 0.1
+    save_file(weights, model_dir / "model.safetensors")
+    prompts = make_prompts(config["vocab_size"])[::3]
+    tokens, logprobs = transformers_greedy(model_dir, prompts)
+    outputs = LLM(str(model_dir)).generate(prompts, GREEDY)
+    assert_matches(Reference(model_dir, prompts, tokens, logprobs), outputs)
