@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from baton.shared import env
@@ -46,14 +47,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     )
     llm = LLM(args.model or str(demo_model_dir()), dtype=args.dtype, device=args.device)
     prompts = args.prompt or ["Once upon a time", "It was the best of times,", "Call me Ishmael."]
+    start = time.perf_counter()
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
         outputs = llm.generate(prompts, params)
+    elapsed_s = time.perf_counter() - start
     for prompt, out in zip(prompts, outputs, strict=True):
         print(
             f"prompt: {prompt!r}\noutput: {out.text!r}  ({len(out.token_ids)} tokens, {out.finish_reason})\n"
         )
+    num_tokens = sum(len(o.token_ids) for o in outputs)
+    dtype = str(llm.engine.dtype).removeprefix("torch.")
+    rate = num_tokens / elapsed_s
+    print(
+        f"{len(outputs)} prompts, {num_tokens} tokens in {elapsed_s:.2f} s ({rate:.0f} tok/s) "
+        f"on {llm.engine.device} ({dtype}), model {llm.config.model}",
+        file=sys.stderr,
+    )
     return 0
 
 

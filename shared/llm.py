@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
-from baton.shared.engine.outputs import CompletionOutput, EngineOutput, Logprob, RequestOutput
+from baton.shared.engine.outputs import (
+    CompletionOutput,
+    EngineOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestOutput,
+)
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.tokenizer import Tokenizer
 
 PromptInput = str | Sequence[int]
 Conversation = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
 
 
 class LLM:
@@ -39,19 +53,15 @@ class LLM:
         prompt is checked before any runs, so a bad one raises ValueError and nothing is queued."""
         batch = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(batch))
-        encoded = []
+        queued = []
         for i, (prompt, sp) in enumerate(zip(batch, params, strict=True)):
             try:
-                encoded.append(self._encode(prompt))
-                self.engine.validate(encoded[-1], sp)
+                token_ids = self._encode(prompt)
+                self.engine.validate(token_ids, sp)
             except ValueError as exc:
                 raise ValueError(f"prompt {i}: {exc}") from exc
-        return self._run(
-            [
-                (p if isinstance(p, str) else None, ids, sp)
-                for p, ids, sp in zip(batch, encoded, params, strict=True)
-            ]
-        )
+            queued.append(_Prompt(prompt if isinstance(prompt, str) else None, token_ids, sp))
+        return self._run(queued)
 
     def chat(
         self,
@@ -80,29 +90,24 @@ class LLM:
             )
         return self.tokenizer
 
-    def _run(self, requests: list[tuple[str | None, list[int], SamplingParams]]) -> list[RequestOutput]:
+    def _run(self, prompts: list[_Prompt]) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
-        order = []
         try:
-            for text, ids, sp in requests:
+            for prompt in prompts:
                 request_id = str(next(self._ids))
-                self.engine.add_request(request_id, ids, sp)
-                results[request_id] = RequestOutput(
-                    request_id,
-                    text,
-                    ids,
-                    [CompletionOutput(0, "", [], [] if sp.logprobs is not None else None, None)],
-                )
-                order.append(request_id)
+                self.engine.add_request(request_id, prompt.token_ids, prompt.params)
+                logprobs: list[PositionLogprobs] | None = [] if prompt.params.logprobs is not None else None
+                completion = CompletionOutput(0, "", [], logprobs, None)
+                results[request_id] = RequestOutput(request_id, prompt.text, prompt.token_ids, [completion])
             while self.engine.has_unfinished():
                 for out in self.engine.step():
                     self._accumulate(results[out.request_id], out)
         except BaseException:
-            self.engine.abort_requests(order)  # Ctrl-C or a failure: leave nothing behind
+            self.engine.abort_requests(list(results))  # Ctrl-C or a failure: leave nothing behind
             raise
-        for request_id, sp in zip(order, (r[2] for r in requests), strict=True):
-            self._finalize(results[request_id], sp)
-        return [results[i] for i in order]
+        for result, prompt in zip(results.values(), prompts, strict=True):
+            self._finalize(result, prompt.params)
+        return list(results.values())
 
     @staticmethod
     def _accumulate(result: RequestOutput, out: EngineOutput) -> None:
