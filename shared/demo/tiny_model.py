@@ -101,7 +101,7 @@ def write_tiny_model(
     try:
         tokenizer = train_tokenizer()
         tokenizer.save(str(staging / "tokenizer.json"))
-        ids = {t: tokenizer.token_to_id(t) or 0 for t in SPECIAL_TOKENS}  # trained in, always present
+        ids = {t: _token_id(tokenizer, t) for t in SPECIAL_TOKENS}
         config = {
             **_ARCH[arch],
             **_SHAPE,
@@ -149,6 +149,13 @@ def train_tokenizer() -> Tokenizer:
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
     )
     return tokenizer
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise RuntimeError(f"trained tokenizer lacks the special token {token!r}")
+    return token_id
 
 
 def random_weights(config: dict[str, Any], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

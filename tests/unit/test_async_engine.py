@@ -87,9 +87,9 @@ def test_bad_input_raises_before_streaming(llama_dir: Path) -> None:
             with pytest.raises(ValueError, match="outside the vocabulary"):
                 async for _ in engine.generate([10**7], GREEDY):
                     pass
+            first = engine.generate([1, 2], SamplingParams(max_tokens=50), request_id="dup")
+            await first.__anext__()  # "dup" is now in flight
             with pytest.raises(ValueError, match="already in use"):
-                first = engine.generate([1, 2], SamplingParams(max_tokens=50), request_id="dup")
-                await first.__anext__()
                 async for _ in engine.generate([1, 2], GREEDY, request_id="dup"):
                     pass
             await first.aclose()

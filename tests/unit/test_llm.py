@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from baton import LLM, SamplingParams
 from baton.shared.demo.tiny_model import write_tiny_model
+from baton.shared.models import DTYPES
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +183,7 @@ def test_half_precision_tracks_float32(llama_dir: Path, dtype: str) -> None:
     prompt = [[3, 4, 5, 6, 7, 8, 9, 10]]
     ref = LLM(str(llama_dir), dtype="float32").generate(prompt, params)[0]
     half = LLM(str(llama_dir), dtype=dtype)
-    assert half.engine.dtype.__repr__().endswith(dtype)
+    assert half.engine.dtype == DTYPES[dtype]
     out = half.generate(prompt, params)[0]
     assert out.token_ids == ref.token_ids
     token = ref.token_ids[0]
@@ -191,7 +193,7 @@ def test_half_precision_tracks_float32(llama_dir: Path, dtype: str) -> None:
 def test_bfloat16_checkpoint_loads_as_float32(tmp_path: Path) -> None:
     model_dir = write_tiny_model(tmp_path / "bf16", "qwen2", seed=1, dtype="bfloat16")
     llm = LLM(str(model_dir), dtype="float32")
-    assert str(llm.engine.dtype) == "torch.float32"
-    assert LLM(str(model_dir)).engine.dtype.__repr__() == "torch.bfloat16"  # 'auto' keeps the checkpoint's
+    assert llm.engine.dtype == torch.float32
+    assert LLM(str(model_dir)).engine.dtype == torch.bfloat16  # 'auto' keeps the checkpoint's
     [out] = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
     assert len(out.token_ids) == 2
