@@ -4,20 +4,23 @@ outputs and abort it. The worker services wrap this."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.engine.scheduler import SampledToken
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -29,11 +32,33 @@ class _Add:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    prefill_only: bool = False
 
 
 @dataclass(frozen=True)
 class _Abort:
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Commit:
+    request_id: str
+    first_token: SampledToken
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class _Fail:
+    request_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run `fn(core)` on the engine thread (between steps) and resolve `reply` with its result."""
+
+    fn: Callable[[EngineCore], Any]
+    reply: concurrent.futures.Future[Any]
 
 
 _STOP = object()
@@ -46,10 +71,14 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown()."""
+    """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown().
 
-    def __init__(self, core: EngineCore) -> None:
+    `on_finish(output)` runs on the request's event loop for every request that ends, whether or not
+    anybody is reading its stream (a worker service settles its registry record there)."""
+
+    def __init__(self, core: EngineCore, on_finish: Callable[[EngineOutput], None] | None = None) -> None:
         self.core = core
+        self.on_finish = on_finish
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -95,15 +124,62 @@ class AsyncEngine:
         """Stream one request's outputs (one per step it got a token in); the last one has
         `finished` set. Bad input raises ValueError before anything is queued. Leaving the loop
         early (break, cancellation, client gone) aborts the request."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.add(request_id, prompt_token_ids, params)
+        async for out in self.outputs(request_id):
+            yield out
+
+    def add(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
+    ) -> None:
+        """Queue a request (ValueError on bad input or a duplicate id); read it with outputs()."""
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._open_stream(request_id)
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
+
+    async def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); the
+        request's outputs start once commit() runs. None when the blocks don't fit."""
+        self._check_alive()
+        self.core.validate(prompt_token_ids, params)
+        self._open_stream(request_id)
+        try:
+            block_ids = await self.call(lambda core: core.reserve(request_id, prompt_token_ids, params))
+        except BaseException:
+            self._close_stream(request_id)
+            raise
+        if block_ids is None:
+            self._close_stream(request_id)
+        return block_ids
+
+    def write_kv(self, request_id: str, layer: int, kv: Any) -> None:
+        """Write one pushed layer into a reservation (thread-safe; see EngineCore.write_reserved_kv)."""
+        self.core.write_reserved_kv(request_id, layer, kv)
+
+    def commit(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
+        """The reserved prompt's KV is complete: admit it with its first token."""
+        self._commands.put(_Commit(request_id, first_token, num_cached_tokens))
+
+    def fail(self, request_id: str, message: str) -> None:
+        """End a request with finish_reason 'error' and this message."""
+        self._commands.put(_Fail(request_id, message))
+
+    async def call(self, fn: Callable[[EngineCore], T]) -> T:
+        """Run `fn(core)` on the engine thread between steps (consistent reads such as stats())."""
+        self._check_alive()
+        reply: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put(_Call(fn, reply))
+        return await asyncio.wrap_future(reply)
+
+    async def outputs(self, request_id: str) -> AsyncIterator[EngineOutput]:
+        """Stream the outputs of a request queued with add() or reserve(); leaving early aborts it."""
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params))
+            stream = self._streams.get(request_id)
+        if stream is None:
+            raise KeyError(f"request {request_id!r} is not in flight")
         finished = False
         try:
             while not finished:
@@ -115,6 +191,17 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    def _open_stream(self, request_id: str) -> None:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+
+    def _close_stream(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is; its stream ends with finish_reason 'abort'."""
@@ -130,9 +217,9 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
-                if not self._apply_commands(block=not self.core.has_unfinished()):
+                if not self._apply_commands(block=not self.core.has_work()):
                     break
-                if self.core.has_unfinished():
+                if self.core.has_work():
                     self._deliver(self.core.step())
         except BaseException as exc:  # fatal: every caller must hear about it, nobody may hang
             logger.exception("engine thread died")
@@ -158,10 +245,38 @@ class AsyncEngine:
                 self._add(command)
             elif isinstance(command, _Abort):
                 self._deliver(self.core.abort_requests([command.request_id]))
+            elif isinstance(command, _Commit):
+                self._commit(command)
+            elif isinstance(command, _Fail):
+                failed = self.core.fail_request(command.request_id, command.message)
+                self._deliver([failed] if failed is not None else [])
+            elif isinstance(command, _Call):
+                self._call(command)
+
+    def _commit(self, command: _Commit) -> None:
+        try:
+            out = self.core.commit_reserved(
+                command.request_id, command.first_token, command.num_cached_tokens
+            )
+        except KeyError:
+            return  # aborted while its KV was arriving; its stream already ended
+        self._deliver([out])
+
+    def _call(self, command: _Call) -> None:
+        if not command.reply.set_running_or_notify_cancel():
+            return
+        try:
+            result = command.fn(self.core)
+        except Exception as exc:  # the caller's error, raised in the caller's coroutine
+            command.reply.set_exception(exc)
+        else:
+            command.reply.set_result(result)
 
     def _add(self, command: _Add) -> None:
         try:
-            self.core.add_request(command.request_id, command.prompt_token_ids, command.params)
+            self.core.add_request(
+                command.request_id, command.prompt_token_ids, command.params, command.prefill_only
+            )
         except ValueError as exc:
             self._send(command.request_id, exc, last=True)
 
@@ -172,8 +287,11 @@ class AsyncEngine:
     def _send(self, request_id: str, item: EngineOutput | BaseException, last: bool) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None and not stream.loop.is_closed():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        if stream is None or stream.loop.is_closed():
+            return
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        if last and self.on_finish is not None and isinstance(item, EngineOutput):
+            stream.loop.call_soon_threadsafe(self.on_finish, item)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:

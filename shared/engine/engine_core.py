@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,22 +22,36 @@ from baton.shared.engine.outputs import EngineOutput, Logprob, PositionLogprobs
 from baton.shared.engine.request import Request
 from baton.shared.engine.sampler import Sampler
 from baton.shared.engine.sampling_params import SamplingParams
-from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig
+from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
 from baton.shared.models import ModelConfig, load_model, resolve_dtype
 from baton.shared.models.model_config import read_json
 
 logger = logging.getLogger(__name__)
+
+LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None]
+"""Receives (request_id, layer, kv [2, num_prompt_blocks, block_size, kv_heads, head_dim], ready):
+one layer of a prefill-only request's prompt KV, copied out right after the layer computed it. On CUDA
+`ready` is an event the consumer must wait for before reading `kv`."""
 
 
 @dataclass(frozen=True)
 class EngineStats:
     num_waiting: int
     num_running: int
+    num_reserved: int
     num_free_blocks: int
     num_cached_blocks: int
     num_held_blocks: int
+    num_request_blocks: int
+    """Distinct blocks held by the requests the engine knows (equals num_held_blocks unless leaking)."""
     num_preemptions: int
-    prefix_cache_hit_rate: float
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    request_ids: tuple[str, ...]
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_query_tokens if self.prefix_query_tokens else 0.0
 
 
 class EngineCore:
@@ -69,6 +85,11 @@ class EngineCore:
         self.runner = ModelRunner(
             self.model, self.kv_caches, self.kv_manager, Sampler(self.device, config.seed), self.device
         )
+        self.layer_kv_sink: LayerKVSink | None = None
+        """Prefill worker: where each layer of a finished prompt's KV goes (see LayerKVSink)."""
+        # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
+        # being freed (and its blocks handed to another request) while a layer is being written.
+        self._reservation_lock = threading.Lock()
         logger.info(
             "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
             self.model_config.architecture,
@@ -100,23 +121,88 @@ class EngineCore:
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops} are outside the vocabulary [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
+    ) -> None:
+        """Queue a request. `prefill_only`: compute the prompt, sample one token, ship the prompt's KV
+        through `layer_kv_sink` and end (a prefill worker's request)."""
         self.validate(prompt_token_ids, params)
-        self.scheduler.add(
-            Request(
-                request_id=request_id,
-                prompt_token_ids=list(prompt_token_ids),
-                sampling_params=params,
-                eos_token_ids=self.eos_token_ids,
-                block_size=self.config.block_size,
-            )
+        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params, prefill_only))
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
+    ) -> Request:
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.config.block_size,
+            prefill_only=prefill_only,
         )
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineOutput]:
-        return [_final_output(r, []) for r in self.scheduler.abort(request_ids)]
+        with self._reservation_lock:
+            return [_final_output(r, []) for r in self.scheduler.abort(request_ids)]
+
+    def fail_request(self, request_id: str, message: str) -> EngineOutput | None:
+        """End one request with finish_reason 'error' (its blocks are freed); None if unknown."""
+        with self._reservation_lock:
+            request = self.scheduler.fail(request_id, message)
+        return _final_output(request, []) if request is not None else None
+
+    # -- remote prefill (decode worker) ----------------------------------------------------------
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Hold blocks for a prompt whose KV another worker will push (ValueError on bad input).
+        Returns the block ids in prompt order, or None when they (or a sequence slot) are not free."""
+        self.validate(prompt_token_ids, params)
+        request = self._new_request(request_id, prompt_token_ids, params)
+        with self._reservation_lock:
+            block_ids = self.scheduler.reserve(request)
+        return list(block_ids) if block_ids is not None else None
+
+    def write_reserved_kv(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        """Copy one pushed layer into the request's reserved blocks. Thread-safe against aborts;
+        raises KeyError if the request no longer holds a reservation, ValueError on a wrong shape.
+
+        kv: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V, blocks in prompt order."""
+        with self._reservation_lock:
+            if request_id not in self.scheduler.reserved:
+                raise KeyError(f"request {request_id!r} holds no reservation")
+            block_ids = self.kv_manager.block_ids(request_id)
+            k_cache, v_cache = self.kv_caches[layer]
+            expected = (2, len(block_ids), *k_cache.shape[1:])
+            if tuple(kv.shape) != expected or kv.dtype != k_cache.dtype:
+                raise ValueError(
+                    f"layer {layer} KV has shape {tuple(kv.shape)} {kv.dtype}, "
+                    f"expected {expected} {k_cache.dtype}"
+                )
+            index = torch.tensor(block_ids, device=self.device)
+            kv = kv.to(self.device, non_blocking=True)
+            k_cache.index_copy_(0, index, kv[0])
+            v_cache.index_copy_(0, index, kv[1])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the caller reuses `kv` next
+
+    def commit_reserved(
+        self, request_id: str, first_token: SampledToken, num_cached_tokens: int
+    ) -> EngineOutput:
+        """Every layer of the reserved prompt arrived: admit it to the running batch with the first
+        token (sampled by the prefill worker). KeyError if it holds no reservation (aborted)."""
+        with self._reservation_lock:
+            if request_id not in self.scheduler.reserved:
+                raise KeyError(f"request {request_id!r} holds no reservation")
+            request = self.scheduler.commit_reserved(request_id, first_token, num_cached_tokens)
+        return self._output(request, first_token)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def has_work(self) -> bool:
+        """Something to compute (reserved requests wait for their KV, not for a step)."""
+        return bool(self.scheduler.waiting or self.scheduler.running)
 
     # -- stepping --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
@@ -124,9 +210,36 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampled = self.runner.execute(sched)
+        sampled = self.runner.execute(sched, self._layer_exporter(sched))
         changed = self.scheduler.update(sched, sampled)
         return [self._output(r, sampled[r.request_id]) for r in changed]
+
+    def _layer_exporter(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+        """A per-layer hook copying out the prompt KV of prefill-only requests whose prompt ends in
+        this step (every earlier chunk's KV of that layer is already in place by then)."""
+        sink = self.layer_kv_sink
+        shipping = [c.request for c in sched.chunks if c.samples and c.request.prefill_only]
+        if sink is None or not shipping:
+            return None
+        bs = self.config.block_size
+        index = [
+            (r.request_id, self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)])
+            for r in shipping
+        ]
+        index_tensors = [(rid, torch.tensor(blocks, device=self.device)) for rid, blocks in index]
+
+        def export(layer: int) -> None:
+            k_cache, v_cache = self.kv_caches[layer]
+            for request_id, block_ids in index_tensors:
+                # kv: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
+                kv = torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
+                ready = None
+                if self.device.type == "cuda":
+                    ready = torch.cuda.Event()
+                    ready.record()
+                sink(request_id, layer, kv, ready)
+
+        return export
 
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         logprobs = None
@@ -150,15 +263,18 @@ class EngineCore:
     # -- introspection ---------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         usage = self.kv_manager.pool.usage()
-        queries = self.kv_manager.prefix_queries
         return EngineStats(
             num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running),
+            num_reserved=len(self.scheduler.reserved),
             num_free_blocks=usage.num_free,
             num_cached_blocks=usage.num_cached,
             num_held_blocks=usage.num_held,
+            num_request_blocks=self.kv_manager.num_request_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_hit_rate=self.kv_manager.prefix_hits / queries if queries else 0.0,
+            prefix_query_tokens=self.kv_manager.prefix_queries,
+            prefix_hit_tokens=self.kv_manager.prefix_hits,
+            request_ids=tuple(self.scheduler.request_ids),
         )
 
     def check_integrity(self) -> None:

@@ -99,6 +99,11 @@ class KVCacheManager:
     def num_requests(self) -> int:
         return len(self._blocks)
 
+    @property
+    def num_request_blocks(self) -> int:
+        """Distinct blocks held by requests (a shared prefix block counts once)."""
+        return len({b for blocks in self._blocks.values() for b in blocks})
+
     def check_integrity(self) -> None:
         """I1 with holders: the pool's own invariants, and each block's refcount equals the number of
         requests holding it."""

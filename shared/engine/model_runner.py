@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,9 +42,11 @@ class ModelRunner:
         self.block_size = kv_manager.block_size
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+    def execute(
+        self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
+    ) -> dict[str, SampledToken]:
         inputs = self.prepare_inputs(sched.chunks)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, on_layer_done)
         if not inputs.sampling_chunks:
             return {}
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]

@@ -14,6 +14,7 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    RESERVED = "reserved"  # decode worker: blocks held for a prompt whose KV another worker computes
     FINISHED = "finished"
 
 
@@ -47,6 +48,8 @@ class Request:
     stop_reason: int | None = None
     """The stop token that ended the request (None for end-of-sequence or other reasons)."""
     error: str | None = None
+    prefill_only: bool = False
+    """Prefill worker: the request ends after its first token (its KV is shipped to a decode worker)."""
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

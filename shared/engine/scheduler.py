@@ -79,6 +79,8 @@ class Scheduler:
         self.kv = kv_manager
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.reserved: dict[str, Request] = {}
+        """Decode worker: requests holding blocks for a prompt whose KV is being pushed to us."""
         self._requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -88,6 +90,36 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self._requests[request.request_id] = request
         self.waiting.append(request)
+
+    def reserve(self, request: Request) -> list[int] | None:
+        """Hold blocks for the request's whole prompt, whose KV another worker computes and pushes.
+        None (nothing changed) when the blocks or a sequence slot are not free."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if self._num_seqs >= self.config.max_num_seqs:
+            return None
+        if self.kv.allocate_slots(request, request.num_prompt_tokens) is None:
+            return None
+        request.status = RequestStatus.RESERVED
+        self._requests[request.request_id] = request
+        self.reserved[request.request_id] = request
+        return self.kv.block_ids(request.request_id)
+
+    def commit_reserved(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> Request:
+        """The reserved request's prompt KV arrived: it joins the running batch with the first token
+        (sampled by the prefill worker) appended, or finishes if that token ends it."""
+        request = self.reserved.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_cached_tokens = num_cached_tokens
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self.kv.publish_computed_blocks(request)
+        self._append_token(request, first_token.token_id)
+        return request
+
+    @property
+    def _num_seqs(self) -> int:
+        return len(self.running) + len(self.reserved)
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish these requests with reason ABORT wherever they are; unknown ids are ignored."""
@@ -101,6 +133,10 @@ class Scheduler:
 
     def get(self, request_id: str) -> Request | None:
         return self._requests.get(request_id)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
 
     @property
     def num_unfinished(self) -> int:
@@ -144,7 +180,7 @@ class Scheduler:
         return True
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
             request = self.waiting[0]
             prefix: PrefixMatch = (
                 self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else NO_MATCH
@@ -186,12 +222,17 @@ class Scheduler:
             token = sampled.get(request.request_id)
             if token is None:
                 continue
-            request.append_output_token(token.token_id)
-            reason, stop_reason = self._stop_condition(request, token.token_id)
-            if reason is not None:
-                self._finish(request, reason, stop_reason)
+            self._append_token(request, token.token_id)
             changed.append(request)
         return changed
+
+    def _append_token(self, request: Request, token_id: int) -> None:
+        request.append_output_token(token_id)
+        reason, stop_reason = self._stop_condition(request, token_id)
+        if reason is None and request.prefill_only:
+            reason = FinishReason.LENGTH  # its one token is the prefill's; decoding happens elsewhere
+        if reason is not None:
+            self._finish(request, reason, stop_reason)
 
     def _stop_condition(self, request: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params
@@ -216,6 +257,8 @@ class Scheduler:
     ) -> None:
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
+        elif request.status is RequestStatus.RESERVED:
+            del self.reserved[request.request_id]
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)

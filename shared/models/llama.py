@@ -7,6 +7,8 @@ q/k/v and gate/up projections are fused into one matmul each; the weight loader 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,12 +131,17 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
+        on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
+        """`on_layer_done(i)` runs (on the compute stream's timeline) right after layer i wrote its KV:
+        a prefill worker ships that layer while the next ones compute."""
         if self.rope is None:
             raise RuntimeError("init_rope() must run before forward()")
         x = self.model.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
             x = layer(positions, x, self.rope, kv_cache, meta)
+            if on_layer_done is not None:
+                on_layer_done(i)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32

@@ -1,0 +1,98 @@
+"""Disaggregation in the engine core, no network: a prefill-only engine ships each layer's prompt KV,
+a decode engine reserves blocks, takes the layers and the first token, and decodes to the same tokens
+as one engine doing everything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from baton import LLM, SamplingParams
+from baton.shared.config import EngineConfig
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.scheduler import SampledToken
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(100, 180))]
+
+
+def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], params: SamplingParams):
+    layers: dict[int, torch.Tensor] = {}
+    prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.__setitem__(layer, kv.clone())
+    prefill.add_request(request_id, prompt, params, prefill_only=True)
+    outputs = []
+    while prefill.has_unfinished():
+        outputs += prefill.step()
+    (out,) = outputs
+    assert out.finished and len(out.new_token_ids) == 1
+    return layers, out
+
+
+def decode_remote(decode: EngineCore, request_id: str, prompt, params, layers, first_out) -> list[int]:
+    block_ids = decode.reserve(request_id, prompt, params)
+    assert block_ids is not None and len(block_ids) == -(-len(prompt) // decode.config.block_size)
+    assert not decode.has_work()  # a reservation waits for its KV, not for a step
+    for layer, kv in sorted(layers.items()):
+        decode.write_reserved_kv(request_id, layer, kv)
+    first = SampledToken(first_out.new_token_ids[0])
+    tokens = list(decode.commit_reserved(request_id, first, first_out.num_cached_tokens).new_token_ids)
+    while decode.has_unfinished():
+        for out in decode.step():
+            tokens += out.new_token_ids
+    return tokens
+
+
+@pytest.mark.parametrize("chunk_budget", [2048, 16])
+def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_budget: int) -> None:
+    expected = [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
+    prefill = EngineCore(EngineConfig(model=str(llama_dir), max_num_batched_tokens=chunk_budget))
+    decode = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=512))
+    for i, prompt in enumerate(PROMPTS):
+        layers, first = shipped_prefill(prefill, f"r{i}", prompt, GREEDY)
+        assert sorted(layers) == list(range(prefill.model_config.num_layers))
+        assert decode_remote(decode, f"r{i}", prompt, GREEDY, layers, first) == expected[i]
+    prefill.assert_no_leaks()
+    decode.assert_no_leaks()
+
+
+def test_prefill_worker_prefix_cache_hits_are_counted(llama_dir: Path) -> None:
+    prefill = EngineCore(EngineConfig(model=str(llama_dir)))
+    shared = list(range(50, 98))  # three full blocks
+    shipped_prefill(prefill, "a", [*shared, 1, 2], GREEDY)
+    _, second = shipped_prefill(prefill, "b", [*shared, 3, 4], GREEDY)
+    assert second.num_cached_tokens == 48
+    assert prefill.stats().prefix_hit_tokens == 48
+
+
+def test_reservation_respects_capacity_and_abort_frees_it(llama_dir: Path) -> None:
+    decode = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=100, max_model_len=1024))
+    assert decode.reserve("big", list(range(1, 1000)), GREEDY) is not None  # 63 blocks
+    assert decode.reserve("too-big", list(range(1, 700)), GREEDY) is None  # 44 more don't fit
+    assert decode.stats().num_reserved == 1
+    with pytest.raises(ValueError, match="already in use"):
+        decode.reserve("big", [1, 2], GREEDY)
+    (out,) = decode.abort_requests(["big"])
+    assert out.finish_reason == "abort"
+    with pytest.raises(KeyError, match="no reservation"):
+        decode.write_reserved_kv("big", 0, torch.zeros(2, 63, 16, 2, 32))
+    decode.assert_no_leaks()
+
+
+def test_write_rejects_a_mis_shaped_layer(llama_dir: Path) -> None:
+    decode = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=16, max_model_len=256))
+    decode.reserve("r", list(range(1, 20)), GREEDY)  # 2 blocks
+    with pytest.raises(ValueError, match="expected"):
+        decode.write_reserved_kv("r", 0, torch.randn(2, 3, 16, 2, 32))
+    decode.fail_request("r", "transfer failed")
+    decode.assert_no_leaks()
+
+
+def test_first_token_that_ends_the_request_finishes_it_at_commit(llama_dir: Path) -> None:
+    decode = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=16, max_model_len=256))
+    params = SamplingParams(max_tokens=1, temperature=0)
+    decode.reserve("r", [5, 6, 7], params)
+    out = decode.commit_reserved("r", SampledToken(42), 0)
+    assert out.finish_reason == "length" and out.new_token_ids == [42]
+    decode.assert_no_leaks()
