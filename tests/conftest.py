@@ -1,10 +1,16 @@
-"""Shared fixtures: generated model directories (real Hugging Face format, random weights)."""
+"""Shared fixtures: generated model directories (real Hugging Face format), a private redis-server."""
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_sync
 
 from baton.shared.demo.tiny_model import ARCHITECTURES, write_tiny_model
 
@@ -19,3 +25,76 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(model_dirs: dict[str, Path]) -> Path:
     return model_dirs["llama"]
+
+
+# -- Redis: a private redis-server per test session (never a fixed port) -----------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server on a free port; retried if another process grabs the port first."""
+    for _attempt in range(5):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    client.close()
+                    return proc, f"redis://127.0.0.1:{port}/0"
+            except redis_sync.exceptions.ConnectionError:
+                time.sleep(0.02)
+        client.close()
+        proc.kill()
+        proc.wait()
+    raise RuntimeError("could not start redis-server on a free port")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a private redis-server (no persistence), stopped at the end of the session."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The session's redis-server, emptied (FLUSHALL) for this test."""
+    client = redis_sync.Redis.from_url(redis_server)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server

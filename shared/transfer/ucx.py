@@ -1,0 +1,344 @@
+"""KV transfer over UCX with `ucxx` (asyncio): TCP on plain hosts, RDMA/NVLink/shared memory where UCX
+finds them. Speaks the protocol of `protocol.py`.
+
+- Control messages travel as `send_obj`/`recv_obj`; a layer's payload as one tagged message
+  straight from the sender's tensor (CPU via a NumPy view, CUDA via `__cuda_array_interface__`)
+  into a per-connection staging buffer on the receiver's `device`, grown to the largest layer seen
+  and reused across layers and requests.
+- A sender keeps up to `max_idle_per_address` idle endpoints per receiver; concurrent requests to the
+  same receiver each take their own endpoint (one request at a time per endpoint keeps its
+  messages in order).
+- `ucxx` is imported on first use: importing this module is cheap and leaves UCX's environment alone.
+  ucxx listens on all interfaces; `host`/`advertise_host` only decide the published address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import threading
+from collections.abc import Coroutine
+from types import ModuleType
+from typing import Any, TypeVar
+
+import torch
+
+from baton.shared.transfer.base import (
+    KVLayout,
+    KVPushSession,
+    KVReceiveHandler,
+    KVReceiver,
+    KVSender,
+    TransferError,
+)
+from baton.shared.transfer.faults import FaultConfig, FaultInjector
+from baton.shared.transfer.protocol import (
+    Channel,
+    ChannelClosed,
+    InboundConnection,
+    ProtocolError,
+    PushSession,
+    check_request,
+    decode_message,
+    encode_message,
+    handshake,
+)
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "ucx://"
+_T = TypeVar("_T")
+
+
+def _ucxx() -> ModuleType:
+    import ucxx  # deferred: the import starts UCX's machinery and sets UCX_* environment defaults
+
+    return ucxx
+
+
+class _UcxContext:
+    """ucxx's process-wide context, bound to the event loop that uses it.
+
+    ucxx by default waits for a request by re-polling it with `asyncio.sleep(0)`: an idle connection
+    then keeps a core busy. With Python futures a notifier thread completes them instead (idle cost
+    ~0), but the futures belong to the loop the context was created on, so a new loop (a test's new
+    `asyncio.run`) gets a fresh context."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def ready(cls) -> ModuleType:
+        ucxx = _ucxx()
+        loop = asyncio.get_running_loop()
+        if cls.loop is not loop:
+            if cls.loop is not None:
+                ucxx.reset()
+            else:
+                # The notifier thread is not a daemon: stop it before the interpreter joins threads at
+                # exit (the hook concurrent.futures uses), or a process that never closed its ends hangs.
+                threading._register_atexit(ucxx.stop_notifier_thread)  # type: ignore[attr-defined]
+            ucxx.init(enable_python_future=True)
+            cls.loop = loop
+        return ucxx
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.loop is not None:
+            _ucxx().stop_notifier_thread()
+
+
+def stop_ucx() -> None:
+    """Stop UCX's notifier thread; call before the event loop that used UCX closes (after every
+    receiver and sender closed). The next use starts UCX afresh."""
+    _UcxContext.stop()
+
+
+def parse_ucx_address(address: str) -> tuple[str, int]:
+    """Split "ucx://HOST:PORT" (IPv6: "ucx://[::1]:PORT") into (host, port); ValueError if malformed."""
+    host, sep, port = address.removeprefix(SCHEME).rpartition(":")
+    if not address.startswith(SCHEME) or not sep or not host or not port.isdigit():
+        raise ValueError(f"not a UCX address (ucx://HOST:PORT): {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def format_ucx_address(host: str, port: int) -> str:
+    return f"{SCHEME}[{host}]:{port}" if ":" in host else f"{SCHEME}{host}:{port}"
+
+
+def _as_ucx_buffer(t: torch.Tensor) -> Any:
+    """What ucxx reads or writes: a NumPy view of a CPU tensor, a CUDA tensor as is (it exposes
+    `__cuda_array_interface__`). t: [nbytes] uint8, contiguous."""
+    if t.device.type == "cpu":
+        return t.numpy()
+    if t.device.type == "cuda":
+        return t
+    raise ValueError(f"UCX transfer supports CPU and CUDA tensors, not {t.device}")
+
+
+class _Truncated(Exception):
+    """The incoming message was larger than the buffer posted for it (consumed and dropped)."""
+
+
+class _UcxChannel(Channel):
+    """A ucxx endpoint as a `Channel`."""
+
+    def __init__(self, ep: Any, device: torch.device) -> None:
+        self._ep = ep
+        self._device = device
+        self._staging: torch.Tensor | None = None  # staging: [capacity] uint8 on `device`
+        self._closed_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None or bool(self._ep.closed)
+
+    async def send_message(self, msg: dict[str, Any]) -> None:
+        await self._io(self._ep.send_obj(encode_message(msg)))
+
+    async def recv_message(self, timeout_s: float | None = None) -> dict[str, Any]:
+        try:
+            data = await self._io(self._ep.recv_obj(), timeout_s)
+        except _Truncated:
+            raise ProtocolError("a payload arrived where a message was expected") from None
+        return decode_message(data)
+
+    async def send_payload(self, payload: torch.Tensor) -> None:
+        await self._io(self._ep.send(_as_ucx_buffer(payload)))
+
+    async def recv_payload(self, nbytes: int, timeout_s: float | None = None) -> torch.Tensor | None:
+        if self._staging is None or self._staging.numel() < nbytes:
+            self._staging = None  # free the old buffer before allocating the larger one
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+        buffer = self._staging[:nbytes]
+        try:
+            await self._io(self._ep.recv(_as_ucx_buffer(buffer)), timeout_s)
+        except _Truncated:
+            return None
+        return buffer
+
+    def close(self, reason: str) -> None:
+        if self._closed_reason is None:
+            self._closed_reason = reason
+            self._ep.abort()  # pending operations on both ends are cancelled
+
+    async def _io(self, op: Coroutine[Any, Any, _T], timeout_s: float | None = None) -> _T:
+        """Await one ucxx operation, mapping its errors onto the Channel contract. A peer-closed endpoint
+        is left to ucxx, which still delivers messages that arrived before the close."""
+        if self._closed_reason is not None:
+            op.close()
+            raise ChannelClosed(self._closed_reason)
+        errors = _ucxx().exceptions
+        try:
+            return await asyncio.wait_for(op, timeout_s) if timeout_s is not None else await op
+        except errors.UCXMessageTruncatedError:
+            raise _Truncated from None
+        except Exception as e:
+            # ucxx raises UCXError subclasses; an endpoint aborted under a pending call can surface
+            # as other errors from its torn-down internals
+            if isinstance(e, errors.UCXError) or self._closed_reason is not None:
+                raise ChannelClosed(self._closed_reason or f"{type(e).__name__}: {e}") from e
+            raise
+
+
+class UcxKVReceiver(KVReceiver):
+    """Listens for UCX senders; each connection is served by its own task."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        handler: KVReceiveHandler,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: torch.device | None = None,
+        advertise_host: str | None = None,
+        idle_timeout_s: float = 30.0,
+    ) -> None:
+        self.layout = layout
+        self.address = ""  # "ucx://HOST:PORT" once started
+        self._handler = handler
+        self._host = advertise_host or host
+        self._port = port
+        self._device = device if device is not None else torch.device("cpu")
+        self._idle_timeout_s = idle_timeout_s
+        self._active_ids: set[str] = set()
+        self._listener: Any = None
+        self._connections: dict[asyncio.Task[Any], _UcxChannel] = {}
+        self._connection_ids = itertools.count(1)
+        self._closing = False
+
+    async def start(self) -> None:
+        if self._listener is not None:
+            raise RuntimeError("UcxKVReceiver already started")
+        self._listener = _UcxContext.ready().create_listener(self._on_connect, port=self._port)
+        self.address = format_ucx_address(self._host, self._listener.port)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Stop listening and drop every connection (in-progress requests fail)."""
+        self._closing = True
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        for channel in self._connections.values():
+            channel.close("receiver closed")
+        tasks = list(self._connections)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        # ucxx tracks its own wrapper of each connection handler; let them retire so the listener is
+        # not finalized with "live handlers" (a private ucxx method, hence the guard)
+        wait_for_clients = getattr(listener, "_wait_for_active_clients", None)
+        if wait_for_clients is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wait_for_clients(), timeout_s)
+
+    async def _on_connect(self, ep: Any) -> None:
+        """ucxx's listener callback, run as a task on the loop that called `start()`."""
+        channel = _UcxChannel(ep, self._device)
+        task = asyncio.current_task()
+        if self._closing or task is None:
+            channel.close("receiver closed")
+            return
+        peer = f"UCX sender #{next(self._connection_ids)} at {self.address}"
+        self._connections[task] = channel
+        try:
+            connection = InboundConnection(self.layout, self._handler, self._active_ids, peer)
+            await connection.serve(channel, self._idle_timeout_s)
+        finally:
+            del self._connections[task]
+
+
+class UcxKVSender(KVSender):
+    """Pushes to `UcxKVReceiver`s, reusing idle endpoints per receiver address."""
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        faults: FaultConfig | None = None,
+        connect_timeout_s: float = 5.0,
+        reply_timeout_s: float = 10.0,
+        max_idle_per_address: int = 4,
+    ) -> None:
+        self.layout = layout
+        self._faults = FaultInjector(faults)
+        self._connect_timeout_s = connect_timeout_s
+        self._reply_timeout_s = reply_timeout_s
+        self._max_idle = max_idle_per_address
+        self._idle: dict[str, list[Channel]] = {}
+        self._channels: set[Channel] = set()  # every live endpoint, idle or in a session
+        self._closed = False
+
+    async def open(
+        self, address: str, request_id: str, block_ids: list[int], num_layers: int
+    ) -> KVPushSession:
+        problem = check_request(self.layout, request_id, block_ids, num_layers)
+        if problem is not None:
+            raise ValueError(problem)
+        if self._closed:
+            raise RuntimeError("UcxKVSender is closed")
+        host, port = parse_ucx_address(address)
+        while (idle := self._take_idle(address)) is not None:
+            with contextlib.suppress(ChannelClosed):  # went stale while idle (receiver restarted?)
+                return await self._begin(idle, address, request_id, block_ids)
+        channel = await self._connect(address, host, port)
+        return await self._begin(channel, address, request_id, block_ids)
+
+    async def close(self) -> None:
+        self._closed = True
+        for channel in self._channels:
+            channel.close("sender closed")
+        self._channels.clear()
+        self._idle.clear()
+        await asyncio.sleep(0)
+
+    async def _connect(self, address: str, host: str, port: int) -> Channel:
+        """A fresh endpoint that passed the handshake."""
+        ucxx = _UcxContext.ready()
+        try:
+            ep = await asyncio.wait_for(
+                ucxx.create_endpoint(host, port, connect_timeout=self._connect_timeout_s),
+                self._connect_timeout_s + 1.0,
+            )
+        except (OSError, asyncio.TimeoutError, ucxx.exceptions.UCXError) as e:
+            detail = str(e) or f"no answer within {self._connect_timeout_s:g} s"
+            raise TransferError(f"KV receiver {address} is unreachable: {type(e).__name__}: {detail}") from e
+        channel = _UcxChannel(ep, torch.device("cpu"))  # a sender receives only messages
+        self._channels.add(channel)
+        shook_hands = False
+        try:
+            await handshake(channel, self.layout, address, self._reply_timeout_s)
+            shook_hands = True
+        finally:
+            if not shook_hands:  # refused, failed or cancelled
+                self._release(address, channel, False)
+        return channel
+
+    async def _begin(
+        self, channel: Channel, address: str, request_id: str, block_ids: list[int]
+    ) -> PushSession:
+        release = functools.partial(self._release, address)
+        return await PushSession.open(
+            channel, self.layout, address, request_id, block_ids, self._faults, release, self._reply_timeout_s
+        )
+
+    def _take_idle(self, address: str) -> Channel | None:
+        idle = self._idle.get(address, [])
+        while idle:
+            channel = idle.pop()
+            if not channel.closed:
+                return channel
+            self._channels.discard(channel)
+        return None
+
+    def _release(self, address: str, channel: Channel, in_step: bool) -> None:
+        idle = self._idle.setdefault(address, [])
+        if in_step and not self._closed and not channel.closed and len(idle) < self._max_idle:
+            idle.append(channel)
+            return
+        channel.close("sender has enough idle connections" if in_step else "sender dropped the connection")
+        self._channels.discard(channel)
