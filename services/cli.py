@@ -1,14 +1,21 @@
-"""The `baton` command line: `baton generate`, `baton tiny-model`."""
+"""The `baton` command line: `serve` (a local cluster), `router`, `prefill`, `decode` (one service
+each), `registry check`, `generate` (offline), `tiny-model`.
+
+Every service flag can also come from the environment: `--lease-ttl-s` from BATON_LEASE_TTL_S, and so
+on (flags win)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from baton.shared import env
+from baton.shared.config import EngineConfig, RegistryConfig, RouterConfig, WorkerConfig
 from baton.shared.demo.tiny_model import ARCHITECTURES
 
 DEMO_ARCH = "llama"
@@ -68,6 +75,205 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flag(group: Any, name: str, help: str, **kwargs: Any) -> None:
+    """A `--name` flag whose default comes from BATON_<NAME> when set (argparse applies `type` to it)."""
+    from_env = env.setting(name.removeprefix("--"))
+    if from_env is not None:
+        kwargs["default"] = (
+            from_env if kwargs.get("action") is None else from_env.lower() in ("1", "true", "yes")
+        )
+    env_name = "BATON_" + name.removeprefix("--").upper().replace("-", "_")
+    group.add_argument(name, help=f"{help} [env {env_name}]", **kwargs)
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    _flag(group, "--model", "Hugging Face model directory (default: the generated demo model)")
+    _flag(
+        group, "--dtype", "weights dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"]
+    )
+    _flag(group, "--device", "auto, cpu, cuda or cuda:N", default="auto")
+    _flag(group, "--block-size", "tokens per KV block", type=int, default=16)
+    _flag(group, "--num-kv-blocks", "KV blocks (default: sized from memory)", type=int, default=None)
+    _flag(group, "--gpu-memory-utilization", "fraction of the GPU Baton may use", type=float, default=0.9)
+    _flag(group, "--cpu-kv-cache-gib", "CPU KV cache size", type=float, default=1.0)
+    _flag(group, "--max-num-batched-tokens", "token budget of one step", type=int, default=2048)
+    _flag(group, "--max-num-seqs", "most sequences decoding together", type=int, default=256)
+    _flag(group, "--max-model-len", "context length (default: the model's)", type=int, default=None)
+    _flag(group, "--no-prefix-caching", "disable the prefix cache", action="store_true")
+    _flag(group, "--seed", "sampler seed for requests without one", type=int, default=0)
+
+
+def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("registry")
+    _flag(group, "--redis-url", "Redis holding the registry", default="redis://127.0.0.1:6379/0")
+    _flag(group, "--namespace", "prefix of every registry key", default="baton")
+    _flag(group, "--lease-ttl-s", "a worker silent this long is dead", type=float, default=10.0)
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model or str(demo_model_dir()),
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def _registry_config(args: argparse.Namespace) -> RegistryConfig:
+    return RegistryConfig(redis_url=args.redis_url, namespace=args.namespace, lease_ttl_s=args.lease_ttl_s)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from baton.services.lifecycle import setup_logging
+    from baton.services.worker_main import run_worker
+
+    config = WorkerConfig(
+        role=args.command,
+        engine=_engine_config(args),
+        registry=_registry_config(args),
+        worker_id=args.worker_id,
+        host=args.host,
+        advertise_host=args.advertise_host,
+        port=args.port,
+        transfer_port=args.transfer_port,
+        reservation_timeout_s=args.reservation_timeout_s,
+        kv_faults=args.kv_faults,
+        threads=args.threads,
+    )
+    setup_logging(args.log_level)
+    asyncio.run(run_worker(config))
+    return 0
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from baton.services.lifecycle import setup_logging
+    from baton.services.router.main import run_router
+
+    engine = _engine_config(args)
+    config = RouterConfig(
+        model=engine.model,
+        registry=_registry_config(args),
+        host=args.host,
+        port=args.port,
+        colocated=engine if args.colocated else None,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        max_attempts=args.max_attempts,
+        max_model_len=engine.max_model_len,
+    )
+    setup_logging(args.log_level)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    asyncio.run(run_router(config))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from baton.services.launcher import ClusterSpec, serve_forever
+
+    spec = ClusterSpec(
+        model=args.model or str(demo_model_dir()),
+        num_prefill=args.prefill_workers,
+        num_decode=args.decode_workers,
+        colocated=args.colocated,
+        host=args.host,
+        port=args.port,
+        redis_url=env.redis_url(),
+        namespace=args.namespace,
+        lease_ttl_s=args.lease_ttl_s,
+        engine_args=_engine_argv(args),
+        router_args=["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)],
+        log_level=args.log_level,
+    )
+    return serve_forever(spec)
+
+
+def _engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine flags given to `serve`, passed on to every engine process."""
+    argv = ["--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size)]
+    argv += [
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+    ]
+    argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed)]
+    argv += ["--cpu-kv-cache-gib", str(args.cpu_kv_cache_gib)]
+    for flag, value in (("--num-kv-blocks", args.num_kv_blocks), ("--max-model-len", args.max_model_len)):
+        if value is not None:
+            argv += [flag, str(value)]
+    if args.no_prefix_caching:
+        argv.append("--no-prefix-caching")
+    return argv
+
+
+def _cmd_registry_check(args: argparse.Namespace) -> int:
+    from baton.services.registry_check import run_check
+    from baton.shared.registry import RegistryUnavailable
+
+    try:
+        return asyncio.run(run_check(args.redis_url, args.namespace))
+    except RegistryUnavailable as exc:
+        print(f"baton: registry {args.redis_url} is unreachable: {exc}", file=sys.stderr)
+        return 1
+
+
+def _cmd_complete(args: argparse.Namespace) -> int:
+    """Stream one completion from a running Router (the example client)."""
+    import grpc
+
+    from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
+
+    request = router_pb2.GenerateRequest(
+        text=args.prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature),
+    )
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=args.timeout_s):
+                print(response.text, end="", flush=True)
+                if response.error:
+                    print(f"\nbaton: request failed: {response.error}", file=sys.stderr)
+                    return 1
+        except grpc.RpcError as exc:
+            print(f"baton: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    print()
+    return 0
+
+
+def _add_service_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    group = parser.add_argument_group("service")
+    _flag(group, "--host", "interface to bind", default="127.0.0.1")
+    _flag(group, "--port", "gRPC port (0: any free port)", type=int, default=default_port)
+    _flag(group, "--threads", "torch CPU threads", type=int, default=None)
+    _flag(group, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
+
+
+def _add_router_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("router")
+    _flag(
+        group,
+        "--local-prefill-max-tokens",
+        "prompts with at most this many uncached tokens are prefilled on the decode worker",
+        type=int,
+        default=64,
+    )
+    _flag(
+        group, "--colocated", "run the engine inside the router (no workers, no Redis)", action="store_true"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description="Baton: disaggregated LLM inference.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
@@ -94,6 +300,56 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     tiny.add_argument("--shards", type=int, default=1, help="split the weights over N safetensors files")
     tiny.set_defaults(func=_cmd_tiny_model)
+
+    serve = sub.add_parser(
+        "serve", help="start a local cluster: Redis, the router and prefill/decode workers as processes"
+    )
+    _flag(serve, "--prefill-workers", "prefill worker processes", type=int, default=1)
+    _flag(serve, "--decode-workers", "decode worker processes", type=int, default=1)
+    _add_service_flags(serve, default_port=50051)
+    _add_router_flags(serve)
+    _add_engine_flags(serve)
+    serve.add_argument("--namespace", default="baton", help="registry key prefix")
+    serve.add_argument("--lease-ttl-s", type=float, default=10.0, help="worker lease")
+    serve.set_defaults(func=_cmd_serve)
+
+    router = sub.add_parser("router", help="run the Router (public gRPC API, placement, reaper)")
+    _add_service_flags(router, default_port=50051)
+    _add_router_flags(router)
+    _flag(router, "--max-attempts", "placements tried per request", type=int, default=3)
+    _add_registry_flags(router)
+    _add_engine_flags(router)
+    router.set_defaults(func=_cmd_router)
+
+    for role, text in (("prefill", "computes prompt KV and pushes it"), ("decode", "decodes pushed prompts")):
+        worker = sub.add_parser(role, help=f"run a {role} worker ({text})")
+        _add_service_flags(worker, default_port=0)
+        _flag(worker, "--worker-id", "registry id (default: <role>-<host>-<pid>)", default=None)
+        _flag(worker, "--advertise-host", "host others reach this worker at (default: --host)", default=None)
+        _flag(worker, "--transfer-port", "KV transfer (UCX) port, decode only; 0: any", type=int, default=0)
+        _flag(
+            worker, "--reservation-timeout-s", "release reserved blocks after this", type=float, default=30.0
+        )
+        _flag(worker, "--kv-faults", "fault injection on pushes, e.g. drop=0.1,corrupt=0.05", default="")
+        _add_registry_flags(worker)
+        _add_engine_flags(worker)
+        worker.set_defaults(func=_cmd_worker)
+
+    complete = sub.add_parser("complete", help="stream a completion from a running Router")
+    complete.add_argument("prompt", help="prompt text")
+    complete.add_argument("--address", default="127.0.0.1:50051", help="the Router's host:port")
+    complete.add_argument("--max-tokens", type=int, default=32)
+    complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    complete.add_argument("--timeout-s", type=float, default=60.0)
+    complete.set_defaults(func=_cmd_complete)
+
+    registry = sub.add_parser("registry", help="inspect the Redis registry")
+    registry_sub = registry.add_subparsers(dest="registry_command", required=True)
+    check = registry_sub.add_parser(
+        "check", help="exit 0 if the registry and every live worker's allocator agree and nothing leaked"
+    )
+    _add_registry_flags(check)
+    check.set_defaults(func=_cmd_registry_check)
     return parser
 
 

@@ -41,3 +41,68 @@ class EngineConfig(BaseModel):
     )
     attention_backend: Literal["auto", "torch"] = Field("auto", description="Attention implementation.")
     seed: int = Field(0, description="Seed of the sampler's generator for requests without their own seed.")
+
+
+class RegistryConfig(BaseModel):
+    """Where the shared view of workers and block ownership lives."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the registry.")
+    namespace: str = Field("baton", min_length=1, description="Prefix of every registry key.")
+    lease_ttl_s: float = Field(
+        10.0, gt=0, description="A worker silent this long is dead; its requests are failed and reaped."
+    )
+
+
+class WorkerConfig(BaseModel):
+    """A prefill or decode worker: its engine, where it listens, and how it registers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["prefill", "decode"]
+    engine: EngineConfig
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    worker_id: str | None = Field(None, description="Registry id; None: '<role>-<host>-<pid>'.")
+    host: str = Field("127.0.0.1", description="Interface the gRPC and KV transfer servers bind.")
+    advertise_host: str | None = Field(None, description="Host others reach this worker at; None: `host`.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one (it is registered).")
+    transfer_port: int = Field(0, ge=0, le=65535, description="Decode: UCX listener port; 0 picks one.")
+    reservation_timeout_s: float = Field(
+        30.0, gt=0, description="Decode: reserved blocks whose KV has not arrived by then are released."
+    )
+    transfer_timeout_s: float = Field(
+        30.0, gt=0, description="Prefill: longest wait for the decode worker's acknowledgement."
+    )
+    kv_faults: str = Field(
+        "", description="Prefill: fault injection on KV pushes, e.g. 'drop=0.1,delay_ms=5,corrupt=0.05'."
+    )
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.registry.lease_ttl_s / 3
+
+
+class RouterConfig(BaseModel):
+    """The Router: public gRPC API, placement, and (colocated) an engine of its own."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="Model directory (tokenizer, context length, name).")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    host: str = Field("127.0.0.1", description="Interface the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    colocated: EngineConfig | None = Field(
+        None, description="Run this engine in the Router itself (no workers, no transfer, no Redis)."
+    )
+    local_prefill_max_tokens: int = Field(
+        64,
+        ge=0,
+        description="Prompts with at most this many uncached tokens are prefilled by the decode worker.",
+    )
+    max_attempts: int = Field(3, ge=1, description="Placements tried for a request before it fails.")
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length the workers serve; None: the model's max_position_embeddings."
+    )
+    worker_refresh_s: float = Field(0.5, gt=0, description="How often the live worker list is re-read.")

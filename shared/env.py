@@ -10,3 +10,14 @@ def cache_dir() -> Path:
     """BATON_CACHE_DIR, else ~/.cache/baton: where the demo model is generated."""
     explicit = os.environ.get("BATON_CACHE_DIR")
     return Path(explicit) if explicit else Path.home() / ".cache" / "baton"
+
+
+def setting(name: str) -> str | None:
+    """BATON_<NAME> (name upper-cased, dashes as underscores), or None when unset or empty."""
+    value = os.environ.get("BATON_" + name.upper().replace("-", "_"))
+    return value or None
+
+
+def redis_url() -> str | None:
+    """BATON_REDIS_URL: the registry's Redis (the launcher starts its own when unset)."""
+    return setting("redis_url")

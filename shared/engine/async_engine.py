@@ -9,7 +9,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -71,14 +71,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown().
+    """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown()."""
 
-    `on_finish(output)` runs on the request's event loop for every request that ends, whether or not
-    anybody is reading its stream (a worker service settles its registry record there)."""
-
-    def __init__(self, core: EngineCore, on_finish: Callable[[EngineOutput], None] | None = None) -> None:
+    def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self.on_finish = on_finish
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -125,27 +121,28 @@ class AsyncEngine:
         `finished` set. Bad input raises ValueError before anything is queued. Leaving the loop
         early (break, cancellation, client gone) aborts the request."""
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        self.add(request_id, prompt_token_ids, params)
-        async for out in self.outputs(request_id):
+        async for out in self.add(request_id, prompt_token_ids, params):
             yield out
 
     def add(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
-    ) -> None:
-        """Queue a request (ValueError on bad input or a duplicate id); read it with outputs()."""
+    ) -> AsyncGenerator[EngineOutput, None]:
+        """Queue a request (ValueError on bad input or a duplicate id now) and return its output
+        stream; leaving that stream early aborts the request."""
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
-        self._open_stream(request_id)
+        stream = self._open_stream(request_id)
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
+        return self._outputs(request_id, stream)
 
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> list[int] | None:
-        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); the
-        request's outputs start once commit() runs. None when the blocks don't fit."""
+    ) -> tuple[list[int], AsyncGenerator[EngineOutput, None]] | None:
+        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve). Returns the
+        block ids and the output stream, which starts once commit() runs; None when they don't fit."""
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
-        self._open_stream(request_id)
+        stream = self._open_stream(request_id)
         try:
             block_ids = await self.call(lambda core: core.reserve(request_id, prompt_token_ids, params))
         except BaseException:
@@ -153,7 +150,8 @@ class AsyncEngine:
             raise
         if block_ids is None:
             self._close_stream(request_id)
-        return block_ids
+            return None
+        return block_ids, self._outputs(request_id, stream)
 
     def write_kv(self, request_id: str, layer: int, kv: Any) -> None:
         """Write one pushed layer into a reservation (thread-safe; see EngineCore.write_reserved_kv)."""
@@ -174,12 +172,7 @@ class AsyncEngine:
         self._commands.put(_Call(fn, reply))
         return await asyncio.wrap_future(reply)
 
-    async def outputs(self, request_id: str) -> AsyncIterator[EngineOutput]:
-        """Stream the outputs of a request queued with add() or reserve(); leaving early aborts it."""
-        with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is None:
-            raise KeyError(f"request {request_id!r} is not in flight")
+    async def _outputs(self, request_id: str, stream: _Stream) -> AsyncGenerator[EngineOutput, None]:
         finished = False
         try:
             while not finished:
@@ -192,12 +185,13 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _open_stream(self, request_id: str) -> None:
+    def _open_stream(self, request_id: str) -> _Stream:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
+        return stream
 
     def _close_stream(self, request_id: str) -> None:
         with self._lock:
@@ -287,11 +281,8 @@ class AsyncEngine:
     def _send(self, request_id: str, item: EngineOutput | BaseException, last: bool) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is None or stream.loop.is_closed():
-            return
-        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        if last and self.on_finish is not None and isinstance(item, EngineOutput):
-            stream.loop.call_soon_threadsafe(self.on_finish, item)
+        if stream is not None and not stream.loop.is_closed():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:

@@ -44,6 +44,23 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # oldest first
         self.num_evictions = 0
+        self._cache_events: tuple[list[BlockHash], list[BlockHash]] | None = None
+
+    def track_cache_events(self) -> None:
+        """Start recording which hashes enter and leave the prefix cache (for the registry's index)."""
+        self._cache_events = ([], [])
+
+    def drain_cache_events(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """(hashes cached, hashes evicted) since the last drain; empty unless tracking."""
+        if self._cache_events is None:
+            return [], []
+        events, self._cache_events = self._cache_events, ([], [])
+        return events
+
+    @property
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every hash the prefix cache holds now (held or evictable)."""
+        return list(self._block_of_hash)
 
     # -- queries ---------------------------------------------------------------------------------
     @property
@@ -107,19 +124,26 @@ class BlockPool:
             raise IntegrityError(f"block {block_id} cannot be cached: not held, or cached already")
         self._hash_of_block[block_id] = block_hash
         self._block_of_hash[block_hash] = block_id
+        if self._cache_events is not None:
+            self._cache_events[0].append(block_hash)
         return True
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached block's content; unreferenced cached blocks become free."""
         for block_id in self._evictable:
             self._free.append(block_id)
+        if self._cache_events is not None:
+            self._cache_events[1].extend(self._block_of_hash)
         self._evictable.clear()
         self._hash_of_block.clear()
         self._block_of_hash.clear()
 
     def _evict_oldest(self) -> int:
         block_id, _ = self._evictable.popitem(last=False)
-        del self._block_of_hash[self._hash_of_block.pop(block_id)]
+        block_hash = self._hash_of_block.pop(block_id)
+        del self._block_of_hash[block_hash]
+        if self._cache_events is not None:
+            self._cache_events[1].append(block_hash)
         self.num_evictions += 1
         return block_id
 

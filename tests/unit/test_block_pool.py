@@ -137,3 +137,18 @@ def test_block_hashes_chain_over_parents() -> None:
     assert hash_block(first, [3, 4]) != hash_block(hash_block(None, [9, 9]), [3, 4])
     assert hash_block(None, [1, 2]) == first  # stable
     assert len(first) == 16
+
+
+def test_cache_events_report_cached_and_evicted_hashes() -> None:
+    pool = BlockPool(2)
+    pool.track_cache_events()
+    a, b = pool.allocate(2)
+    pool.cache_block(a, b"h-a")
+    pool.cache_block(b, b"h-b")
+    pool.free([b, a])
+    assert pool.drain_cache_events() == ([b"h-a", b"h-b"], [])
+    pool.allocate(1)  # evicts the least recently freed: b (freed first)
+    assert pool.drain_cache_events() == ([], [b"h-b"])
+    pool.reset_prefix_cache()
+    assert pool.drain_cache_events() == ([], [b"h-a"])
+    assert pool.cached_hashes == []

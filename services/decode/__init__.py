@@ -1,0 +1,1 @@
+"""Decode worker: reserves blocks, receives pushed KV, decodes in its continuous batch."""

@@ -1,0 +1,243 @@
+"""The decode worker's gRPC servicer and KV receive handler around one AsyncEngine.
+
+Per request: Reserve (blocks held, registry record RESERVED) → the prefill worker pushes every layer
+(begin / write_layer / complete) → the handoff commits in Redis (PREFILLING → DECODING, owner D) and
+the first token joins the running batch → tokens stream out → the record ends with the request.
+Local prefill skips the push: the request is queued like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+
+from baton.shared.config import WorkerConfig
+from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.outputs import EngineOutput
+from baton.shared.grpc_server import CapacityError
+from baton.shared.registry import Registry, RegistryError, RegistryUnavailable
+from baton.shared.rpc import worker_pb2, worker_pb2_grpc
+from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
+from baton.shared.transfer import TransferError
+from baton.shared.worker_runtime import worker_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracked:
+    """A request this worker holds, from Reserve until its last output was read."""
+
+    block_ids: list[int]
+    num_top_logprobs: int
+    outputs: AsyncGenerator[EngineOutput, None]
+    remote: bool
+    receiving: bool = False
+    committed: bool = False
+    timeout: asyncio.TimerHandle | None = None
+    streamed: bool = False
+    transfer_bytes: int = field(default=0)
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    def __init__(
+        self, config: WorkerConfig, engine: AsyncEngine, registry: Registry, worker_id: str, num_layers: int
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.registry = registry
+        self.worker_id = worker_id
+        self.num_layers = num_layers
+        self.transfer_address = ""
+        self._tracked: dict[str, _Tracked] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self.num_transfers = 0
+        self.num_transfer_failures = 0
+        self.transfer_bytes = 0
+        self.num_finished = 0
+
+    # -- gRPC ------------------------------------------------------------------------------------
+    async def Reserve(
+        self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReserveResponse:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        if not rid:
+            raise ValueError("request_id must not be empty")
+        params = sampling_from_proto(request.sampling)
+        if request.local_prefill:
+            outputs = self.engine.add(rid, prompt, params)
+            block_ids: list[int] = []
+        else:
+            reserved = await self.engine.reserve(rid, prompt, params)
+            if reserved is None:
+                raise CapacityError(
+                    f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens"
+                )
+            block_ids, outputs = reserved
+        tracked = _Tracked(block_ids, params.logprobs or 0, outputs, remote=not request.local_prefill)
+        self._tracked[rid] = tracked
+        try:
+            await self.registry.reserve(
+                rid, self.worker_id, len(block_ids), local_prefill=request.local_prefill
+            )
+        except RegistryError as exc:
+            self._drop(rid)
+            raise ValueError(f"request id {rid!r} is already registered: {exc}") from exc
+        except RegistryUnavailable as exc:
+            logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
+        if tracked.remote:
+            timeout_s = self.config.reservation_timeout_s
+            tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
+        return worker_pb2.ReserveResponse(
+            worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
+        )
+
+    async def Stream(
+        self, request: worker_pb2.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.TokenDelta]:
+        rid = request.request_id
+        tracked = self._tracked.get(rid)
+        if tracked is None or tracked.streamed:
+            raise KeyError(f"request {rid!r} is not reserved here (or is already being streamed)")
+        tracked.streamed = True
+        try:
+            async for out in tracked.outputs:
+                yield delta_from_output(out, tracked.num_top_logprobs)
+        finally:
+            await tracked.outputs.aclose()  # not finished (the router went away): aborts the request
+            await self._settle(rid)
+
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
+            return worker_pb2.AbortResponse(found=False)
+        logger.info("abort %s: %s", request.request_id, request.reason or "by request")
+        self.engine.abort(request.request_id)
+        if not tracked.streamed:  # nobody will read the stream: settle here
+            self._spawn(self._drain(request.request_id, tracked))
+        return worker_pb2.AbortResponse(found=True)
+
+    async def GetStats(
+        self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerStats:
+        tracked = list(self._tracked)
+        stats = await self.engine.call(
+            lambda core: worker_stats(core, self.worker_id, "decode", tracked, request.check_integrity)
+        )
+        stats.num_transfers = self.num_transfers
+        stats.num_transfer_failures = self.num_transfer_failures
+        stats.transfer_bytes = self.transfer_bytes
+        stats.num_finished = self.num_finished
+        return stats
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._tracked)
+
+    # -- KV receive handler (called by the transfer receiver) -----------------------------------
+    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or not tracked.remote or tracked.committed:
+            raise TransferError(f"decode worker {self.worker_id} holds no reservation for {request_id!r}")
+        if tracked.receiving:
+            raise TransferError(f"request {request_id!r} is already receiving KV from another push")
+        if list(block_ids) != tracked.block_ids or num_layers != self.num_layers:
+            raise TransferError(
+                f"push for {request_id!r} names blocks {list(block_ids)} x {num_layers} layers; "
+                f"reserved {tracked.block_ids} x {self.num_layers}"
+            )
+        tracked.receiving = True
+
+    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        try:
+            self.engine.write_kv(request_id, layer, kv)
+        except KeyError as exc:
+            raise TransferError(f"request {request_id!r} was aborted while its KV arrived") from exc
+        self.transfer_bytes += kv.numel() * kv.element_size()
+
+    async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or not tracked.receiving:
+            raise TransferError(f"request {request_id!r} is no longer reserved here")
+        first_token, num_cached = first_token_from_dict(trailer)
+        prefill_worker = str(trailer.get("prefill_worker", ""))
+        try:
+            await self.registry.commit_handoff(request_id, prefill_worker, self.worker_id)
+        except RegistryError as exc:
+            raise TransferError(f"handoff of {request_id!r} refused by the registry: {exc}") from exc
+        except RegistryUnavailable as exc:
+            logger.warning(
+                "registry unreachable, committing %s without recording the handoff: %s", request_id, exc
+            )
+        tracked.committed = True
+        if tracked.timeout is not None:
+            tracked.timeout.cancel()
+        self.engine.commit(request_id, first_token, num_cached)
+        self.num_transfers += 1
+        return {"ok": True, "decode_worker": self.worker_id}
+
+    def fail(self, request_id: str, reason: str) -> None:
+        tracked = self._tracked.get(request_id)
+        if tracked is None or tracked.committed:
+            return
+        self.num_transfer_failures += 1
+        logger.warning("KV transfer for %s failed: %s", request_id, reason)
+        self.engine.fail(request_id, f"KV transfer failed: {reason}")
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def _expire(self, request_id: str, timeout_s: float) -> None:
+        tracked = self._tracked.get(request_id)
+        if tracked is not None and not tracked.committed:
+            self.engine.fail(request_id, f"the prompt's KV did not arrive within {timeout_s:g} s")
+            if not tracked.streamed:
+                self._spawn(self._drain(request_id, tracked))
+
+    async def _drain(self, request_id: str, tracked: _Tracked) -> None:
+        """Read an unattended stream to its end (the engine delivers the abort or error), then settle."""
+        if tracked.streamed:
+            return
+        tracked.streamed = True
+        with contextlib.suppress(Exception):
+            async for _ in tracked.outputs:
+                pass
+        await self._settle(request_id)
+
+    async def _settle(self, request_id: str) -> None:
+        """The request ended here: forget it and end its registry record."""
+        tracked = self._drop(request_id)
+        if tracked is None:
+            return
+        self.num_finished += 1
+        try:
+            await self.registry.end_request(request_id, self.worker_id)
+        except (RegistryError, RegistryUnavailable) as exc:
+            logger.warning("could not end the registry record of %s: %s", request_id, exc)
+
+    def _drop(self, request_id: str) -> _Tracked | None:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is not None and tracked.timeout is not None:
+            tracked.timeout.cancel()
+        return tracked
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def shutdown(self) -> None:
+        """Abort what is in flight (streams end with 'abort') and settle every record."""
+        for request_id, tracked in list(self._tracked.items()):
+            self.engine.abort(request_id)
+            if not tracked.streamed:
+                self._spawn(self._drain(request_id, tracked))
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)

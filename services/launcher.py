@@ -1,0 +1,292 @@
+"""`baton serve`: a whole cluster on this machine, each service its own process.
+
+Starts Redis (unless BATON_REDIS_URL names one), the decode and prefill workers, then the router;
+waits until every worker registered and the router reports SERVING; prefixes each process's log lines
+with its name; on Ctrl-C or SIGTERM stops the router first, then the workers, then Redis. `LocalCluster`
+is the same thing as a Python object (the integration tests drive it)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TextIO, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from baton.shared.registry import Registry, RegistryUnavailable
+
+STOP_TIMEOUT_S = 20.0
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    model: str
+    num_prefill: int = 1
+    num_decode: int = 1
+    colocated: bool = False
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """Router port; 0 picks a free one."""
+    redis_url: str | None = None
+    """None: start a private redis-server."""
+    namespace: str = "baton"
+    lease_ttl_s: float = 10.0
+    engine_args: Sequence[str] = ()
+    router_args: Sequence[str] = ()
+    worker_args: Sequence[str] = ()
+    prefill_args: Sequence[str] = ()
+    log_level: str = "INFO"
+    threads: int | None = None
+    """Torch threads per engine process; None: the machine's cores shared between them."""
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec, log: TextIO = sys.stderr) -> None:
+        if spec.num_prefill < 0 or spec.num_decode < (0 if spec.colocated else 1):
+            raise ValueError("a cluster needs at least one decode worker (and no negative counts)")
+        self.spec = spec
+        self.log = log
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis_url = spec.redis_url or ""
+        self.router_address = ""
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._log_lock = threading.Lock()
+        self._pumps: list[threading.Thread] = []
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            if not self.spec.colocated:
+                if not self.redis_url:
+                    self._start_redis(deadline)
+                workers = [f"decode-{i}" for i in range(self.spec.num_decode)]
+                workers += [f"prefill-{i}" for i in range(self.spec.num_prefill)]
+                for name in workers:
+                    self._spawn(name, self._worker_argv(name))
+                self._wait_registered(set(workers), deadline)
+            port = self.spec.port or _free_port()
+            self.router_address = f"{self.spec.host}:{port}"
+            self._spawn("router", self._router_argv(port))
+            self._wait_serving(deadline)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_redis(self, deadline: float) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ValueError(
+                "redis-server is not installed: install Redis, or set BATON_REDIS_URL to a running one"
+            )
+        self._tmp = tempfile.TemporaryDirectory(prefix="baton-redis-")
+        port = _free_port()
+        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._spawn("redis", [*argv, "--dir", self._tmp.name])
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+        async def ping() -> bool:
+            async with Registry(self.redis_url, self.spec.namespace) as registry:
+                return await registry.ping()
+
+        self._poll(lambda: _quietly(lambda: asyncio.run(ping())), deadline, "Redis to answer")
+
+    def _engine_count(self) -> int:
+        return self.spec.num_prefill + self.spec.num_decode + (1 if self.spec.colocated else 0)
+
+    def _common_argv(self) -> list[str]:
+        threads = self.spec.threads or max(1, (os.cpu_count() or 1) // max(1, self._engine_count()))
+        return [
+            "--model", self.spec.model,
+            "--threads", str(threads),
+            "--log-level", self.spec.log_level,
+            *self.spec.engine_args,
+        ]  # fmt: skip
+
+    def _registry_argv(self) -> list[str]:
+        return [
+            "--redis-url", self.redis_url,
+            "--namespace", self.spec.namespace,
+            "--lease-ttl-s", str(self.spec.lease_ttl_s),
+        ]  # fmt: skip
+
+    def _worker_argv(self, name: str) -> list[str]:
+        role = name.split("-")[0]
+        extra = [*self.spec.worker_args, *(self.spec.prefill_args if role == "prefill" else ())]
+        argv = [role, "--worker-id", name, "--host", self.spec.host, *self._common_argv()]
+        return [*argv, *self._registry_argv(), *extra]
+
+    def _router_argv(self, port: int) -> list[str]:
+        argv = [
+            "router",
+            "--host",
+            self.spec.host,
+            "--port",
+            str(port),
+            *self._common_argv(),
+            *self.spec.router_args,
+        ]
+        if self.spec.colocated:
+            return [*argv, "--colocated"]
+        return [*argv, *self._registry_argv()]
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        if argv[0] != "redis-server" and not argv[0].endswith("redis-server"):
+            argv = [sys.executable, "-m", "baton.services.cli", *argv]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
+        # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
+        # order; the parent-death signal stops them if the launcher itself is killed.
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_terminate_with_parent,
+        )
+        self.processes[name] = process
+        pump = threading.Thread(target=self._pump_log, args=(name, process), daemon=True)
+        pump.start()
+        self._pumps.append(pump)
+
+    def _pump_log(self, name: str, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            with self._log_lock:
+                print(f"{name:<10}| {line}", file=self.log, flush=True)
+
+    def _wait_registered(self, names: set[str], deadline: float) -> None:
+        async def registered() -> set[str]:
+            async with Registry(self.redis_url, self.spec.namespace) as registry:
+                return {w.info.worker_id for w in await registry.live_workers()}
+
+        self._poll(
+            lambda: names <= (_quietly(lambda: asyncio.run(registered())) or set()),
+            deadline,
+            f"{sorted(names)} to register",
+        )
+
+    def _wait_serving(self, deadline: float) -> None:
+        def serving() -> bool:
+            with grpc.insecure_channel(self.router_address) as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=1
+                    )
+                except grpc.RpcError:
+                    return False
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        self._poll(serving, deadline, f"the router on {self.router_address} to serve")
+
+    def _poll(self, ready: Callable[[], object], deadline: float, what: str) -> None:
+        while not ready():
+            dead = [n for n, p in self.processes.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what} (see its log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            time.sleep(0.2)
+
+    # -- run / stop ------------------------------------------------------------------------------
+    def exited(self) -> dict[str, int]:
+        """Processes that ended, with their exit codes."""
+        return {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.processes[name].send_signal(sig)
+        self.processes[name].wait(STOP_TIMEOUT_S)
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM the router, then the workers, then Redis (each group drains); SIGKILL stragglers.
+        Returns every process's exit code."""
+        order = [["router"], [n for n in self.processes if n.startswith(("prefill", "decode"))], ["redis"]]
+        for group in order:
+            running = [
+                self.processes[n] for n in group if n in self.processes and self.processes[n].poll() is None
+            ]
+            for process in running:
+                process.send_signal(signal.SIGTERM)
+            for process in running:
+                try:
+                    process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+        return {n: p.returncode for n, p in self.processes.items()}
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_forever(spec: ClusterSpec) -> int:
+    """Run the cluster until Ctrl-C / SIGTERM (exit 0) or until the router dies (exit 1)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    cluster = LocalCluster(spec)
+    cluster.start()
+    mode = "colocated" if spec.colocated else f"{spec.num_prefill} prefill + {spec.num_decode} decode workers"
+    print(
+        f"\nBaton is serving {spec.model} on {cluster.router_address} (router, {mode}"
+        + ("" if spec.colocated else f", registry {cluster.redis_url}")
+        + ").\nTry it:  baton complete --address "
+        + f"{cluster.router_address} 'Once upon a time'\nPress Ctrl-C to stop.\n",
+        flush=True,
+    )
+    code = 0
+    while not stop.wait(0.5):
+        exited = cluster.exited()
+        if "router" in exited or "redis" in exited:
+            print(f"baton serve: {exited} exited; stopping the cluster", file=sys.stderr)
+            code = 1
+            break
+    print("baton serve: stopping", file=sys.stderr, flush=True)
+    cluster.stop()
+    return code
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: Linux sends SIGTERM when the launcher dies (no orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _quietly(fn: Callable[[], _T]) -> _T | None:
+    try:
+        return fn()
+    except (RegistryUnavailable, OSError):
+        return None

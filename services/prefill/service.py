@@ -1,0 +1,195 @@
+"""The prefill worker's gRPC servicer: prefill a prompt, push its KV layer by layer to the decode
+worker that reserved blocks for it, and return once that worker acknowledged the handoff.
+
+Registry record: RESERVED (by D) → PREFILLING (owner P, here) → D commits DECODING on receipt. On any
+failure the record goes back to RESERVED under D, the push is aborted (D fails its reservation) and
+the RPC fails with UNAVAILABLE/ABORTED so the router retries elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from baton.shared.config import WorkerConfig
+from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.outputs import EngineOutput
+from baton.shared.grpc_server import ConflictError, UnavailableError
+from baton.shared.registry import Registry, RegistryError, RegistryUnavailable
+from baton.shared.rpc import worker_pb2, worker_pb2_grpc
+from baton.shared.rpc_convert import first_token_to_dict, sampling_from_proto
+from baton.shared.transfer import KVPushSession, KVSender
+from baton.shared.worker_runtime import worker_stats
+
+logger = logging.getLogger(__name__)
+
+_LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]
+
+
+class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine: AsyncEngine,
+        registry: Registry,
+        sender: KVSender,
+        worker_id: str,
+        num_layers: int,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.registry = registry
+        self.sender = sender
+        self.worker_id = worker_id
+        self.num_layers = num_layers
+        self._layers: dict[str, asyncio.Queue[_LayerItem]] = {}
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.num_transfers = 0
+        self.num_transfer_failures = 0
+        self.transfer_bytes = 0
+        self.num_finished = 0
+        engine.core.layer_kv_sink = self._on_layer  # called on the engine thread
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._tasks)
+
+    def _on_layer(
+        self, request_id: str, layer: int, kv: torch.Tensor, ready: torch.cuda.Event | None
+    ) -> None:
+        queue = self._layers.get(request_id)
+        if queue is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(queue.put_nowait, (layer, kv, ready))
+
+    # -- gRPC ------------------------------------------------------------------------------------
+    async def Prefill(
+        self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.PrefillResponse:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        params = sampling_from_proto(request.sampling)
+        self.engine.core.validate(prompt, params)
+        if rid in self._tasks:
+            raise ValueError(f"request id {rid!r} is already being prefilled here")
+        self._loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+        assert current is not None
+        self._tasks[rid] = current
+        try:
+            return await self._prefill(request, rid, prompt, params)
+        finally:
+            self._tasks.pop(rid, None)
+            self._layers.pop(rid, None)
+
+    async def _prefill(
+        self, request: worker_pb2.PrefillRequest, rid: str, prompt: list[int], params: Any
+    ) -> worker_pb2.PrefillResponse:
+        start_ns = time.monotonic_ns()
+        await self._begin(rid)
+        session: KVPushSession | None = None
+        try:
+            session = await self.sender.open(
+                request.transfer_address, rid, list(request.block_ids), self.num_layers
+            )
+            self._layers[rid] = asyncio.Queue()
+            outputs = self.engine.add(rid, prompt, params, prefill_only=True)
+            pushed = asyncio.create_task(self._push_layers(session, self._layers[rid]))
+            first = await _only_output(outputs)
+            if first.finish_reason in ("abort", "error"):
+                pushed.cancel()
+                raise UnavailableError(
+                    f"prefill of {rid!r} ended early: {first.error or first.finish_reason}"
+                )
+            nbytes = await pushed
+            computed_ns = time.monotonic_ns()
+            trailer = {**first_token_to_dict(first), "prefill_worker": self.worker_id}
+            await session.finish(trailer, timeout_s=self.config.transfer_timeout_s)
+        except BaseException as exc:
+            self.num_transfer_failures += 1
+            await self._undo(rid, session, exc)
+            raise
+        self.num_transfers += 1
+        self.num_finished += 1
+        self.transfer_bytes += nbytes
+        return worker_pb2.PrefillResponse(
+            first_token_id=first.new_token_ids[0],
+            num_cached_tokens=first.num_cached_tokens,
+            prefill_ns=computed_ns - start_ns,
+            handoff_ns=time.monotonic_ns() - computed_ns,
+            transfer_bytes=nbytes,
+        )
+
+    async def _begin(self, rid: str) -> None:
+        try:
+            await self.registry.begin_prefill(rid, self.worker_id)
+        except RegistryError as exc:
+            raise ConflictError(f"cannot prefill {rid!r}: {exc}") from exc
+        except RegistryUnavailable as exc:
+            logger.warning("registry unreachable, prefilling %s without recording it: %s", rid, exc)
+
+    async def _push_layers(self, session: KVPushSession, queue: asyncio.Queue[_LayerItem]) -> int:
+        """Send each layer as the engine copies it out; returns the bytes sent."""
+        nbytes = 0
+        for expected in range(self.num_layers):
+            layer, kv, ready = await queue.get()
+            if layer != expected:
+                raise RuntimeError(f"layer {layer} arrived when layer {expected} was due")
+            if ready is not None:
+                await asyncio.to_thread(ready.synchronize)
+            await session.send_layer(layer, kv)
+            nbytes += kv.numel() * kv.element_size()
+        return nbytes
+
+    async def _undo(self, rid: str, session: KVPushSession | None, exc: BaseException) -> None:
+        """A failed or cancelled prefill: stop computing, tell D, give the record back to D."""
+        reason = f"prefill worker {self.worker_id}: {exc!r}"
+        logger.warning("prefill of %s failed: %r", rid, exc)
+        self.engine.abort(rid)
+        if session is not None:
+            await asyncio.shield(session.abort(reason))
+        try:
+            await asyncio.shield(self.registry.release_prefill(rid, self.worker_id))
+        except (RegistryError, RegistryUnavailable) as release_exc:
+            logger.info("record of %s not released: %s", rid, release_exc)
+
+    async def Abort(
+        self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.AbortResponse:
+        task = self._tasks.get(request.request_id)
+        if task is None:
+            return worker_pb2.AbortResponse(found=False)
+        task.cancel(f"aborted: {request.reason or 'by request'}")
+        return worker_pb2.AbortResponse(found=True)
+
+    async def GetStats(
+        self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.WorkerStats:
+        in_flight = list(self._tasks)
+        stats = await self.engine.call(
+            lambda core: worker_stats(core, self.worker_id, "prefill", in_flight, request.check_integrity)
+        )
+        stats.num_transfers = self.num_transfers
+        stats.num_transfer_failures = self.num_transfer_failures
+        stats.transfer_bytes = self.transfer_bytes
+        stats.num_finished = self.num_finished
+        return stats
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel("prefill worker shutting down")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=5)
+
+
+async def _only_output(outputs: Any) -> EngineOutput:
+    """A prefill-only request yields exactly one output (its first token, finished)."""
+    last = None
+    async for out in outputs:
+        last = out
+    if last is None:
+        raise UnavailableError("the engine ended the prefill without an output")
+    return last

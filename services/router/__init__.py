@@ -1,0 +1,1 @@
+"""Router: the public gRPC API; places requests on prefill and decode workers."""

@@ -1,0 +1,264 @@
+"""Generation across workers: reserve on a decode worker, prefill on a prefill worker (or locally on
+the decode worker), stream the decode worker's tokens. Failures before the first token are retried
+on other workers, invisibly to the client; after it, the stream ends with an error.
+
+Each placement is an *attempt* with its own id (`<request id>~<n>`), so a late message about an
+abandoned attempt can never touch the next one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from baton.services.router.directory import WorkerDirectory
+from baton.services.router.placement import (
+    Placement,
+    choose_prefill_worker,
+    prefill_locally,
+    rank_decode_workers,
+)
+from baton.shared.config import RouterConfig
+from baton.shared.engine.block_hash import hash_full_blocks
+from baton.shared.engine.outputs import EngineOutput
+from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.grpc_server import CapacityError, UnavailableError
+from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
+from baton.shared.rpc import worker_pb2
+from baton.shared.rpc_convert import output_from_delta, sampling_to_proto
+
+logger = logging.getLogger(__name__)
+
+RESERVE_TIMEOUT_S = 10.0
+PREFILL_TIMEOUT_S = 300.0
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass
+class _Failures:
+    """What went wrong in earlier attempts of one request (workers to avoid, the last reason)."""
+
+    decode: set[str] = field(default_factory=set)
+    full: set[str] = field(default_factory=set)
+    """Decode workers that refused for lack of room (tried again by later requests, not this one)."""
+    prefill: set[str] = field(default_factory=set)
+    last_error: str = ""
+
+
+class _RetryAttempt(Exception):
+    """This attempt failed before any token reached the client: place the request again."""
+
+
+class DisaggregatedBackend:
+    def __init__(self, config: RouterConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.directory = WorkerDirectory(registry, config.worker_refresh_s, config.registry.lease_ttl_s)
+        self.num_remote_prefills = 0
+        self.num_local_prefills = 0
+        self.num_retries = 0
+
+    async def generate(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
+        failures = _Failures()
+        for attempt in range(1, self.config.max_attempts + 1):
+            placement = await self._place(prompt, failures)
+            try:
+                async for out in self._attempt(
+                    f"{request_id}~{attempt}", prompt, params, placement, failures
+                ):
+                    yield _renamed(out, request_id)
+                return
+            except _RetryAttempt:
+                self.num_retries += 1
+                logger.warning(
+                    "request %s attempt %d failed (%s): retrying", request_id, attempt, failures.last_error
+                )
+        raise UnavailableError(
+            f"request {request_id} failed after {self.config.max_attempts} attempts: {failures.last_error}"
+        )
+
+    # -- placement -------------------------------------------------------------------------------
+    async def _place(self, prompt: list[int], failures: _Failures) -> Placement:
+        decodes = rank_decode_workers(
+            await self.directory.live("decode"), self.directory.in_flight, failures.decode
+        )
+        if not decodes and failures.full:
+            raise CapacityError(f"no decode worker has room for this request ({failures.last_error})")
+        if not decodes:
+            raise UnavailableError(
+                "no decode worker is available"
+                + (f" (last failure: {failures.last_error})" if failures.last_error else "")
+            )
+        decode = decodes[0]
+        prefills = await self.directory.live("prefill")
+        overlap = await self._prefix_overlap(prompt, decode.info.block_size, prefills)
+        prefill = choose_prefill_worker(prefills, overlap, self.directory.in_flight, failures.prefill)
+        cached = overlap.get(prefill.info.worker_id, 0) * decode.info.block_size if prefill else 0
+        if prefill is not None and prefill_locally(len(prompt), cached, self.config.local_prefill_max_tokens):
+            prefill = None
+        return Placement(decode, prefill, cached)
+
+    async def _prefix_overlap(
+        self, prompt: list[int], block_size: int, prefills: list[WorkerRecord]
+    ) -> dict[str, int]:
+        if not prefills:
+            return {}
+        hashes: list[bytes] = []
+        hash_full_blocks(prompt, block_size, hashes)
+        if not hashes:
+            return {}
+        try:
+            return await self.registry.prefix_overlap(
+                [h.hex() for h in hashes], [w.info.worker_id for w in prefills]
+            )
+        except RegistryUnavailable:
+            return {}  # degrade: placement by load only
+
+    # -- one attempt -----------------------------------------------------------------------------
+    async def _attempt(
+        self,
+        attempt_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        placement: Placement,
+        failures: _Failures,
+    ) -> AsyncIterator[EngineOutput]:
+        decode, prefill = placement.decode, placement.prefill
+        d_id = decode.info.worker_id
+        d_stub = self.directory.decode_stub(decode)
+        sampling = sampling_to_proto(params)
+        reserve = worker_pb2.ReserveRequest(
+            request_id=attempt_id, prompt_token_ids=prompt, sampling=sampling, local_prefill=prefill is None
+        )
+        try:
+            reserved = await d_stub.Reserve(reserve, timeout=RESERVE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            self._decode_failed(decode, exc, failures, before_reserve=True)
+        self.directory.in_flight[d_id] += 1
+        prefill_task = None
+        emitted = False
+        stream = d_stub.Stream(worker_pb2.StreamRequest(request_id=attempt_id))
+        try:
+            if prefill is not None:
+                self.num_remote_prefills += 1
+                prefill_task = asyncio.create_task(
+                    self._prefill(prefill, attempt_id, prompt, sampling, reserved, d_stub, failures)
+                )
+            else:
+                self.num_local_prefills += 1
+            async for delta in stream:
+                out = output_from_delta(attempt_id, delta)
+                if not emitted and out.finish_reason in ("abort", "error") and not out.new_token_ids:
+                    failures.last_error = (
+                        out.error or f"decode worker {d_id} ended the request ({out.finish_reason})"
+                    )
+                    raise _RetryAttempt()
+                emitted = True
+                yield out
+                if out.finished:
+                    return
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, None, None, "stream ended without finishing"
+            )
+        except grpc.aio.AioRpcError as exc:
+            if emitted:
+                self.directory.mark_failed(d_id)
+                yield EngineOutput(
+                    attempt_id,
+                    [],
+                    finish_reason="error",
+                    error=f"decode worker {d_id} failed: {exc.details()}",
+                )
+                return
+            self._decode_failed(decode, exc, failures, before_reserve=False)
+        finally:
+            self.directory.in_flight[d_id] -= 1
+            stream.cancel()
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await prefill_task
+
+    async def _prefill(
+        self,
+        prefill: WorkerRecord,
+        attempt_id: str,
+        prompt: list[int],
+        sampling: object,
+        reserved: worker_pb2.ReserveResponse,
+        d_stub: object,
+        failures: _Failures,
+    ) -> None:
+        """Run the prefill; if it fails, abort the decode attempt so its stream ends and the request is
+        placed again (without this prefill worker)."""
+        p_id = prefill.info.worker_id
+        self.directory.in_flight[p_id] += 1
+        try:
+            await self.directory.prefill_stub(prefill).Prefill(
+                worker_pb2.PrefillRequest(
+                    request_id=attempt_id,
+                    prompt_token_ids=prompt,
+                    sampling=sampling,
+                    decode_worker_id=reserved.worker_id,
+                    transfer_address=reserved.transfer_address,
+                    block_ids=reserved.block_ids,
+                ),
+                timeout=PREFILL_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            failures.prefill.add(p_id)
+            failures.last_error = f"prefill worker {p_id}: {exc.code().name} {exc.details()}"
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                self.directory.mark_failed(p_id)
+            await _abort_quietly(d_stub, attempt_id, failures.last_error)
+        finally:
+            self.directory.in_flight[p_id] -= 1
+
+    def _decode_failed(
+        self, decode: WorkerRecord, exc: grpc.aio.AioRpcError, failures: _Failures, before_reserve: bool
+    ) -> None:
+        d_id = decode.info.worker_id
+        code = exc.code()
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            raise ValueError(exc.details())
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and before_reserve:
+            failures.decode.add(d_id)
+            failures.full.add(d_id)
+            failures.last_error = exc.details() or f"decode worker {d_id} is full"
+            raise _RetryAttempt()
+        if code in _RETRYABLE or code is grpc.StatusCode.CANCELLED:
+            failures.decode.add(d_id)
+            failures.last_error = f"decode worker {d_id}: {code.name} {exc.details()}"
+            if code is grpc.StatusCode.UNAVAILABLE:
+                self.directory.mark_failed(d_id)
+            raise _RetryAttempt()
+        raise UnavailableError(f"decode worker {d_id}: {code.name} {exc.details()}")
+
+    async def close(self) -> None:
+        await self.directory.close()
+
+
+async def _abort_quietly(d_stub: object, attempt_id: str, reason: str) -> None:
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await d_stub.Abort(  # type: ignore[attr-defined]
+            worker_pb2.AbortRequest(request_id=attempt_id, reason=reason), timeout=RESERVE_TIMEOUT_S
+        )
+
+
+def _renamed(out: EngineOutput, request_id: str) -> EngineOutput:
+    return EngineOutput(
+        request_id,
+        out.new_token_ids,
+        out.new_logprobs,
+        finish_reason=out.finish_reason,
+        stop_reason=out.stop_reason,
+        error=out.error,
+        num_prompt_tokens=out.num_prompt_tokens,
+        num_cached_tokens=out.num_cached_tokens,
+    )

@@ -1,0 +1,97 @@
+"""`baton prefill` / `baton decode`: one worker process. Builds the engine, the KV transfer end, the
+gRPC server (health, reflection), registers in Redis, serves until SIGTERM, then drains: health goes
+NOT_SERVING, the worker leaves the registry, in-flight requests end, everything closes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import torch
+
+from baton.services.decode.service import DecodeService
+from baton.services.lifecycle import wait_for_stop_signal
+from baton.services.prefill.service import PrefillService
+from baton.shared.config import WorkerConfig
+from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.grpc_server import ServiceBinding, start_server
+from baton.shared.registry import Registry, WorkerInfo
+from baton.shared.rpc import worker_pb2_grpc
+from baton.shared.transfer import FaultConfig, KVReceiver, UcxKVReceiver, UcxKVSender, stop_ucx
+from baton.shared.worker_presence import WorkerPresence
+from baton.shared.worker_runtime import default_worker_id, engine_snapshot, kv_layout
+
+logger = logging.getLogger(__name__)
+
+
+async def run_worker(config: WorkerConfig) -> None:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    core = await asyncio.to_thread(EngineCore, config.engine)
+    core.kv_manager.pool.track_cache_events()
+    layout = kv_layout(core)
+    worker_id = config.worker_id or default_worker_id(config.role)
+    reg = config.registry
+    registry = Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
+    engine = AsyncEngine(core)
+    engine.start()
+    receiver: KVReceiver | None = None
+    service: Any
+    if config.role == "decode":
+        service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
+        receiver = UcxKVReceiver(
+            layout, service, config.host, config.transfer_port, core.device, config.advertise_host
+        )
+        await receiver.start()
+        service.transfer_address = receiver.address
+        binding = ServiceBinding(
+            worker_pb2_grpc.add_DecodeWorkerServicer_to_server, service, "baton.worker.v1.DecodeWorker"
+        )
+    else:
+        sender = UcxKVSender(layout, FaultConfig.parse(config.kv_faults))
+        service = PrefillService(config, engine, registry, sender, worker_id, layout.num_layers)
+        binding = ServiceBinding(
+            worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"
+        )
+    server = await start_server([binding], config.host, config.port)
+    host = config.advertise_host or config.host
+    info = WorkerInfo(
+        worker_id=worker_id,
+        role=config.role,
+        grpc_address=f"{host}:{server.port}",
+        transfer_address=receiver.address if receiver is not None else "",
+        model_id=layout.model_id,
+        block_size=layout.block_size,
+        num_blocks=core.kv_manager.pool.num_blocks,
+    )
+    presence = WorkerPresence(
+        registry,
+        info,
+        lambda full: engine_snapshot(engine, service.request_ids, full),
+        config.heartbeat_interval_s,
+    )
+    await presence.start()
+    logger.info(
+        "%s worker %s ready: grpc %s%s, %d KV blocks",
+        config.role,
+        worker_id,
+        info.grpc_address,
+        f", KV transfer {info.transfer_address}" if info.transfer_address else "",
+        info.num_blocks,
+    )
+    signal_name = await wait_for_stop_signal()
+    logger.info("%s received: draining", signal_name)
+    await server.set_serving(False)
+    await presence.stop()
+    await service.shutdown()
+    await server.server.stop(grace=5)
+    if receiver is not None:
+        await receiver.close()
+    if config.role == "prefill":
+        await sender.close()
+    stop_ucx()
+    await asyncio.to_thread(engine.shutdown)
+    await registry.close()
+    logger.info("%s worker %s stopped", config.role, worker_id)

@@ -1,0 +1,103 @@
+"""Pieces both worker services share: identity (model fingerprint, KV layout), the engine's state as
+registry snapshots and WorkerStats, and the gRPC + registry plumbing around an AsyncEngine."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.registry import WorkerLoad
+from baton.shared.rpc import worker_pb2
+from baton.shared.transfer import KVLayout
+from baton.shared.worker_presence import PresenceSnapshot
+
+
+def model_fingerprint(model_dir: Path, dtype_name: str) -> str:
+    """Identity of the served weights: config.json's bytes, the weight files' names and sizes, the dtype.
+    Two workers push KV to each other only if these agree."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update((model_dir / "config.json").read_bytes())
+    for path in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    digest.update(dtype_name.encode())
+    return f"{model_dir.name}-{digest.hexdigest()}"
+
+
+def dtype_name(core: EngineCore) -> str:
+    return str(core.dtype).removeprefix("torch.")
+
+
+def kv_layout(core: EngineCore) -> KVLayout:
+    mc = core.model_config
+    return KVLayout(
+        model_id=model_fingerprint(core.model_dir, dtype_name(core)),
+        num_layers=mc.num_layers,
+        block_size=core.config.block_size,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+        dtype=dtype_name(core),
+    )
+
+
+def default_worker_id(role: str) -> str:
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def snapshot_of(core: EngineCore, extra_request_ids: Iterable[str], full: bool) -> PresenceSnapshot:
+    """Run on the engine thread (AsyncEngine.call): load, held requests, prefix-cache changes."""
+    stats = core.stats()
+    pool = core.kv_manager.pool
+    added, removed = pool.drain_cache_events()
+    return PresenceSnapshot(
+        load=WorkerLoad(
+            num_free_blocks=stats.num_free_blocks + stats.num_cached_blocks,
+            num_running=stats.num_running + stats.num_reserved,
+            num_waiting=stats.num_waiting,
+        ),
+        request_ids=sorted({*stats.request_ids, *extra_request_ids}),
+        prefix_added=[h.hex() for h in added],
+        prefix_removed=[h.hex() for h in removed],
+        prefix_all=[h.hex() for h in pool.cached_hashes] if full else None,
+    )
+
+
+def worker_stats(
+    core: EngineCore, worker_id: str, role: str, extra_request_ids: Iterable[str], check_integrity: bool
+) -> worker_pb2.WorkerStats:
+    """Run on the engine thread: the allocator's and scheduler's counters as a WorkerStats message."""
+    stats = core.stats()
+    integrity_error = ""
+    if check_integrity:
+        try:
+            core.check_integrity()
+        except AssertionError as exc:
+            integrity_error = str(exc)
+    return worker_pb2.WorkerStats(
+        worker_id=worker_id,
+        role=role,
+        num_blocks=core.kv_manager.pool.num_blocks,
+        num_free_blocks=stats.num_free_blocks,
+        num_cached_blocks=stats.num_cached_blocks,
+        num_held_blocks=stats.num_held_blocks,
+        num_request_blocks=stats.num_request_blocks,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_reserved=stats.num_reserved,
+        num_preemptions=stats.num_preemptions,
+        prefix_query_tokens=stats.prefix_query_tokens,
+        prefix_hit_tokens=stats.prefix_hit_tokens,
+        request_ids=sorted({*stats.request_ids, *extra_request_ids}),
+        integrity_error=integrity_error,
+    )
+
+
+async def engine_snapshot(
+    engine: AsyncEngine, extra_request_ids: Iterable[str], full: bool
+) -> PresenceSnapshot:
+    extra = list(extra_request_ids)
+    return await engine.call(lambda core: snapshot_of(core, extra, full))

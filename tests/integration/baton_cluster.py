@@ -1,0 +1,137 @@
+"""Helpers for tests that drive a real local cluster (processes, Redis, UCX over TCP, gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from baton.services.launcher import ClusterSpec, LocalCluster
+from baton.services.registry_check import check
+from baton.shared.registry import Registry
+from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+_namespaces = itertools.count()
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    error: str
+    cached_prompt_tokens: int
+
+
+class TeeLog(io.TextIOBase):
+    """Keeps the cluster's labelled logs (shown by pytest when a test fails)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.lines.append(text)
+        sys.stderr.write(text)
+        return len(text)
+
+
+def start_cluster(model: Path, redis_url: str, **spec: object) -> LocalCluster:
+    defaults: dict[str, object] = {
+        "port": 0,
+        "redis_url": redis_url,
+        "namespace": f"test{next(_namespaces)}",
+        "lease_ttl_s": 3.0,
+        "threads": 1,
+        "router_args": ["--local-prefill-max-tokens", "0"],
+        "engine_args": ["--max-model-len", "1024"],
+    }
+    cluster = LocalCluster(ClusterSpec(model=str(model), **{**defaults, **spec}), log=TeeLog())  # type: ignore[arg-type]
+    cluster.start(timeout_s=180)
+    return cluster
+
+
+def greedy(max_tokens: int, **extra: object) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **extra)  # type: ignore[arg-type]
+
+
+async def generate(
+    address: str, prompt: list[int] | str, sampling: common_pb2.SamplingParams, timeout_s: float = 120
+) -> Completion:
+    request = router_pb2.GenerateRequest(sampling=sampling)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    async with grpc.aio.insecure_channel(address) as channel:
+        tokens: list[int] = []
+        text, finish, error, cached = "", "", "", 0
+        async for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=timeout_s):
+            tokens += response.token_ids
+            text += response.text
+            cached = response.usage.cached_prompt_tokens
+            if response.finish_reason:
+                finish = common_pb2.FinishReason.Name(response.finish_reason)
+                error = response.error
+        return Completion(tokens, text, finish, error, cached)
+
+
+def generate_all(
+    address: str, prompts: list[list[int]], sampling: common_pb2.SamplingParams
+) -> list[Completion]:
+    async def main() -> list[Completion]:
+        return list(await asyncio.gather(*(generate(address, p, sampling) for p in prompts)))
+
+    return asyncio.run(main())
+
+
+async def _worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerStats]:
+    async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+        workers = await registry.live_workers()
+    stats = {}
+    for worker in workers:
+        async with grpc.aio.insecure_channel(worker.info.grpc_address) as channel:
+            stub_class = (
+                worker_pb2_grpc.DecodeWorkerStub
+                if worker.info.role == "decode"
+                else worker_pb2_grpc.PrefillWorkerStub
+            )
+            stats[worker.info.worker_id] = await stub_class(channel).GetStats(
+                worker_pb2.GetStatsRequest(check_integrity=True), timeout=10
+            )
+    return stats
+
+
+def worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerStats]:
+    return asyncio.run(_worker_stats(cluster))
+
+
+def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
+    """I3 across the cluster: the registry audit is clean, no live request record is left, and every
+    worker's allocator holds no block (everything free or prefix-cached) and passes its integrity check."""
+
+    async def state() -> tuple[list[str], list[str], dict[str, worker_pb2.WorkerStats]]:
+        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+            result = await check(registry)
+            live = [r.request_id for r in await registry.live_requests()]
+        return result.problems, live, await _worker_stats(cluster)
+
+    async def settle() -> tuple[list[str], list[str], dict[str, worker_pb2.WorkerStats]]:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            problems, live, stats = await state()
+            held = {w: s.num_held_blocks for w, s in stats.items() if s.num_held_blocks or s.request_ids}
+            if (not problems and not live and not held) or asyncio.get_running_loop().time() > deadline:
+                return problems, live, stats
+            await asyncio.sleep(0.3)
+
+    problems, live, stats = asyncio.run(settle())
+    assert problems == [], problems
+    assert live == [], f"registry still holds request records {live}"
+    for worker_id, s in stats.items():
+        assert s.integrity_error == "", f"{worker_id}: {s.integrity_error}"
+        assert s.num_held_blocks == 0 and not s.request_ids, f"{worker_id} still holds {s}"

@@ -1,0 +1,147 @@
+"""Several workers and what happens when they die (kill -9) under load: real processes, Redis, UCX."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from baton_cluster import (
+    Completion,
+    assert_no_leaks,
+    generate,
+    generate_all,
+    greedy,
+    start_cluster,
+    worker_stats,
+)
+
+from baton import LLM, SamplingParams
+from baton.services.launcher import LocalCluster
+from baton.shared.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+rng = random.Random(11)
+LEASE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir: Path) -> LLM:
+    return LLM(str(llama_dir), max_model_len=1024)
+
+
+def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [o.token_ids for o in offline.generate(prompts, params)]
+
+
+def prompts(n: int, low: int = 20, high: int = 150) -> list[list[int]]:
+    return [[rng.randrange(3, 2000) for _ in range(rng.randrange(low, high))] for _ in range(n)]
+
+
+@pytest.fixture
+def make_cluster(llama_dir: Path, redis_server: str) -> Iterator:
+    started: list[LocalCluster] = []
+
+    def make(**spec: object) -> LocalCluster:
+        cluster = start_cluster(llama_dir, redis_server, lease_ttl_s=LEASE_S, **spec)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        cluster.stop()
+
+
+def test_two_prefill_two_decode_workers_match_offline(make_cluster, offline: LLM) -> None:
+    cluster = make_cluster(num_prefill=2, num_decode=2)
+    batch = prompts(36)
+    got = generate_all(cluster.router_address, batch, greedy(10))
+    assert [c.token_ids for c in got] == expected(offline, batch, 10)
+    stats = worker_stats(cluster)
+    assert all(stats[w].num_transfers > 0 for w in ("prefill-0", "prefill-1", "decode-0", "decode-1")), {
+        w: s.num_transfers for w, s in stats.items()
+    }
+    assert_no_leaks(cluster)
+
+
+def test_short_prompts_are_prefilled_by_the_decode_worker(make_cluster, offline: LLM) -> None:
+    cluster = make_cluster(num_prefill=1, num_decode=1, router_args=["--local-prefill-max-tokens", "32"])
+    short, long = prompts(3, 4, 30), prompts(2, 60, 100)
+    got = generate_all(cluster.router_address, short + long, greedy(6))
+    assert [c.token_ids for c in got] == expected(offline, short + long, 6)
+    assert worker_stats(cluster)["prefill-0"].num_transfers == len(long)
+    assert_no_leaks(cluster)
+
+
+async def _load_then(
+    cluster: LocalCluster, batch: list[list[int]], max_tokens: int, victim: str
+) -> list[Completion]:
+    """Start every request, kill -9 `victim` once at least one token streamed back, collect all."""
+    tasks = [
+        asyncio.create_task(generate(cluster.router_address, p, greedy(max_tokens), timeout_s=90))
+        for p in batch
+    ]
+    await asyncio.sleep(0.05)
+    deadline = time.monotonic() + 60
+    while not any(t.done() for t in tasks) and time.monotonic() < deadline:
+        stats = await asyncio.to_thread(worker_stats, cluster)
+        if sum(s.num_finished for s in stats.values() if s.role == "prefill") >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(cluster.kill, victim)
+    return list(await asyncio.gather(*tasks))
+
+
+def test_killing_a_prefill_worker_under_load_loses_no_request(make_cluster, offline: LLM) -> None:
+    cluster = make_cluster(num_prefill=2, num_decode=1)
+    batch = prompts(32, 100, 300)
+    got = asyncio.run(_load_then(cluster, batch, 8, victim="prefill-0"))
+    assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
+    assert [c.token_ids for c in got] == expected(offline, batch, 8)
+    _wait_reaped(cluster, "prefill-0")
+    assert_no_leaks(cluster)
+
+
+def test_killing_a_decode_worker_ends_its_requests_with_a_clear_error(make_cluster, offline: LLM) -> None:
+    cluster = make_cluster(num_prefill=1, num_decode=2)
+    batch = prompts(12, 20, 60)
+    started = time.monotonic()
+    got = asyncio.run(_load_then(cluster, batch, 300, victim="decode-0"))
+    assert time.monotonic() - started < 90  # nothing hung
+    want = expected(offline, batch, 300)
+    failed = [c for c in got if c.finish_reason == "FINISH_REASON_ERROR"]
+    assert failed, "some requests were decoding on the killed worker"
+    for completion, tokens in zip(got, want, strict=True):
+        if completion.finish_reason == "FINISH_REASON_ERROR":
+            assert "decode worker decode-0 failed" in completion.error
+            assert completion.token_ids == tokens[: len(completion.token_ids)]
+        else:
+            assert completion.finish_reason == "FINISH_REASON_LENGTH" and completion.token_ids == tokens
+    _wait_reaped(cluster, "decode-0")
+    assert_no_leaks(cluster)
+
+
+def _wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
+    """The dead worker and every record naming it leave the registry within about a lease."""
+
+    async def named() -> list[str]:
+        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+            workers = [w.info.worker_id for w in await registry.live_workers()]
+            records = [
+                r.request_id
+                for r in await registry.live_requests()
+                if worker_id in (r.owner, r.decode_worker)
+            ]
+            return [w for w in workers if w == worker_id] + records
+
+    deadline = time.monotonic() + 3 * LEASE_S
+    while asyncio.run(named()):
+        assert time.monotonic() < deadline, (
+            f"{worker_id} not reaped within {3 * LEASE_S} s: {asyncio.run(named())}"
+        )
+        time.sleep(0.2)

@@ -1,0 +1,186 @@
+"""The disaggregated path end to end: real router, prefill and decode processes, real Redis, KV over
+UCX (TCP on loopback), real gRPC. Every test ends with the registry audit clean and every allocator
+free-or-cached."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from baton_cluster import (
+    assert_no_leaks,
+    generate,
+    generate_all,
+    greedy,
+    start_cluster,
+    worker_stats,
+)
+
+from baton import LLM, SamplingParams
+from baton.services.launcher import LocalCluster
+from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+MAX_TOKENS = 12
+rng = random.Random(7)
+PROMPTS = [[rng.randrange(3, 2000) for _ in range(n)] for n in (5, 17, 40, 90, 33, 64)]
+LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256-token step budget
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir: Path) -> LLM:
+    return LLM(str(llama_dir), max_model_len=1024)
+
+
+def expected(offline: LLM, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [o.token_ids for o in offline.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
+    """1 prefill + 1 decode worker; every prompt is prefilled remotely (local threshold 0)."""
+    cluster = start_cluster(
+        llama_dir, redis_server, engine_args=["--max-model-len", "1024", "--max-num-batched-tokens", "256"]
+    )
+    yield cluster
+    codes = cluster.stop()
+    assert all(code == 0 for name, code in codes.items() if name != "redis"), codes
+
+
+def test_greedy_outputs_equal_offline_llm(cluster: LocalCluster, offline: LLM) -> None:
+    got = generate_all(cluster.router_address, PROMPTS, greedy(MAX_TOKENS))
+    assert [c.token_ids for c in got] == expected(offline, PROMPTS)
+    assert {c.finish_reason for c in got} == {"FINISH_REASON_LENGTH"}
+    stats = worker_stats(cluster)
+    assert stats["prefill-0"].num_transfers >= len(PROMPTS)
+    assert stats["decode-0"].num_transfers >= len(PROMPTS)
+    assert_no_leaks(cluster)
+
+
+def test_long_prompt_goes_through_chunked_prefill(cluster: LocalCluster, offline: LLM) -> None:
+    (got,) = generate_all(cluster.router_address, [LONG_PROMPT], greedy(MAX_TOKENS))
+    assert got.token_ids == expected(offline, [LONG_PROMPT])[0]
+    assert_no_leaks(cluster)
+
+
+def test_forty_concurrent_requests_all_complete(cluster: LocalCluster, offline: LLM) -> None:
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(4, 120))] for _ in range(40)]
+    got = generate_all(cluster.router_address, prompts, greedy(8))
+    assert [c.token_ids for c in got] == expected(offline, prompts, 8)
+    assert all(c.finish_reason == "FINISH_REASON_LENGTH" for c in got)
+    assert_no_leaks(cluster)
+
+
+def test_shared_prefix_hits_the_prefill_workers_cache(cluster: LocalCluster, offline: LLM) -> None:
+    shared = [rng.randrange(3, 2000) for _ in range(96)]  # six full blocks
+    before = worker_stats(cluster)["prefill-0"].prefix_hit_tokens
+    first = generate_all(cluster.router_address, [[*shared, 11, 12]], greedy(4))[0]
+    second = generate_all(cluster.router_address, [[*shared, 13, 14, 15]], greedy(4))[0]
+    assert first.cached_prompt_tokens == 0
+    assert second.cached_prompt_tokens == 96
+    assert worker_stats(cluster)["prefill-0"].prefix_hit_tokens - before >= 96
+    assert second.token_ids == expected(offline, [[*shared, 13, 14, 15]], 4)[0]
+    assert_no_leaks(cluster)
+
+
+def test_text_prompt_streams_text_and_logprobs(cluster: LocalCluster, offline: LLM) -> None:
+    sampling = greedy(6, logprobs=2)
+    got = asyncio.run(generate(cluster.router_address, "Call me Ishmael.", sampling))
+    want = offline.generate(
+        ["Call me Ishmael."], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    )[0]
+    assert got.token_ids == want.token_ids
+    assert got.text == want.text
+
+    async def logprobs() -> list[router_pb2.GenerateResponse]:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            request = router_pb2.GenerateRequest(text="Call me Ishmael.", sampling=sampling)
+            return [r async for r in router_pb2_grpc.RouterStub(channel).Generate(request)]
+
+    positions = [p for r in asyncio.run(logprobs()) for p in r.logprobs]
+    assert len(positions) == 6
+    assert all(
+        p.sampled.rank == 1 and len(p.top) == 2 and p.top[0].token_id == p.sampled.token_id for p in positions
+    )
+    assert_no_leaks(cluster)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "message"),
+    [
+        ({"token_ids": router_pb2.TokenIds(ids=[])}, "empty"),
+        ({"token_ids": router_pb2.TokenIds(ids=[5, 99999])}, "outside the vocabulary"),
+        ({"token_ids": router_pb2.TokenIds(ids=list(range(3, 1100)))}, "max_model_len 1024"),
+        ({"text": "hi", "sampling": common_pb2.SamplingParams(top_p=1.5)}, "top_p"),
+        ({"text": "hi", "model": "gpt-4"}, "not served"),
+        ({}, "missing"),
+    ],
+)
+def test_bad_input_is_invalid_argument(cluster: LocalCluster, request_kwargs: dict, message: str) -> None:
+    async def call() -> None:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            request = router_pb2.GenerateRequest(**request_kwargs)
+            async for _ in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=30):
+                pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(call())
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+def test_cancelled_request_frees_everything(cluster: LocalCluster) -> None:
+    async def cancel_midway() -> int:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            request = router_pb2.GenerateRequest(
+                token_ids=router_pb2.TokenIds(ids=PROMPTS[2]), sampling=greedy(500)
+            )
+            call = router_pb2_grpc.RouterStub(channel).Generate(request)
+            got = 0
+            async for response in call:
+                got += len(response.token_ids)
+                if got >= 3:
+                    call.cancel()
+                    break
+            return got
+
+    assert asyncio.run(cancel_midway()) >= 3
+    assert_no_leaks(cluster)
+
+
+def test_abort_by_id_ends_the_stream_with_abort(cluster: LocalCluster) -> None:
+    async def main() -> list[router_pb2.GenerateResponse]:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            request = router_pb2.GenerateRequest(
+                request_id="abort-me", token_ids=router_pb2.TokenIds(ids=PROMPTS[1]), sampling=greedy(800)
+            )
+            responses = []
+            async for response in stub.Generate(request, timeout=60):
+                responses.append(response)
+                if len(responses) == 1:
+                    assert (await stub.Abort(router_pb2.AbortRequest(request_id="abort-me"))).found
+            assert not (await stub.Abort(router_pb2.AbortRequest(request_id="abort-me"))).found
+            return responses
+
+    responses = asyncio.run(main())
+    assert responses[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert sum(len(r.token_ids) for r in responses) < 800
+    assert_no_leaks(cluster)
+
+
+def test_list_models(cluster: LocalCluster, llama_dir: Path) -> None:
+    async def main() -> router_pb2.ListModelsResponse:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            return await router_pb2_grpc.RouterStub(channel).ListModels(router_pb2.ListModelsRequest())
+
+    (model,) = asyncio.run(main()).models
+    assert (
+        model.name == llama_dir.name and model.architecture == "LlamaForCausalLM" and model.vocab_size == 2048
+    )
