@@ -69,7 +69,9 @@ async def run_worker(config: WorkerConfig) -> None:
     presence = WorkerPresence(
         registry,
         info,
-        lambda full: engine_snapshot(engine, service.request_ids, full),
+        lambda full: engine_snapshot(
+            engine, service.request_ids, full, service.registry_records() if full else []
+        ),
         config.heartbeat_interval_s,
     )
     await presence.start()

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from baton.shared.registry import Registry, RegistryUnavailable, WorkerInfo, WorkerLoad
+from baton.shared.registry import Registry, RegistryUnavailable, RequestRecord, WorkerInfo, WorkerLoad
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ class PresenceSnapshot:
     prefix_removed: list[str] = field(default_factory=list)
     prefix_all: list[str] | None = None
     """Every cached hash (hex): filled when asked for a full snapshot (after re-registering)."""
+    records: list[RequestRecord] = field(default_factory=list)
+    """Full snapshots: the records of the requests this worker holds, restored if Redis lost them."""
 
 
 SnapshotFn = Callable[[bool], Awaitable[PresenceSnapshot]]
@@ -99,5 +101,9 @@ class WorkerPresence:
         await self.registry.register_worker(self.info, snap.load)
         if snap.prefix_all:
             await self.registry.publish_prefix(self.info.worker_id, snap.prefix_all, [])
+        if snap.records:
+            restored = await self.registry.restore_requests(self.info.worker_id, snap.records)
+            if restored:
+                logger.warning("restored %d request records the registry had lost", len(restored))
         await self.registry.heartbeat(self.info.worker_id, snap.load, snap.request_ids)
         self._registered = True

@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
-from baton.shared.registry import WorkerLoad
+from baton.shared.registry import RequestRecord, RequestState, WorkerLoad
 from baton.shared.rpc import worker_pb2
 from baton.shared.transfer import KVLayout
 from baton.shared.worker_presence import PresenceSnapshot
@@ -48,7 +50,9 @@ def default_worker_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
 
-def snapshot_of(core: EngineCore, extra_request_ids: Iterable[str], full: bool) -> PresenceSnapshot:
+def snapshot_of(
+    core: EngineCore, extra_request_ids: Iterable[str], full: bool, records: list[RequestRecord]
+) -> PresenceSnapshot:
     """Run on the engine thread (AsyncEngine.call): load, held requests, prefix-cache changes."""
     stats = core.stats()
     pool = core.kv_manager.pool
@@ -63,6 +67,7 @@ def snapshot_of(core: EngineCore, extra_request_ids: Iterable[str], full: bool) 
         prefix_added=[h.hex() for h in added],
         prefix_removed=[h.hex() for h in removed],
         prefix_all=[h.hex() for h in pool.cached_hashes] if full else None,
+        records=records if full else [],
     )
 
 
@@ -97,7 +102,43 @@ def worker_stats(
 
 
 async def engine_snapshot(
-    engine: AsyncEngine, extra_request_ids: Iterable[str], full: bool
+    engine: AsyncEngine, extra_request_ids: Iterable[str], full: bool, records: list[RequestRecord]
 ) -> PresenceSnapshot:
     extra = list(extra_request_ids)
-    return await engine.call(lambda core: snapshot_of(core, extra, full))
+    return await engine.call(lambda core: snapshot_of(core, extra, full, records))
+
+
+def request_record(
+    request_id: str, state: RequestState, owner: str, decode_worker: str, prefill_worker: str, num_blocks: int
+) -> RequestRecord:
+    """A record as its holder knows it (to restore it after Redis lost it; times are 'now')."""
+    now = time.time()
+    return RequestRecord(request_id, state, owner, decode_worker, prefill_worker, num_blocks, now, now)
+
+
+@dataclass
+class TransferCounters:
+    """A worker's KV push counters since start (prefill: sent; decode: received and committed)."""
+
+    num_transfers: int = 0
+    num_transfer_failures: int = 0
+    transfer_bytes: int = 0
+    num_finished: int = 0
+
+
+async def stats_reply(
+    engine: AsyncEngine,
+    worker_id: str,
+    role: str,
+    request_ids: Iterable[str],
+    check_integrity: bool,
+    counters: TransferCounters,
+) -> worker_pb2.WorkerStats:
+    """The GetStats answer: the engine's state (read on its thread) plus the service's counters."""
+    ids = list(request_ids)
+    stats = await engine.call(lambda core: worker_stats(core, worker_id, role, ids, check_integrity))
+    stats.num_transfers = counters.num_transfers
+    stats.num_transfer_failures = counters.num_transfer_failures
+    stats.transfer_bytes = counters.transfer_bytes
+    stats.num_finished = counters.num_finished
+    return stats

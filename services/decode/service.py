@@ -22,11 +22,11 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import CapacityError
-from baton.shared.registry import Registry, RegistryError, RegistryUnavailable
+from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
 from baton.shared.transfer import TransferError
-from baton.shared.worker_runtime import worker_stats
+from baton.shared.worker_runtime import TransferCounters, request_record, stats_reply
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfer_address = ""
         self._tracked: dict[str, _Tracked] = {}
         self._background: set[asyncio.Task[Any]] = set()
-        self.num_transfers = 0
-        self.num_transfer_failures = 0
-        self.transfer_bytes = 0
-        self.num_finished = 0
+        self.counters = TransferCounters()
 
     # -- gRPC ------------------------------------------------------------------------------------
     async def Reserve(
@@ -129,19 +126,27 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStats:
-        tracked = list(self._tracked)
-        stats = await self.engine.call(
-            lambda core: worker_stats(core, self.worker_id, "decode", tracked, request.check_integrity)
+        return await stats_reply(
+            self.engine, self.worker_id, "decode", self._tracked, request.check_integrity, self.counters
         )
-        stats.num_transfers = self.num_transfers
-        stats.num_transfer_failures = self.num_transfer_failures
-        stats.transfer_bytes = self.transfer_bytes
-        stats.num_finished = self.num_finished
-        return stats
 
     @property
     def request_ids(self) -> list[str]:
         return list(self._tracked)
+
+    def registry_records(self) -> list[RequestRecord]:
+        """The records of the requests held here, as this worker knows them (I5: restored after a flush)."""
+        return [
+            request_record(
+                rid,
+                RequestState.RESERVED if t.remote and not t.committed else RequestState.DECODING,
+                self.worker_id,
+                self.worker_id,
+                "",
+                len(t.block_ids),
+            )
+            for rid, t in self._tracked.items()
+        ]
 
     # -- KV receive handler (called by the transfer receiver) -----------------------------------
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
@@ -162,7 +167,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.engine.write_kv(request_id, layer, kv)
         except KeyError as exc:
             raise TransferError(f"request {request_id!r} was aborted while its KV arrived") from exc
-        self.transfer_bytes += kv.numel() * kv.element_size()
+        self.counters.transfer_bytes += kv.numel() * kv.element_size()
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         tracked = self._tracked.get(request_id)
@@ -182,14 +187,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if tracked.timeout is not None:
             tracked.timeout.cancel()
         self.engine.commit(request_id, first_token, num_cached)
-        self.num_transfers += 1
+        self.counters.num_transfers += 1
         return {"ok": True, "decode_worker": self.worker_id}
 
     def fail(self, request_id: str, reason: str) -> None:
         tracked = self._tracked.get(request_id)
         if tracked is None or tracked.committed:
             return
-        self.num_transfer_failures += 1
+        self.counters.num_transfer_failures += 1
         logger.warning("KV transfer for %s failed: %s", request_id, reason)
         self.engine.fail(request_id, f"KV transfer failed: {reason}")
 
@@ -216,7 +221,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked = self._drop(request_id)
         if tracked is None:
             return
-        self.num_finished += 1
+        self.counters.num_finished += 1
         try:
             await self.registry.end_request(request_id, self.worker_id)
         except (RegistryError, RegistryUnavailable) as exc:

@@ -19,11 +19,11 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import ConflictError, UnavailableError
-from baton.shared.registry import Registry, RegistryError, RegistryUnavailable
+from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import first_token_to_dict, sampling_from_proto
 from baton.shared.transfer import KVPushSession, KVSender
-from baton.shared.worker_runtime import worker_stats
+from baton.shared.worker_runtime import TransferCounters, request_record, stats_reply
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,23 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.num_layers = num_layers
         self._layers: dict[str, asyncio.Queue[_LayerItem]] = {}
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._pushing_to: dict[str, tuple[str, int]] = {}  # request -> (decode worker, blocks)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.num_transfers = 0
-        self.num_transfer_failures = 0
-        self.transfer_bytes = 0
-        self.num_finished = 0
+        self.counters = TransferCounters()
         engine.core.layer_kv_sink = self._on_layer  # called on the engine thread
 
     @property
     def request_ids(self) -> list[str]:
         return list(self._tasks)
+
+    def registry_records(self) -> list[RequestRecord]:
+        """PREFILLING records of the pushes in flight (I5: restored after a flush)."""
+        return [
+            request_record(
+                rid, RequestState.PREFILLING, self.worker_id, decode_worker, self.worker_id, num_blocks
+            )
+            for rid, (decode_worker, num_blocks) in self._pushing_to.items()
+        ]
 
     def _on_layer(
         self, request_id: str, layer: int, kv: torch.Tensor, ready: torch.cuda.Event | None
@@ -79,10 +86,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         current = asyncio.current_task()
         assert current is not None
         self._tasks[rid] = current
+        self._pushing_to[rid] = (request.decode_worker_id, len(request.block_ids))
         try:
             return await self._prefill(request, rid, prompt, params)
         finally:
             self._tasks.pop(rid, None)
+            self._pushing_to.pop(rid, None)
             self._layers.pop(rid, None)
 
     async def _prefill(
@@ -109,12 +118,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             trailer = {**first_token_to_dict(first), "prefill_worker": self.worker_id}
             await session.finish(trailer, timeout_s=self.config.transfer_timeout_s)
         except BaseException as exc:
-            self.num_transfer_failures += 1
+            self.counters.num_transfer_failures += 1
             await self._undo(rid, session, exc)
             raise
-        self.num_transfers += 1
-        self.num_finished += 1
-        self.transfer_bytes += nbytes
+        self.counters.num_transfers += 1
+        self.counters.num_finished += 1
+        self.counters.transfer_bytes += nbytes
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],
             num_cached_tokens=first.num_cached_tokens,
@@ -168,15 +177,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def GetStats(
         self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.WorkerStats:
-        in_flight = list(self._tasks)
-        stats = await self.engine.call(
-            lambda core: worker_stats(core, self.worker_id, "prefill", in_flight, request.check_integrity)
+        return await stats_reply(
+            self.engine, self.worker_id, "prefill", self._tasks, request.check_integrity, self.counters
         )
-        stats.num_transfers = self.num_transfers
-        stats.num_transfer_failures = self.num_transfer_failures
-        stats.transfer_bytes = self.transfer_bytes
-        stats.num_finished = self.num_finished
-        return stats
 
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):

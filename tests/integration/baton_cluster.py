@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 
+from baton import LLM, SamplingParams
 from baton.services.launcher import ClusterSpec, LocalCluster
 from baton.services.registry_check import check
 from baton.shared.registry import Registry
@@ -135,3 +136,9 @@ def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
     for worker_id, s in stats.items():
         assert s.integrity_error == "", f"{worker_id}: {s.integrity_error}"
         assert s.num_held_blocks == 0 and not s.request_ids, f"{worker_id} still holds {s}"
+
+
+def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """What the offline engine generates greedily (ignoring end-of-sequence) for these prompts."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [o.token_ids for o in offline.generate(prompts, params)]

@@ -12,6 +12,7 @@ import pytest
 from baton_cluster import (
     Completion,
     assert_no_leaks,
+    expected,
     generate,
     generate_all,
     greedy,
@@ -19,7 +20,7 @@ from baton_cluster import (
     worker_stats,
 )
 
-from baton import LLM, SamplingParams
+from baton import LLM
 from baton.services.launcher import LocalCluster
 from baton.shared.registry import Registry
 
@@ -27,16 +28,6 @@ pytestmark = pytest.mark.integration
 
 rng = random.Random(11)
 LEASE_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def offline(llama_dir: Path) -> LLM:
-    return LLM(str(llama_dir), max_model_len=1024)
-
-
-def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [o.token_ids for o in offline.generate(prompts, params)]
 
 
 def prompts(n: int, low: int = 20, high: int = 150) -> list[list[int]]:
@@ -139,9 +130,9 @@ def _wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
             ]
             return [w for w in workers if w == worker_id] + records
 
-    deadline = time.monotonic() + 3 * LEASE_S
+    deadline = time.monotonic() + 2 * LEASE_S
     while asyncio.run(named()):
         assert time.monotonic() < deadline, (
-            f"{worker_id} not reaped within {3 * LEASE_S} s: {asyncio.run(named())}"
+            f"{worker_id} not reaped within {2 * LEASE_S} s: {asyncio.run(named())}"
         )
         time.sleep(0.2)

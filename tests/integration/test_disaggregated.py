@@ -11,8 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+import redis.asyncio
 from baton_cluster import (
     assert_no_leaks,
+    expected,
     generate,
     generate_all,
     greedy,
@@ -22,6 +24,7 @@ from baton_cluster import (
 
 from baton import LLM, SamplingParams
 from baton.services.launcher import LocalCluster
+from baton.shared.registry import Registry
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -30,16 +33,6 @@ MAX_TOKENS = 12
 rng = random.Random(7)
 PROMPTS = [[rng.randrange(3, 2000) for _ in range(n)] for n in (5, 17, 40, 90, 33, 64)]
 LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256-token step budget
-
-
-@pytest.fixture(scope="module")
-def offline(llama_dir: Path) -> LLM:
-    return LLM(str(llama_dir), max_model_len=1024)
-
-
-def expected(offline: LLM, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [o.token_ids for o in offline.generate(prompts, params)]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +48,7 @@ def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
 
 def test_greedy_outputs_equal_offline_llm(cluster: LocalCluster, offline: LLM) -> None:
     got = generate_all(cluster.router_address, PROMPTS, greedy(MAX_TOKENS))
-    assert [c.token_ids for c in got] == expected(offline, PROMPTS)
+    assert [c.token_ids for c in got] == expected(offline, PROMPTS, MAX_TOKENS)
     assert {c.finish_reason for c in got} == {"FINISH_REASON_LENGTH"}
     stats = worker_stats(cluster)
     assert stats["prefill-0"].num_transfers >= len(PROMPTS)
@@ -65,7 +58,7 @@ def test_greedy_outputs_equal_offline_llm(cluster: LocalCluster, offline: LLM) -
 
 def test_long_prompt_goes_through_chunked_prefill(cluster: LocalCluster, offline: LLM) -> None:
     (got,) = generate_all(cluster.router_address, [LONG_PROMPT], greedy(MAX_TOKENS))
-    assert got.token_ids == expected(offline, [LONG_PROMPT])[0]
+    assert got.token_ids == expected(offline, [LONG_PROMPT], MAX_TOKENS)[0]
     assert_no_leaks(cluster)
 
 
@@ -184,3 +177,28 @@ def test_list_models(cluster: LocalCluster, llama_dir: Path) -> None:
     assert (
         model.name == llama_dir.name and model.architecture == "LlamaForCausalLM" and model.vocab_size == 2048
     )
+
+
+def test_registry_is_rebuilt_from_the_workers_after_a_redis_flush(
+    cluster: LocalCluster, offline: LLM
+) -> None:
+    """I5: Redis losing everything loses no in-flight request; workers register again and restore
+    the records of what they hold."""
+
+    async def main() -> list[int]:
+        task = asyncio.create_task(generate(cluster.router_address, PROMPTS[3], greedy(200)))
+        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+            while not await registry.live_requests():
+                await asyncio.sleep(0.05)
+            client = redis.asyncio.Redis.from_url(cluster.redis_url)
+            await client.flushall()
+            await client.aclose()
+            assert await registry.live_workers() == []
+            deadline = asyncio.get_running_loop().time() + 3 * cluster.spec.lease_ttl_s
+            while len(await registry.live_workers()) < 2 or not await registry.live_requests():
+                assert asyncio.get_running_loop().time() < deadline, "registry not rebuilt"
+                await asyncio.sleep(0.1)
+        return (await task).token_ids
+
+    assert asyncio.run(main()) == expected(offline, [PROMPTS[3]], 200)[0]
+    assert_no_leaks(cluster)

@@ -1,0 +1,128 @@
+"""Disaggregation on a CUDA device: KV copied out of a prefill engine's cache on the GPU, pushed over
+UCX from CUDA memory into CUDA memory, decoded by another engine; and a whole 1P+1D cluster on the
+card. Skipped without CUDA; run through the device tool."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from baton import LLM, SamplingParams
+from baton.shared.config import EngineConfig
+from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.scheduler import SampledToken
+from baton.shared.transfer import KVLayout, UcxKVReceiver, UcxKVSender, stop_ucx
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+rng = random.Random(3)
+PROMPTS = [[rng.randrange(3, 2000) for _ in range(n)] for n in (7, 40, 300)]
+
+
+class CacheWriter:
+    """Receive handler writing into a decode engine's reserved blocks (as the decode worker does)."""
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.engine = engine
+        self.trailers: dict[str, dict[str, Any]] = {}
+
+    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+        pass
+
+    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        assert kv.is_cuda
+        self.engine.write_reserved_kv(request_id, layer, kv)
+
+    async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
+        self.trailers[request_id] = trailer
+        return {"ok": True}
+
+    def fail(self, request_id: str, reason: str) -> None:
+        raise AssertionError(f"{request_id}: {reason}")
+
+
+def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
+    config = {"model": str(llama_dir), "device": "cuda", "dtype": "bfloat16", "max_model_len": 1024}
+    prefill = EngineCore(EngineConfig(**config, num_kv_blocks=256, max_num_batched_tokens=128))
+    decode = EngineCore(EngineConfig(**config, num_kv_blocks=256))
+    offline = LLM(**config, num_kv_blocks=256)
+    expected = [o.token_ids for o in offline.generate(PROMPTS, GREEDY)]
+    mc = prefill.model_config
+    layout = KVLayout("tiny", mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, "bfloat16")
+
+    async def main() -> list[list[int]]:
+        writer = CacheWriter(decode)
+        receiver = UcxKVReceiver(layout, writer, device=torch.device("cuda"))
+        await receiver.start()
+        sender = UcxKVSender(layout)
+        results = []
+        layers: list[tuple[int, torch.Tensor, Any]] = []
+        prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.append((layer, kv, ready))
+        try:
+            for i, prompt in enumerate(PROMPTS):
+                layers.clear()
+                prefill.add_request(f"r{i}", prompt, GREEDY, prefill_only=True)
+                outputs = []
+                while prefill.has_unfinished():
+                    outputs += prefill.step()
+                (first,) = outputs
+                block_ids = decode.reserve(f"r{i}", prompt, GREEDY)
+                session = await sender.open(receiver.address, f"r{i}", block_ids, mc.num_layers)
+                for layer, kv, ready in layers:
+                    ready.synchronize()
+                    await session.send_layer(layer, kv)
+                await session.finish({"token_id": first.new_token_ids[0]})
+                tokens = list(
+                    decode.commit_reserved(f"r{i}", SampledToken(first.new_token_ids[0]), 0).new_token_ids
+                )
+                while decode.has_unfinished():
+                    tokens += [t for out in decode.step() for t in out.new_token_ids]
+                results.append(tokens)
+        finally:
+            await sender.close()
+            await receiver.close()
+            stop_ucx()
+        return results
+
+    assert asyncio.run(main()) == expected
+    prefill.assert_no_leaks()
+    decode.assert_no_leaks()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+def test_one_prefill_one_decode_cluster_on_the_gpu(llama_dir: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from baton_cluster import assert_no_leaks, generate_all, greedy, start_cluster, worker_stats
+
+    cluster = start_cluster(
+        llama_dir,
+        "",
+        engine_args=[
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--max-model-len",
+            "1024",
+            "--num-kv-blocks",
+            "512",
+        ],
+    )
+    try:
+        got = generate_all(cluster.router_address, PROMPTS * 4, greedy(12))
+        offline = LLM(str(llama_dir), device="cuda", dtype="bfloat16", max_model_len=1024, num_kv_blocks=512)
+        want = [o.token_ids for o in offline.generate(PROMPTS * 4, GREEDY)]
+        assert [c.token_ids for c in got] == want
+        assert worker_stats(cluster)["prefill-0"].num_transfers == len(PROMPTS) * 4
+        assert_no_leaks(cluster)
+    finally:
+        cluster.stop()
