@@ -86,12 +86,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
         except RegistryError as exc:
             self._drop(rid)
+            self.engine.abort(rid)  # frees what it holds; its unread stream is dropped with it
             raise ValueError(f"request id {rid!r} is already registered: {exc}") from exc
         except RegistryUnavailable as exc:
             logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
-        if tracked.remote:
-            timeout_s = self.config.reservation_timeout_s
-            tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
+        timeout_s = self.config.reservation_timeout_s
+        tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
         return worker_pb2.ReserveResponse(
             worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
         )
@@ -104,6 +104,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if tracked is None or tracked.streamed:
             raise KeyError(f"request {rid!r} is not reserved here (or is already being streamed)")
         tracked.streamed = True
+        if tracked.timeout is not None and (tracked.committed or not tracked.remote):
+            tracked.timeout.cancel()
         try:
             async for out in tracked.outputs:
                 yield delta_from_output(out, tracked.num_top_logprobs)
@@ -184,7 +186,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 "registry unreachable, committing %s without recording the handoff: %s", request_id, exc
             )
         tracked.committed = True
-        if tracked.timeout is not None:
+        if tracked.timeout is not None and tracked.streamed:
             tracked.timeout.cancel()
         self.engine.commit(request_id, first_token, num_cached)
         self.counters.num_transfers += 1
@@ -200,11 +202,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _expire(self, request_id: str, timeout_s: float) -> None:
+        """The reservation's deadline: nobody attached to the stream (the router went away), or the
+        pushed KV never arrived. Either way the request ends and its blocks are freed."""
         tracked = self._tracked.get(request_id)
-        if tracked is not None and not tracked.committed:
+        if tracked is None:
+            return
+        if not tracked.streamed:
+            self.engine.fail(request_id, f"nobody read the output stream within {timeout_s:g} s")
+            self._spawn(self._drain(request_id, tracked))
+        elif tracked.remote and not tracked.committed:
             self.engine.fail(request_id, f"the prompt's KV did not arrive within {timeout_s:g} s")
-            if not tracked.streamed:
-                self._spawn(self._drain(request_id, tracked))
 
     async def _drain(self, request_id: str, tracked: _Tracked) -> None:
         """Read an unattended stream to its end (the engine delivers the abort or error), then settle."""

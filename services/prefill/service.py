@@ -100,6 +100,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         start_ns = time.monotonic_ns()
         await self._begin(rid)
         session: KVPushSession | None = None
+        pushed: asyncio.Task[int] | None = None
         try:
             session = await self.sender.open(
                 request.transfer_address, rid, list(request.block_ids), self.num_layers
@@ -109,7 +110,6 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             pushed = asyncio.create_task(self._push_layers(session, self._layers[rid]))
             first = await _only_output(outputs)
             if first.finish_reason in ("abort", "error"):
-                pushed.cancel()
                 raise UnavailableError(
                     f"prefill of {rid!r} ended early: {first.error or first.finish_reason}"
                 )
@@ -119,6 +119,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             await session.finish(trailer, timeout_s=self.config.transfer_timeout_s)
         except BaseException as exc:
             self.counters.num_transfer_failures += 1
+            if pushed is not None:
+                pushed.cancel()
             await self._undo(rid, session, exc)
             raise
         self.counters.num_transfers += 1

@@ -49,6 +49,12 @@ class _Failures:
     last_error: str = ""
 
 
+@dataclass
+class _AttemptState:
+    emitted: bool = False
+    """A token of this attempt reached the client: from now on the attempt cannot be replaced."""
+
+
 class _RetryAttempt(Exception):
     """This attempt failed before any token reached the client: place the request again."""
 
@@ -142,24 +148,24 @@ class DisaggregatedBackend:
             self._decode_failed(decode, exc, failures, before_reserve=True)
         self.directory.in_flight[d_id] += 1
         prefill_task = None
-        emitted = False
+        state = _AttemptState()
         stream = d_stub.Stream(worker_pb2.StreamRequest(request_id=attempt_id))
         try:
             if prefill is not None:
                 self.num_remote_prefills += 1
                 prefill_task = asyncio.create_task(
-                    self._prefill(prefill, attempt_id, prompt, sampling, reserved, d_stub, failures)
+                    self._prefill(prefill, attempt_id, prompt, sampling, reserved, d_stub, failures, state)
                 )
             else:
                 self.num_local_prefills += 1
             async for delta in stream:
                 out = output_from_delta(attempt_id, delta)
-                if not emitted and out.finish_reason in ("abort", "error") and not out.new_token_ids:
+                if not state.emitted and out.finish_reason in ("abort", "error") and not out.new_token_ids:
                     failures.last_error = (
                         out.error or f"decode worker {d_id} ended the request ({out.finish_reason})"
                     )
                     raise _RetryAttempt()
-                emitted = True
+                state.emitted = True
                 yield out
                 if out.finished:
                     return
@@ -167,7 +173,7 @@ class DisaggregatedBackend:
                 grpc.StatusCode.UNAVAILABLE, None, None, "stream ended without finishing"
             )
         except grpc.aio.AioRpcError as exc:
-            if emitted:
+            if state.emitted:
                 self.directory.mark_failed(d_id)
                 yield EngineOutput(
                     attempt_id,
@@ -194,9 +200,11 @@ class DisaggregatedBackend:
         reserved: worker_pb2.ReserveResponse,
         d_stub: object,
         failures: _Failures,
+        state: _AttemptState,
     ) -> None:
         """Run the prefill; if it fails, abort the decode attempt so its stream ends and the request is
-        placed again (without this prefill worker)."""
+        placed again (without this prefill worker). If the decode worker already streamed a token (the
+        handoff committed and only the acknowledgement was lost), the attempt goes on."""
         p_id = prefill.info.worker_id
         self.directory.in_flight[p_id] += 1
         try:
@@ -216,7 +224,8 @@ class DisaggregatedBackend:
             failures.last_error = f"prefill worker {p_id}: {exc.code().name} {exc.details()}"
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
                 self.directory.mark_failed(p_id)
-            await _abort_quietly(d_stub, attempt_id, failures.last_error)
+            if not state.emitted:
+                await _abort_quietly(d_stub, attempt_id, failures.last_error)
         finally:
             self.directory.in_flight[p_id] -= 1
 
