@@ -85,15 +85,22 @@ class DisaggregatedBackend:
                 logger.warning(
                     "request %s attempt %d failed (%s): retrying", request_id, attempt, failures.last_error
                 )
+            finally:
+                self._release(placement)
         raise UnavailableError(
             f"request {request_id} failed after {self.config.max_attempts} attempts: {failures.last_error}"
         )
 
     # -- placement -------------------------------------------------------------------------------
     async def _place(self, prompt: list[int], failures: _Failures) -> Placement:
-        decodes = rank_decode_workers(
-            await self.directory.live("decode"), self.directory.in_flight, failures.decode
-        )
+        """Choose the workers and count the request against them at once (no await in between), so a
+        burst of requests spreads instead of all seeing the same idle worker."""
+        live_decodes = await self.directory.live("decode")
+        prefills = await self.directory.live("prefill")
+        block_size = live_decodes[0].info.block_size if live_decodes else 0
+        overlap = await self._prefix_overlap(prompt, block_size, prefills)
+        in_flight = self.directory.in_flight
+        decodes = rank_decode_workers(live_decodes, in_flight, failures.decode)
         if not decodes and failures.full:
             raise CapacityError(f"no decode worker has room for this request ({failures.last_error})")
         if not decodes:
@@ -102,13 +109,19 @@ class DisaggregatedBackend:
                 + (f" (last failure: {failures.last_error})" if failures.last_error else "")
             )
         decode = decodes[0]
-        prefills = await self.directory.live("prefill")
-        overlap = await self._prefix_overlap(prompt, decode.info.block_size, prefills)
-        prefill = choose_prefill_worker(prefills, overlap, self.directory.in_flight, failures.prefill)
-        cached = overlap.get(prefill.info.worker_id, 0) * decode.info.block_size if prefill else 0
+        prefill = choose_prefill_worker(prefills, overlap, in_flight, failures.prefill)
+        cached = overlap.get(prefill.info.worker_id, 0) * block_size if prefill else 0
         if prefill is not None and prefill_locally(len(prompt), cached, self.config.local_prefill_max_tokens):
             prefill = None
+        in_flight[decode.info.worker_id] += 1
+        if prefill is not None:
+            in_flight[prefill.info.worker_id] += 1
         return Placement(decode, prefill, cached)
+
+    def _release(self, placement: Placement) -> None:
+        self.directory.in_flight[placement.decode.info.worker_id] -= 1
+        if placement.prefill is not None:
+            self.directory.in_flight[placement.prefill.info.worker_id] -= 1
 
     async def _prefix_overlap(
         self, prompt: list[int], block_size: int, prefills: list[WorkerRecord]
@@ -146,7 +159,6 @@ class DisaggregatedBackend:
             reserved = await d_stub.Reserve(reserve, timeout=RESERVE_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             self._decode_failed(decode, exc, failures, before_reserve=True)
-        self.directory.in_flight[d_id] += 1
         prefill_task = None
         state = _AttemptState()
         stream = d_stub.Stream(worker_pb2.StreamRequest(request_id=attempt_id))
@@ -184,7 +196,6 @@ class DisaggregatedBackend:
                 return
             self._decode_failed(decode, exc, failures, before_reserve=False)
         finally:
-            self.directory.in_flight[d_id] -= 1
             stream.cancel()
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
@@ -206,7 +217,6 @@ class DisaggregatedBackend:
         placed again (without this prefill worker). If the decode worker already streamed a token (the
         handoff committed and only the acknowledgement was lost), the attempt goes on."""
         p_id = prefill.info.worker_id
-        self.directory.in_flight[p_id] += 1
         try:
             await self.directory.prefill_stub(prefill).Prefill(
                 worker_pb2.PrefillRequest(
@@ -226,8 +236,6 @@ class DisaggregatedBackend:
                 self.directory.mark_failed(p_id)
             if not state.emitted:
                 await _abort_quietly(d_stub, attempt_id, failures.last_error)
-        finally:
-            self.directory.in_flight[p_id] -= 1
 
     def _decode_failed(
         self, decode: WorkerRecord, exc: grpc.aio.AioRpcError, failures: _Failures, before_reserve: bool

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from baton_cluster import (
     Completion,
@@ -136,3 +137,31 @@ def _wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
             f"{worker_id} not reaped within {2 * LEASE_S} s: {asyncio.run(named())}"
         )
         time.sleep(0.2)
+
+
+def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster) -> None:
+    """Admission control: blocks are reserved before any prefill, so a request that cannot fit fails
+    at once with RESOURCE_EXHAUSTED instead of wasting a prefill; the first request is unaffected."""
+    cluster = make_cluster(
+        num_prefill=1, num_decode=1, engine_args=["--max-model-len", "1024", "--num-kv-blocks", "64"]
+    )
+    big = prompts(1, 900, 901)[0]  # 57 of the 64 blocks
+
+    async def main() -> tuple[Completion, str, float]:
+        first = asyncio.create_task(generate(cluster.router_address, big, greedy(100)))
+        while not (await asyncio.to_thread(worker_stats, cluster))["decode-0"].num_held_blocks:
+            await asyncio.sleep(0.02)
+        started = time.monotonic()
+        try:
+            await generate(cluster.router_address, big[::-1], greedy(10))
+            code = "OK"
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        return await first, code, time.monotonic() - started
+
+    first, code, refused_after_s = asyncio.run(main())
+    assert code == "RESOURCE_EXHAUSTED"
+    assert refused_after_s < 5
+    assert first.finish_reason == "FINISH_REASON_LENGTH" and len(first.token_ids) == 100
+    assert worker_stats(cluster)["prefill-0"].num_transfers == 1
+    assert_no_leaks(cluster)
