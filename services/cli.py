@@ -148,6 +148,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         reservation_timeout_s=args.reservation_timeout_s,
         kv_faults=args.kv_faults,
         threads=args.threads,
+        drain_timeout_s=args.drain_timeout_s,
     )
     setup_logging(args.log_level)
     asyncio.run(run_worker(config))
@@ -331,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
             worker, "--reservation-timeout-s", "release reserved blocks after this", type=float, default=30.0
         )
         _flag(worker, "--kv-faults", "fault injection on pushes, e.g. drop=0.1,corrupt=0.05", default="")
+        _flag(
+            worker,
+            "--drain-timeout-s",
+            "on SIGTERM, time in-flight requests get to finish",
+            type=float,
+            default=15.0,
+        )
         _add_registry_flags(worker)
         _add_engine_flags(worker)
         worker.set_defaults(func=_cmd_worker)

@@ -1,6 +1,7 @@
 """`baton prefill` / `baton decode`: one worker process. Builds the engine, the KV transfer end, the
 gRPC server (health, reflection), registers in Redis, serves until SIGTERM, then drains: health goes
-NOT_SERVING, the worker leaves the registry, in-flight requests end, everything closes."""
+NOT_SERVING and new requests are refused (the router places them elsewhere), in-flight requests get
+`drain_timeout_s` to finish, then the worker leaves the registry and everything closes."""
 
 from __future__ import annotations
 
@@ -84,8 +85,9 @@ async def run_worker(config: WorkerConfig) -> None:
         info.num_blocks,
     )
     signal_name = await wait_for_stop_signal()
-    logger.info("%s received: draining", signal_name)
+    logger.info("%s received: draining (up to %g s)", signal_name, config.drain_timeout_s)
     await server.set_serving(False)
+    await service.drain(config.drain_timeout_s)  # still heartbeating: its records stay owned
     await presence.stop()
     await service.shutdown()
     await server.server.stop(grace=5)

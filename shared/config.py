@@ -78,6 +78,9 @@ class WorkerConfig(BaseModel):
         "", description="Prefill: fault injection on KV pushes, e.g. 'drop=0.1,delay_ms=5,corrupt=0.05'."
     )
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
+    drain_timeout_s: float = Field(
+        15.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are aborted."
+    )
 
     @property
     def heartbeat_interval_s(self) -> float:

@@ -21,7 +21,7 @@ import torch
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
-from baton.shared.grpc_server import CapacityError
+from baton.shared.grpc_server import CapacityError, UnavailableError
 from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
@@ -59,12 +59,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._tracked: dict[str, _Tracked] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = TransferCounters()
+        self.draining = False
 
     # -- gRPC ------------------------------------------------------------------------------------
     async def Reserve(
         self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReserveResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
+        if self.draining:
+            raise UnavailableError(f"decode worker {self.worker_id} is draining: place the request elsewhere")
         if not rid:
             raise ValueError("request_id must not be empty")
         params = sampling_from_proto(request.sampling)
@@ -111,7 +114,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 yield delta_from_output(out, tracked.num_top_logprobs)
         finally:
             await tracked.outputs.aclose()  # not finished (the router went away): aborts the request
-            await self._settle(rid)
+            # In a task of its own: this handler may be cancelled again while the record is ended.
+            self._spawn(self._settle(rid))
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -244,6 +248,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new requests and give the ones in flight `timeout_s` to finish."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._tracked and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
 
     async def shutdown(self) -> None:
         """Abort what is in flight (streams end with 'abort') and settle every record."""

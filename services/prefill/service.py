@@ -51,6 +51,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self._pushing_to: dict[str, tuple[str, int]] = {}  # request -> (decode worker, blocks)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counters = TransferCounters()
+        self.draining = False
         engine.core.layer_kv_sink = self._on_layer  # called on the engine thread
 
     @property
@@ -78,6 +79,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self, request: worker_pb2.PrefillRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.PrefillResponse:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
+        if self.draining:
+            raise UnavailableError(f"prefill worker {self.worker_id} is draining: prefill elsewhere")
         params = sampling_from_proto(request.sampling)
         self.engine.core.validate(prompt, params)
         if rid in self._tasks:
@@ -182,6 +185,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         return await stats_reply(
             self.engine, self.worker_id, "prefill", self._tasks, request.check_integrity, self.counters
         )
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new prefills and give the ones in flight `timeout_s` to finish their push."""
+        self.draining = True
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=timeout_s)
 
     async def shutdown(self) -> None:
         for task in list(self._tasks.values()):

@@ -160,6 +160,7 @@ class DisaggregatedBackend:
         except grpc.aio.AioRpcError as exc:
             self._decode_failed(decode, exc, failures, before_reserve=True)
         prefill_task = None
+        finished = False
         state = _AttemptState()
         stream = d_stub.Stream(worker_pb2.StreamRequest(request_id=attempt_id))
         try:
@@ -178,8 +179,9 @@ class DisaggregatedBackend:
                     )
                     raise _RetryAttempt()
                 state.emitted = True
+                finished = out.finished
                 yield out
-                if out.finished:
+                if finished:
                     return
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, None, None, "stream ended without finishing"
@@ -196,7 +198,8 @@ class DisaggregatedBackend:
                 return
             self._decode_failed(decode, exc, failures, before_reserve=False)
         finally:
-            stream.cancel()
+            if not finished:
+                stream.cancel()  # the client went away or the attempt failed: the decode worker aborts
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,9 +72,10 @@ def test_short_prompts_are_prefilled_by_the_decode_worker(make_cluster, offline:
 
 
 async def _load_then(
-    cluster: LocalCluster, batch: list[list[int]], max_tokens: int, victim: str
+    cluster: LocalCluster, batch: list[list[int]], max_tokens: int, victim: str, sig: int = signal.SIGKILL
 ) -> list[Completion]:
-    """Start every request, kill -9 `victim` once at least one token streamed back, collect all."""
+    """Start every request; once prompts are being pushed (and, for a decode victim, it is decoding
+    some of them), send `victim` the signal; collect every completion."""
     tasks = [
         asyncio.create_task(generate(cluster.router_address, p, greedy(max_tokens), timeout_s=90))
         for p in batch
@@ -82,10 +84,12 @@ async def _load_then(
     deadline = time.monotonic() + 60
     while not any(t.done() for t in tasks) and time.monotonic() < deadline:
         stats = await asyncio.to_thread(worker_stats, cluster)
-        if sum(s.num_finished for s in stats.values() if s.role == "prefill") >= 2:
+        prefilled = sum(s.num_finished for s in stats.values() if s.role == "prefill") >= 2
+        if prefilled and (stats[victim].role == "prefill" or stats[victim].num_running > 0):
             break
         await asyncio.sleep(0.05)
-    await asyncio.to_thread(cluster.kill, victim)
+    await asyncio.sleep(0.3)  # let the victim's running requests stream a few tokens
+    await asyncio.to_thread(cluster.kill, victim, sig)
     return list(await asyncio.gather(*tasks))
 
 
@@ -164,4 +168,15 @@ def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster)
     assert refused_after_s < 5
     assert first.finish_reason == "FINISH_REASON_LENGTH" and len(first.token_ids) == 100
     assert worker_stats(cluster)["prefill-0"].num_transfers == 1
+    assert_no_leaks(cluster)
+
+
+def test_sigterm_drains_a_decode_worker_without_losing_a_request(make_cluster, offline: LLM) -> None:
+    cluster = make_cluster(num_prefill=1, num_decode=2)
+    batch = prompts(12, 20, 60)
+    got = asyncio.run(_load_then(cluster, batch, 40, victim="decode-0", sig=signal.SIGTERM))
+    assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
+    assert [c.token_ids for c in got] == expected(offline, batch, 40)
+    assert cluster.processes["decode-0"].returncode == 0
+    _wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
