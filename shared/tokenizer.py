@@ -104,9 +104,17 @@ class IncrementalDetokenizer:
     def push(self, token_ids: Sequence[int]) -> str:
         """Add tokens; return the newly complete text (possibly empty)."""
         self._ids.extend(token_ids)
+        return self._advance(hold_partial=True)
+
+    def flush(self) -> str:
+        """At the end of the stream: the text still held back (bytes of a character that never
+        completed decode as U+FFFD, as they do when the whole output is decoded at once)."""
+        return self._advance(hold_partial=False)
+
+    def _advance(self, hold_partial: bool) -> str:
         before = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], self._skip)
         after = self._tok.decode(self._ids[self._prefix_offset :], self._skip)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before) or (hold_partial and after.endswith("\ufffd")):
             return ""
         delta = after[len(before) :]
         self._prefix_offset = self._read_offset

@@ -95,6 +95,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
         timeout_s = self.config.reservation_timeout_s
         tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
+        how = "prefilled here" if request.local_prefill else f"{len(block_ids)} blocks reserved"
+        logger.info("request %s: %d prompt tokens, %s", rid, len(prompt), how)
         return worker_pb2.ReserveResponse(
             worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
         )
@@ -233,6 +235,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if tracked is None:
             return
         self.counters.num_finished += 1
+        logger.info("request %s: ended", request_id)
         try:
             await self.registry.end_request(request_id, self.worker_id)
         except (RegistryError, RegistryUnavailable) as exc:

@@ -129,6 +129,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.num_transfers += 1
         self.counters.num_finished += 1
         self.counters.transfer_bytes += nbytes
+        logger.info(
+            "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s",
+            rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,
+        )  # fmt: skip
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],
             num_cached_tokens=first.num_cached_tokens,

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from baton.services.router.cluster_stats import summed_stats
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.rpc import router_pb2
+from baton.shared.worker_runtime import worker_stats
 
 
 class ColocatedBackend:
@@ -19,6 +22,13 @@ class ColocatedBackend:
     ) -> AsyncIterator[EngineOutput]:
         async for out in self.engine.add(request_id, prompt, params):
             yield out
+
+    async def cluster_stats(self) -> router_pb2.ClusterStats:
+        """The engine's counters, as if it were the cluster's one decode worker."""
+        stats = await self.engine.call(lambda core: worker_stats(core, "colocated", "decode", [], False))
+        summary = summed_stats([stats])
+        summary.num_decode_workers = 1
+        return summary
 
     async def close(self) -> None:
         self.engine.shutdown()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from baton.services.router.cluster_stats import summed_stats
 from baton.services.router.directory import WorkerDirectory
 from baton.services.router.placement import (
     Placement,
@@ -28,13 +29,14 @@ from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import CapacityError, UnavailableError
 from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
-from baton.shared.rpc import worker_pb2
+from baton.shared.rpc import router_pb2, worker_pb2
 from baton.shared.rpc_convert import output_from_delta, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
 RESERVE_TIMEOUT_S = 10.0
 PREFILL_TIMEOUT_S = 300.0
+STATS_TIMEOUT_S = 2.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -74,6 +76,11 @@ class DisaggregatedBackend:
         failures = _Failures()
         for attempt in range(1, self.config.max_attempts + 1):
             placement = await self._place(prompt, failures)
+            logger.info(
+                "request %s attempt %d: decode %s, prefill %s",
+                request_id, attempt, placement.decode.info.worker_id,
+                placement.prefill.info.worker_id if placement.prefill else "local",
+            )  # fmt: skip
             try:
                 async for out in self._attempt(
                     f"{request_id}~{attempt}", prompt, params, placement, failures
@@ -259,6 +266,23 @@ class DisaggregatedBackend:
                 self.directory.mark_failed(d_id)
             raise _RetryAttempt()
         raise UnavailableError(f"decode worker {d_id}: {code.name} {exc.details()}")
+
+    async def cluster_stats(self) -> router_pb2.ClusterStats:
+        """Every live worker's GetStats, asked concurrently, summed."""
+        decodes = await self.directory.live("decode")
+        prefills = await self.directory.live("prefill")
+        calls = [self.directory.decode_stub(w).GetStats for w in decodes]
+        calls += [self.directory.prefill_stub(w).GetStats for w in prefills]
+        replies = await asyncio.gather(
+            *(call(worker_pb2.GetStatsRequest(), timeout=STATS_TIMEOUT_S) for call in calls),
+            return_exceptions=True,
+        )
+        answered = [r for r in replies if isinstance(r, worker_pb2.WorkerStats)]
+        stats = summed_stats(answered)
+        stats.num_decode_workers = len(decodes)
+        stats.num_prefill_workers = len(prefills)
+        stats.num_unreachable_workers = len(replies) - len(answered)
+        return stats
 
     async def close(self) -> None:
         await self.directory.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,11 +20,15 @@ from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 from baton.shared.rpc_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
 from baton.shared.tokenizer import IncrementalDetokenizer, Tokenizer
 
+logger = logging.getLogger(__name__)
+
 
 class Backend(Protocol):
     def generate(
         self, request_id: str, prompt: list[int], params: SamplingParams
     ) -> AsyncIterator[EngineOutput]: ...
+
+    async def cluster_stats(self) -> router_pb2.ClusterStats: ...
 
     async def close(self) -> None: ...
 
@@ -54,13 +59,19 @@ class RouterService(router_pb2_grpc.RouterServicer):
         pump = asyncio.create_task(self._pump(rid, prompt, params, outputs))
         self._active[rid] = pump
         num_completion = 0
+        finish = "cancelled by the caller"
+        logger.info("request %s: %d prompt tokens, max_tokens %d", rid, len(prompt), params.max_tokens)
         try:
             while (out := await outputs.get()) is not None:
                 if isinstance(out, BaseException):
+                    finish = f"failed ({out})"
                     raise out
                 num_completion += len(out.new_token_ids)
+                if out.finished:
+                    finish = out.finish_reason or "finished"
                 yield self._response(rid, out, detok, params, len(prompt), num_completion)
         finally:
+            logger.info("request %s: %s after %d tokens", rid, finish, num_completion)
             self._active.pop(rid, None)
             if not pump.done():  # the client went away: stop the request everywhere
                 pump.cancel()
@@ -110,6 +121,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
             ]
         )
 
+    async def GetClusterStats(
+        self, request: router_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ClusterStats:
+        return await self.backend.cluster_stats()
+
     # -- edge ------------------------------------------------------------------------------------
     def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:
         """The prompt's token ids, validated (ValueError names the problem)."""
@@ -151,7 +167,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         msg = router_pb2.GenerateResponse(
             request_id=rid,
             token_ids=out.new_token_ids,
-            text=detok.push(out.new_token_ids) if detok is not None else "",
+            text=_text_of(out, detok),
             finish_reason=finish_reason_to_proto(out.finish_reason),
             error=out.error or "",
             usage=common_pb2.Usage(
@@ -170,3 +186,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if out.stop_reason is not None:
             msg.stop_token_id = out.stop_reason
         return msg
+
+
+def _text_of(out: EngineOutput, detok: IncrementalDetokenizer | None) -> str:
+    """The text the output's tokens add; the last output also releases any text held back."""
+    if detok is None:
+        return ""
+    text = detok.push(out.new_token_ids)
+    return text + detok.flush() if out.finished else text

@@ -80,3 +80,37 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetClusterStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClusterStats(_message.Message):
+    __slots__ = ("num_decode_workers", "num_prefill_workers", "num_unreachable_workers", "num_running", "num_waiting", "num_reserved", "num_decode_blocks", "num_decode_held_blocks", "num_preemptions", "prefix_query_tokens", "prefix_hit_tokens", "num_transfers", "num_transfer_failures")
+    NUM_DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNREACHABLE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
+    NUM_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DECODE_HELD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    num_decode_workers: int
+    num_prefill_workers: int
+    num_unreachable_workers: int
+    num_running: int
+    num_waiting: int
+    num_reserved: int
+    num_decode_blocks: int
+    num_decode_held_blocks: int
+    num_preemptions: int
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    num_transfers: int
+    num_transfer_failures: int
+    def __init__(self, num_decode_workers: _Optional[int] = ..., num_prefill_workers: _Optional[int] = ..., num_unreachable_workers: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_decode_blocks: _Optional[int] = ..., num_decode_held_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ...) -> None: ...

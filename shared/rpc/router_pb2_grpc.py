@@ -50,6 +50,11 @@ class RouterStub:
                 request_serializer=baton_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetClusterStats = channel.unary_unary(
+                '/baton.v1.Router/GetClusterStats',
+                request_serializer=baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_router__pb2.ClusterStats.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -80,6 +85,13 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterStats(self, request, context):
+        """Load and cache counters summed over the Router's workers (for dashboards and readiness).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +109,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=baton_dot_v1_dot_router__pb2.ListModelsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_router__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetClusterStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterStats,
+                    request_deserializer=baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_router__pb2.ClusterStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +198,33 @@ class Router:
             '/baton.v1.Router/ListModels',
             baton_dot_v1_dot_router__pb2.ListModelsRequest.SerializeToString,
             baton_dot_v1_dot_router__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Router/GetClusterStats',
+            baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.SerializeToString,
+            baton_dot_v1_dot_router__pb2.ClusterStats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,3 +71,15 @@ def test_special_tokens_are_known(tokenizers: tuple) -> None:
     ours, _ = tokenizers
     assert ours.is_special(ours.token_to_id("<s>"))
     assert not ours.is_special(ours.encode("hello", add_special_tokens=False)[0])
+
+
+def test_flush_releases_a_character_cut_off_at_the_end_of_the_stream(tokenizers: tuple) -> None:
+    ours, _ = tokenizers
+    ids = ours.encode("ok 🙂", add_special_tokens=False)
+    # drop tokens from the end until the decoded text ends inside the emoji's bytes
+    cut = next(n for n in range(len(ids) - 1, 0, -1) if ours.decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(ours, ours.encode("Prompt:"))
+    streamed = "".join(detok.push([t]) for t in ids[:cut])
+    assert not streamed.endswith("\ufffd")
+    assert streamed + detok.flush() == ours.decode(ids[:cut])
+    assert detok.flush() == ""
