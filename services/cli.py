@@ -1,5 +1,5 @@
-"""The `baton` command line: `serve` (a local cluster), `router`, `prefill`, `decode` (one service
-each), `registry check`, `generate` (offline), `tiny-model`.
+"""The `baton` command line: `serve` (a local cluster), `gateway`, `router`, `prefill`, `decode` (one
+service each), `registry check`, `complete` (a gRPC client), `generate` (offline), `tiny-model`.
 
 Every service flag can also come from the environment: `--lease-ttl-s` from BATON_LEASE_TTL_S, and so
 on (flags win)."""
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from baton.shared import env
-from baton.shared.config import EngineConfig, RegistryConfig, RouterConfig, WorkerConfig
+from baton.shared.config import EngineConfig, GatewayConfig, RegistryConfig, RouterConfig, WorkerConfig
 from baton.shared.demo.tiny_model import ARCHITECTURES
 
 DEMO_ARCH = "llama"
@@ -179,22 +179,43 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from baton.services.gateway.main import run_gateway
+    from baton.services.lifecycle import setup_logging
+
+    config = GatewayConfig(
+        model=args.model or str(demo_model_dir()),
+        router=args.router,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_pending_requests=args.max_pending_requests,
+    )
+    setup_logging(args.log_level)
+    asyncio.run(run_gateway(config))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from baton.services.launcher import ClusterSpec, serve_forever
 
+    GatewayConfig(model="-", api_key=args.api_key, max_pending_requests=args.max_pending_requests)  # validate
     spec = ClusterSpec(
         model=args.model or str(demo_model_dir()),
         num_prefill=args.prefill_workers,
         num_decode=args.decode_workers,
         colocated=args.colocated,
         host=args.host,
-        port=args.port,
+        router_port=args.router_port,
+        http_port=args.port,
         redis_url=env.redis_url(),
         namespace=args.namespace,
         lease_ttl_s=args.lease_ttl_s,
         engine_args=_engine_argv(args),
         router_args=["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)],
+        gateway_args=["--max-pending-requests", str(args.max_pending_requests)],
         log_level=args.log_level,
+        env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
     )
     return serve_forever(spec)
 
@@ -253,10 +274,12 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_service_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+def _add_service_flags(
+    parser: argparse.ArgumentParser, default_port: int, port_help: str = "gRPC port (0: any free port)"
+) -> None:
     group = parser.add_argument_group("service")
     _flag(group, "--host", "interface to bind", default="127.0.0.1")
-    _flag(group, "--port", "gRPC port (0: any free port)", type=int, default=default_port)
+    _flag(group, "--port", port_help, type=int, default=default_port)
     _flag(group, "--threads", "torch CPU threads", type=int, default=None)
     _flag(group, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
 
@@ -272,6 +295,18 @@ def _add_router_flags(parser: argparse.ArgumentParser) -> None:
     )
     _flag(
         group, "--colocated", "run the engine inside the router (no workers, no Redis)", action="store_true"
+    )
+
+
+def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("gateway")
+    _flag(group, "--api-key", "require 'Authorization: Bearer KEY' on /v1 (better: BATON_API_KEY)")
+    _flag(
+        group,
+        "--max-pending-requests",
+        "requests in flight at the gateway; more get 503 at once",
+        type=int,
+        default=512,
     )
 
 
@@ -307,12 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(serve, "--prefill-workers", "prefill worker processes", type=int, default=1)
     _flag(serve, "--decode-workers", "decode worker processes", type=int, default=1)
-    _add_service_flags(serve, default_port=50051)
+    _add_service_flags(serve, default_port=8000, port_help="the gateway's HTTP port (0: any free port)")
+    _flag(serve, "--router-port", "the Router's gRPC port (0: any free port)", type=int, default=50051)
+    _add_gateway_flags(serve)
     _add_router_flags(serve)
     _add_engine_flags(serve)
     serve.add_argument("--namespace", default="baton", help="registry key prefix")
     serve.add_argument("--lease-ttl-s", type=float, default=10.0, help="worker lease")
     serve.set_defaults(func=_cmd_serve)
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway in front of a Router")
+    _flag(gateway, "--model", "model directory: tokenizer and chat template (default: the demo model)")
+    _flag(gateway, "--router", "the Router's gRPC address", default="127.0.0.1:50051")
+    _flag(gateway, "--host", "interface to bind (0.0.0.0: all)", default="127.0.0.1")
+    _flag(gateway, "--port", "HTTP port (0: any free port)", type=int, default=8000)
+    _flag(gateway, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
+    _add_gateway_flags(gateway)
+    gateway.set_defaults(func=_cmd_gateway)
 
     router = sub.add_parser("router", help="run the Router (public gRPC API, placement, reaper)")
     _add_service_flags(router, default_port=50051)

@@ -1,8 +1,9 @@
 """`baton serve`: a whole cluster on this machine, each service its own process.
 
-Starts Redis (unless BATON_REDIS_URL names one), the decode and prefill workers, then the router;
-waits until every worker registered and the router reports SERVING; prefixes each process's log lines
-with its name; on Ctrl-C or SIGTERM stops the router first, then the workers, then Redis. `LocalCluster`
+Starts Redis (unless BATON_REDIS_URL names one), the decode and prefill workers, the router, then the
+OpenAI gateway; waits until every worker registered, the router reports SERVING and the gateway is
+ready; prefixes each process's log lines with its name; on Ctrl-C or SIGTERM stops the gateway and the
+router first, then the workers, then Redis. `LocalCluster`
 is the same thing as a Python object (the integration tests drive it)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO, TypeVar
@@ -37,14 +39,17 @@ class ClusterSpec:
     num_decode: int = 1
     colocated: bool = False
     host: str = "127.0.0.1"
-    port: int = 50051
-    """Router port; 0 picks a free one."""
+    router_port: int = 50051
+    """Router gRPC port; 0 picks a free one."""
+    http_port: int | None = 8000
+    """Gateway HTTP port; 0 picks a free one; None runs no gateway."""
     redis_url: str | None = None
     """None: start a private redis-server."""
     namespace: str = "baton"
     lease_ttl_s: float = 10.0
     engine_args: Sequence[str] = ()
     router_args: Sequence[str] = ()
+    gateway_args: Sequence[str] = ()
     worker_args: Sequence[str] = ()
     prefill_args: Sequence[str] = ()
     log_level: str = "INFO"
@@ -62,6 +67,8 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.redis_url = spec.redis_url or ""
         self.router_address = ""
+        self.gateway_url = ""
+        """http://host:port of the gateway ('' when there is none)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
@@ -78,10 +85,15 @@ class LocalCluster:
                 for name in workers:
                     self._spawn(name, self._worker_argv(name))
                 self._wait_registered(set(workers), deadline)
-            port = self.spec.port or _free_port()
+            port = self.spec.router_port or _free_port()
             self.router_address = f"{self.spec.host}:{port}"
             self._spawn("router", self._router_argv(port))
             self._wait_serving(deadline)
+            if self.spec.http_port is not None:
+                http_port = self.spec.http_port or _free_port()
+                self.gateway_url = f"http://{_url_host(self.spec.host)}:{http_port}"
+                self._spawn("gateway", self._gateway_argv(http_port))
+                self._wait_gateway_ready(deadline)
         except BaseException:
             self.stop()
             raise
@@ -143,8 +155,19 @@ class LocalCluster:
             return [*argv, "--colocated"]
         return [*argv, *self._registry_argv()]
 
+    def _gateway_argv(self, port: int) -> list[str]:
+        return [
+            "gateway",
+            "--model", self.spec.model,
+            "--router", self.router_address,
+            "--host", self.spec.host,
+            "--port", str(port),
+            "--log-level", self.spec.log_level,
+            *self.spec.gateway_args,
+        ]  # fmt: skip
+
     def _spawn(self, name: str, argv: list[str]) -> None:
-        if argv[0] != "redis-server" and not argv[0].endswith("redis-server"):
+        if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
         # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
@@ -194,6 +217,16 @@ class LocalCluster:
 
         self._poll(serving, deadline, f"the router on {self.router_address} to serve")
 
+    def _wait_gateway_ready(self, deadline: float) -> None:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"{self.gateway_url}/ready", timeout=2) as reply:
+                    return bool(reply.status == 200)
+            except OSError:
+                return False
+
+        self._poll(ready, deadline, f"the gateway on {self.gateway_url} to be ready")
+
     def _poll(self, ready: Callable[[], object], deadline: float, what: str) -> None:
         while not ready():
             dead = [n for n, p in self.processes.items() if p.poll() is not None]
@@ -213,9 +246,10 @@ class LocalCluster:
         self.processes[name].wait(STOP_TIMEOUT_S)
 
     def stop(self) -> dict[str, int]:
-        """SIGTERM the router, then the workers, then Redis (each group drains); SIGKILL stragglers.
-        Returns every process's exit code."""
-        order = [["router"], [n for n in self.processes if n.startswith(("prefill", "decode"))], ["redis"]]
+        """SIGTERM the gateway, then the router, then the workers, then Redis (each group drains);
+        SIGKILL stragglers. Returns every process's exit code."""
+        workers = [n for n in self.processes if n.startswith(("prefill", "decode"))]
+        order = [["gateway"], ["router"], workers, ["redis"]]
         for group in order:
             running = [
                 self.processes[n] for n in group if n in self.processes and self.processes[n].poll() is None
@@ -251,17 +285,20 @@ def serve_forever(spec: ClusterSpec) -> int:
     cluster = LocalCluster(spec)
     cluster.start()
     mode = "colocated" if spec.colocated else f"{spec.num_prefill} prefill + {spec.num_decode} decode workers"
-    print(
-        f"\nBaton is serving {spec.model} on {cluster.router_address} (router, {mode}"
-        + ("" if spec.colocated else f", registry {cluster.redis_url}")
-        + ").\nTry it:  baton complete --address "
-        + f"{cluster.router_address} 'Once upon a time'\nPress Ctrl-C to stop.\n",
-        flush=True,
-    )
+    registry = "" if spec.colocated else f", registry {cluster.redis_url}"
+    lines = [f"\nBaton is serving {spec.model} ({mode}{registry})."]
+    if cluster.gateway_url:
+        lines += [
+            f"  OpenAI API:  {cluster.gateway_url}/v1   (metrics: {cluster.gateway_url}/metrics)",
+            f"  Try it:      curl {cluster.gateway_url}/v1/completions -H 'Content-Type: application/json' "
+            + '-d \'{"prompt": "Once upon a time", "max_tokens": 16}\'',
+        ]
+    lines += [f"  gRPC Router: {cluster.router_address}", "Press Ctrl-C to stop.\n"]
+    print("\n".join(lines), flush=True)
     code = 0
     while not stop.wait(0.5):
         exited = cluster.exited()
-        if "router" in exited or "redis" in exited:
+        if exited.keys() & {"gateway", "router", "redis"}:
             print(f"baton serve: {exited} exited; stopping the cluster", file=sys.stderr)
             code = 1
             break
@@ -277,6 +314,11 @@ def _terminate_with_parent() -> None:
 
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _url_host(host: str) -> str:
+    """The address to reach a server bound to `host` (a wildcard bind is reached on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
 
 
 def _free_port() -> int:

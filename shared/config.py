@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 
 class EngineConfig(BaseModel):
@@ -109,3 +109,21 @@ class RouterConfig(BaseModel):
         None, ge=1, description="Context length the workers serve; None: the model's max_position_embeddings."
     )
     worker_refresh_s: float = Field(0.5, gt=0, description="How often the live worker list is re-read.")
+
+
+class GatewayConfig(BaseModel):
+    """The OpenAI-compatible HTTP gateway: validates, applies the chat template, tokenizes, and streams
+    from the Router over gRPC."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="Model directory (tokenizer and chat template; its name is the model id).")
+    router: str = Field("127.0.0.1:50051", description="The Router's gRPC address, host:port.")
+    host: str = Field("127.0.0.1", description="Interface the HTTP server binds (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
+    api_key: SecretStr | None = Field(
+        None, description="When set, /v1 requests need 'Authorization: Bearer <key>'."
+    )
+    max_pending_requests: int = Field(
+        512, ge=1, description="Requests in flight at the gateway; more are refused with 503 at once."
+    )

@@ -43,7 +43,8 @@ class TeeLog(io.TextIOBase):
 
 def start_cluster(model: Path, redis_url: str, **spec: object) -> LocalCluster:
     defaults: dict[str, object] = {
-        "port": 0,
+        "router_port": 0,
+        "http_port": None,
         "redis_url": redis_url,
         "namespace": f"test{next(_namespaces)}",
         "lease_ttl_s": 3.0,

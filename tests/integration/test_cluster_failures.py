@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import time
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from baton_cluster import (
     Completion,
@@ -147,11 +149,14 @@ def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster)
     """Admission control: blocks are reserved before any prefill, so a request that cannot fit fails
     at once with RESOURCE_EXHAUSTED instead of wasting a prefill; the first request is unaffected."""
     cluster = make_cluster(
-        num_prefill=1, num_decode=1, engine_args=["--max-model-len", "1024", "--num-kv-blocks", "64"]
+        num_prefill=1,
+        num_decode=1,
+        engine_args=["--max-model-len", "1024", "--num-kv-blocks", "64"],
+        http_port=0,
     )
     big = prompts(1, 900, 901)[0]  # 57 of the 64 blocks
 
-    async def main() -> tuple[Completion, str, float]:
+    async def main() -> tuple[Completion, str, httpx.Response, float]:
         first = asyncio.create_task(generate(cluster.router_address, big, greedy(100)))
         while not (await asyncio.to_thread(worker_stats, cluster))["decode-0"].num_held_blocks:
             await asyncio.sleep(0.02)
@@ -161,10 +166,15 @@ def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster)
             code = "OK"
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
-        return await first, code, time.monotonic() - started
+        async with httpx.AsyncClient() as client:  # the same through the gateway
+            body = {"prompt": big[1:], "max_tokens": 10}
+            reply = await client.post(f"{cluster.gateway_url}/v1/completions", json=body, timeout=30)
+        return await first, code, reply, time.monotonic() - started
 
-    first, code, refused_after_s = asyncio.run(main())
+    first, code, reply, refused_after_s = asyncio.run(main())
     assert code == "RESOURCE_EXHAUSTED"
+    assert reply.status_code == 429 and reply.headers["retry-after"] == "1"
+    assert reply.json()["error"]["code"] == "rate_limit_exceeded"
     assert refused_after_s < 5
     assert first.finish_reason == "FINISH_REASON_LENGTH" and len(first.token_ids) == 100
     assert worker_stats(cluster)["prefill-0"].num_transfers == 1
@@ -180,3 +190,26 @@ def test_sigterm_drains_a_decode_worker_without_losing_a_request(make_cluster, o
     assert cluster.processes["decode-0"].returncode == 0
     _wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
+
+
+def test_a_decode_worker_dying_mid_stream_ends_the_sse_stream_with_an_error_then_done(make_cluster) -> None:
+    """Through the gateway: the stream carries an OpenAI error object, then `[DONE]`; the gateway
+    stays up and reports itself not ready until a decode worker is back."""
+    cluster = make_cluster(num_prefill=1, num_decode=1, http_port=0)
+    body = {"prompt": prompts(1)[0], "max_tokens": 800, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+            if len(events) == 5:
+                cluster.kill("decode-0")
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "decode worker decode-0 failed" in error["message"]
+    assert all("choices" in json.loads(e) for e in events[:-2])
+    assert httpx.get(f"{cluster.gateway_url}/health").status_code == 200
+    _wait_reaped(cluster, "decode-0")
+    ready = httpx.get(f"{cluster.gateway_url}/ready")
+    assert ready.status_code == 503 and "no decode worker" in ready.json()["error"]["message"]

@@ -183,10 +183,10 @@ def test_registry_is_rebuilt_from_the_workers_after_a_redis_flush(
     cluster: LocalCluster, offline: LLM
 ) -> None:
     """I5: Redis losing everything loses no in-flight request; workers register again and restore
-    the records of what they hold."""
+    the records of what they hold. The request is long enough (~2 s) to outlive a heartbeat."""
 
     async def main() -> list[int]:
-        task = asyncio.create_task(generate(cluster.router_address, PROMPTS[3], greedy(200)))
+        task = asyncio.create_task(generate(cluster.router_address, PROMPTS[3], greedy(800)))
         async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
             while not await registry.live_requests():
                 await asyncio.sleep(0.05)
@@ -200,5 +200,5 @@ def test_registry_is_rebuilt_from_the_workers_after_a_redis_flush(
                 await asyncio.sleep(0.1)
         return (await task).token_ids
 
-    assert asyncio.run(main()) == expected(offline, [PROMPTS[3]], 200)[0]
+    assert asyncio.run(main()) == expected(offline, [PROMPTS[3]], 800)[0]
     assert_no_leaks(cluster)

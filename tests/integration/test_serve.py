@@ -4,17 +4,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from baton_cluster import generate_all, greedy, start_cluster
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,35 +34,29 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 PROMPTS = [[5, 6, 7, 8], list(range(100, 160))]
 
 
+@dataclass
+class Served:
+    process: subprocess.Popen
+    router_address: str
+    gateway_url: str
+    redis_url: str
+
+
 @pytest.fixture(scope="module")
-def served(
-    llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen, str, str]]:
+def served(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """`baton serve` in its own process (it starts its own Redis), until the tests SIGTERM it."""
-    port = _free_port()
+    router_port, http_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATON_")}
     env["BATON_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    argv = [
-        sys.executable,
-        "-m",
-        "baton.services.cli",
-        "serve",
-        "--model",
-        str(llama_dir),
-        "--port",
-        str(port),
-    ]
-    process = subprocess.Popen(
-        [*argv, "--max-model-len", "512"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        text=True,
-    )
-    banner = _read_until(process, "Baton is serving", timeout_s=180)
+    argv = [sys.executable, "-m", "baton.services.cli", "serve", "--model", str(llama_dir)]
+    argv += ["--port", str(http_port), "--router-port", str(router_port), "--max-model-len", "512"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    banner = _read_until(process, "Press Ctrl-C to stop", timeout_s=180)
+    threading.Thread(target=_drain, args=(process,), daemon=True).start()  # a full pipe would block it
     redis_url = re.search(r"registry (redis://\S+)\)", banner).group(1)  # type: ignore[union-attr]
+    assert f"http://127.0.0.1:{http_port}/v1" in banner
     try:
-        yield process, f"127.0.0.1:{port}", redis_url
+        yield Served(process, f"127.0.0.1:{router_port}", f"http://127.0.0.1:{http_port}", redis_url)
     finally:
         if process.poll() is None:
             process.kill()
@@ -66,34 +64,56 @@ def served(
 
 
 def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str:
+    """Everything the process printed up to the line with `marker`."""
     assert process.stdout is not None
     deadline = time.monotonic() + timeout_s
+    seen = []
     for line in process.stdout:
         sys.stderr.write(line)
+        seen.append(line)
         if marker in line:
-            return line
+            return "".join(seen)
         assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s} s"
     raise AssertionError(f"baton serve exited ({process.wait()}) before printing {marker!r}")
 
 
-def readme_client_example() -> str:
-    text = README.read_text()
-    match = re.search(r"<!-- grpc-client-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README lost its gRPC client example"
+def _drain(process: subprocess.Popen) -> None:
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stderr.write(line)
+
+
+def readme_example(marker: str, language: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\s*```{language}\n(.*?)```", README.read_text(), re.S)
+    assert match, f"README lost its {marker}"
     return match.group(1)
 
 
-def test_readme_grpc_client_example_runs(served: tuple[subprocess.Popen, str, str]) -> None:
-    _, address, _ = served
-    code = readme_client_example().replace("localhost:50051", address)
+def test_readme_grpc_client_example_runs(served: Served) -> None:
+    code = readme_example("grpc-client-example", "python").replace("localhost:50051", served.router_address)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "finish_reason: FINISH_REASON_LENGTH" in result.stdout
     assert len(result.stdout.strip()) > len("finish_reason: FINISH_REASON_LENGTH")
 
 
-def test_health_and_reflection_on_the_router(served: tuple[subprocess.Popen, str, str]) -> None:
-    _, address, _ = served
+def test_readme_openai_example_runs(served: Served) -> None:
+    code = readme_example("openai-example", "python").replace("http://localhost:8000", served.gateway_url)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\[\d+ prompt \+ \d+ completion tokens\]", result.stdout), result.stdout
+
+
+def test_readme_curl_example_runs(served: Served) -> None:
+    script = readme_example("curl-example", "bash").replace("http://localhost:8000", served.gateway_url)
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1
+
+
+def test_health_and_reflection_on_the_router(served: Served) -> None:
+    address = served.router_address
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "baton.v1.Router"):
@@ -105,8 +125,8 @@ def test_health_and_reflection_on_the_router(served: tuple[subprocess.Popen, str
         assert {"baton.v1.Router", "grpc.health.v1.Health"} <= names
 
 
-def test_health_and_reflection_on_the_workers(served: tuple[subprocess.Popen, str, str]) -> None:
-    _, _, redis_url = served
+def test_health_and_reflection_on_the_workers(served: Served) -> None:
+    redis_url = served.redis_url
 
     async def workers() -> list:
         async with Registry(redis_url) as registry:
@@ -127,8 +147,8 @@ def test_health_and_reflection_on_the_workers(served: tuple[subprocess.Popen, st
     assert found == {"decode": True, "prefill": True}
 
 
-def test_registry_check_is_clean_then_names_a_planted_leak(served: tuple[subprocess.Popen, str, str]) -> None:
-    _, _, redis_url = served
+def test_registry_check_is_clean_then_names_a_planted_leak(served: Served) -> None:
+    redis_url = served.redis_url
     check = [sys.executable, "-m", "baton.services.cli", "registry", "check"]
     env = {**os.environ, "BATON_REDIS_URL": redis_url}
     clean = subprocess.run(check, capture_output=True, text=True, env=env, timeout=60)
@@ -151,25 +171,29 @@ def test_registry_check_is_clean_then_names_a_planted_leak(served: tuple[subproc
     assert "ghost" in leaked.stdout and "decode-0" in leaked.stdout
 
 
-def test_sigterm_stops_every_process(served: tuple[subprocess.Popen, str, str]) -> None:
-    process, address, redis_url = served
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
-    for host_port in (address, f"127.0.0.1:{port}"):
+def test_sigterm_stops_every_process(served: Served) -> None:
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=60) == 0
+    port = int(served.redis_url.rsplit(":", 1)[1].split("/")[0])
+    gateway = served.gateway_url.removeprefix("http://")
+    for host_port in (served.router_address, gateway, f"127.0.0.1:{port}"):
         host, p = host_port.rsplit(":", 1)
         with pytest.raises(OSError):
             socket.create_connection((host, int(p)), timeout=1).close()
 
 
 def test_colocated_mode_matches_offline(llama_dir: Path, redis_server: str) -> None:
-    cluster = start_cluster(llama_dir, redis_server, colocated=True, num_prefill=0, num_decode=0)
+    cluster = start_cluster(llama_dir, redis_server, colocated=True, num_prefill=0, num_decode=0, http_port=0)
     try:
         got = generate_all(cluster.router_address, PROMPTS, greedy(8))
         want = LLM(str(llama_dir), max_model_len=1024).generate(
             PROMPTS, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
         )
         assert [c.token_ids for c in got] == [o.token_ids for o in want]
+        assert httpx.get(f"{cluster.gateway_url}/ready").json()["decode_workers"] == 1
+        body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{cluster.gateway_url}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == want[1].text
     finally:
         codes = cluster.stop()
-    assert codes == {"router": 0}
+    assert codes == {"router": 0, "gateway": 0}

@@ -1,0 +1,50 @@
+"""`baton gateway`: the OpenAI-compatible HTTP server (uvicorn), in front of a Router."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import uvicorn
+
+from baton.services.gateway.app import create_app
+from baton.services.lifecycle import wait_for_stop_signal
+from baton.shared.config import GatewayConfig
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """The gateway handles SIGTERM / SIGINT itself (uvicorn would re-raise them after shutdown,
+        so the process would not exit 0)."""
+        yield
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Serve until SIGTERM or Ctrl-C; then stop accepting connections, let requests in flight finish
+    (up to DRAIN_TIMEOUT_S; streams still open then are cut, which aborts them), and return."""
+    server = _Server(
+        uvicorn.Config(
+            create_app(config),
+            host=config.host,
+            port=config.port,
+            log_config=None,  # the process's own logging setup
+            access_log=False,
+            timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+        )
+    )
+    serving = asyncio.create_task(server.serve())
+    stop = asyncio.create_task(wait_for_stop_signal())
+    await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.done():
+        logger.info("%s received: draining", stop.result())
+        server.should_exit = True
+    else:
+        stop.cancel()
+    await serving

@@ -1,0 +1,413 @@
+"""The OpenAI-compatible gateway in front of a real cluster (gateway, router, one prefill and one
+decode worker, Redis, UCX over TCP), driven by the official `openai` package and by raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from baton_cluster import assert_no_leaks, start_cluster
+from openai import AsyncOpenAI, OpenAI
+
+from baton import LLM, SamplingParams
+from baton.services.launcher import LocalCluster, _free_port
+from baton.shared.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "It was the best of times, it was the worst of times,"
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Tell me a story."},
+    {"role": "assistant", "content": "Once upon a time."},
+    {"role": "user", "content": "Another one."},
+]
+
+
+@pytest.fixture(scope="module")
+def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
+    cluster = start_cluster(llama_dir, redis_server, http_port=0)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> OpenAI:
+    return OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client: OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+def greedy_text(offline: LLM, prompt: str, max_tokens: int) -> str:
+    out = offline.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return out[0].text
+
+
+# -- completions and chat through the official client ---------------------------------------------
+def test_models_lists_the_served_model(client: OpenAI, llama_dir: Path) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [llama_dir.name]
+    assert models[0].max_model_len == 1024  # type: ignore[attr-defined]
+
+
+def test_completion_equals_the_offline_engine(client: OpenAI, model: str, offline: LLM) -> None:
+    out = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=20, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].text == greedy_text(offline, PROMPT, 20)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 20
+    assert out.usage.prompt_tokens == len(offline.tokenizer.encode(PROMPT))  # type: ignore[union-attr]
+
+
+def test_streamed_completion_equals_non_streamed(client: OpenAI, model: str) -> None:
+    kwargs = {"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    whole = client.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = list(
+        client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_chat_goes_through_the_chat_template(
+    client: OpenAI, model: str, offline: LLM, llama_dir: Path
+) -> None:
+    tokenizer = Tokenizer.from_dir(llama_dir)
+    assert tokenizer is not None
+    out = client.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_completion_tokens=16,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    want = offline.chat([CHAT], SamplingParams(max_tokens=16, temperature=0))[0]
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == want.text
+    assert out.usage is not None and out.usage.prompt_tokens == len(tokenizer.encode_chat(CHAT))
+
+
+def test_streamed_chat_equals_non_streamed(client: OpenAI, model: str) -> None:
+    kwargs = {"model": model, "messages": CHAT, "max_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    chunks = list(
+        client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})  # type: ignore[call-overload]
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_n_choices_are_distinct_and_indexed(client: OpenAI, model: str) -> None:
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=1.0, n=3, seed=5)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert len({c.text for c in out.choices}) == 3
+    assert out.usage is not None and out.usage.completion_tokens == 36
+
+    chat = client.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=8,
+        temperature=1.0,
+        n=2,
+        seed=5,
+        stream=True,  # type: ignore[arg-type]
+    )
+    texts = ["", ""]
+    for chunk in chat:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts[0] != texts[1]
+
+
+def test_seeded_requests_repeat_exactly(client: OpenAI, model: str) -> None:
+    def sample(seed: int) -> list[str]:
+        out = client.completions.create(
+            model=model, prompt=PROMPT, max_tokens=16, temperature=1.0, top_p=0.9, n=2, seed=seed
+        )
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(4321) != first
+
+
+def test_async_client_runs_requests_concurrently(cluster: LocalCluster, model: str, offline: LLM) -> None:
+    prompts = [f"{PROMPT} {i}" for i in range(8)]
+
+    async def main() -> list[str]:
+        async with AsyncOpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="x", max_retries=0) as aclient:
+            outs = await asyncio.gather(
+                *(aclient.completions.create(model=model, prompt=p, max_tokens=10, temperature=0,
+                                             extra_body={"ignore_eos": True}) for p in prompts)
+            )  # fmt: skip
+        return [o.choices[0].text for o in outs]
+
+    assert asyncio.run(main()) == [greedy_text(offline, p, 10) for p in prompts]
+
+
+def test_stop_strings_never_reach_the_client(client: OpenAI, model: str, offline: LLM) -> None:
+    full = greedy_text(offline, PROMPT, 24)
+    stop = full[8:11]
+    assert stop.strip(), f"pick another slice of {full!r}"
+    cut = full[: full.index(stop)]
+    kwargs = {"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    whole = client.completions.create(**kwargs, stop=[stop, "\x00zz"])  # type: ignore[call-overload]
+    assert whole.choices[0].text == cut
+    assert whole.choices[0].finish_reason == "stop"
+    assert whole.choices[0].stop_reason == stop  # type: ignore[attr-defined]
+    streamed = client.completions.create(**kwargs, stop=stop, stream=True)  # type: ignore[call-overload]
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    kept = client.completions.create(**kwargs, stop=stop, extra_body={"include_stop_str_in_output": True})  # type: ignore[call-overload]
+    assert kept.choices[0].text == cut + stop
+
+
+def test_logprobs_in_both_apis(client: OpenAI, model: str) -> None:
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.top_logprobs is not None
+    assert len(lp.tokens) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for sampled, top in zip(lp.token_logprobs or [], lp.top_logprobs, strict=True):
+        assert len(top) == 3 and sampled <= 0
+        assert sampled == pytest.approx(max(top.values()))  # greedy: the sampled token is the top one
+
+    chat = client.chat.completions.create(
+        model=model,
+        messages=CHAT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,  # type: ignore[arg-type]
+    )
+    content = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 5
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+
+
+def test_echo_and_vllm_extensions(client: OpenAI, model: str, offline: LLM) -> None:
+    out = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=8, temperature=0, echo=True,
+        extra_body={"top_k": 5, "min_p": 0.01, "repetition_penalty": 1.0, "ignore_eos": True, "user": "u1"},
+    )  # fmt: skip
+    assert out.choices[0].text == PROMPT + greedy_text(offline, PROMPT, 8)
+    ids = [5, 6, 7, 8]
+    by_ids = client.completions.create(model=model, prompt=[ids, ids], max_tokens=4, temperature=0, n=2)
+    assert sorted(c.index for c in by_ids.choices) == [0, 1, 2, 3]
+    assert len({c.text for c in by_ids.choices}) == 1
+
+
+# -- errors, over raw HTTP -------------------------------------------------------------------------
+COMPLETIONS, CHAT_API = "/v1/completions", "/v1/chat/completions"
+USER_X = [{"role": "user", "content": "x"}]
+BAD_REQUESTS = [
+    (COMPLETIONS, b"{not json", "not valid JSON", None),
+    (COMPLETIONS, [], "dictionary", None),
+    (COMPLETIONS, {}, "prompt is required", "prompt"),
+    (COMPLETIONS, {"prompt": "x", "temperature": -1}, "temperature", "temperature"),
+    (COMPLETIONS, {"prompt": "x", "top_p": 1.5}, "top_p", "top_p"),
+    (COMPLETIONS, {"prompt": "x", "n": 100000}, "n:", "n"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 0}, "max_tokens", "max_tokens"),
+    (COMPLETIONS, {"prompt": "x", "logprobs": 50}, "logprobs", "logprobs"),
+    (COMPLETIONS, {"prompt": [-3]}, "token ids", "prompt"),
+    (COMPLETIONS, {"prompt": [4000000000]}, "outside the vocabulary", "prompt"),
+    (COMPLETIONS, {"prompt": []}, "prompt", "prompt"),
+    (COMPLETIONS, {"prompt": ""}, "empty", "prompt"),
+    (COMPLETIONS, {"prompt": "x", "stop": ""}, "stop", "stop"),
+    (COMPLETIONS, {"prompt": "x", "stop": [1, 2]}, "stop", "stop"),
+    (COMPLETIONS, {"prompt": "x", "presence_penalty": 3}, "presence_penalty", "presence_penalty"),
+    (COMPLETIONS, {"prompt": "x", "seed": 1e30}, "seed", "seed"),
+    (COMPLETIONS, {"prompt": "x", "min_tokens": 9, "max_tokens": 2}, "min_tokens", "min_tokens"),
+    (COMPLETIONS, {"prompt": "x", "best_of": 3}, "best_of", "best_of"),
+    (COMPLETIONS, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream", "stream_options"),
+    (COMPLETIONS, {"prompt": "x", "max_tokens": 5000}, "maximum context length", "max_tokens"),
+    (COMPLETIONS, {"prompt": "word " * 1500}, "maximum context length", "prompt"),
+    (CHAT_API, {"messages": []}, "messages", "messages"),
+    (CHAT_API, {"messages": [{"role": "robot", "content": "x"}]}, "role", "messages.0.role"),
+    (CHAT_API, {"messages": [{"role": "user", "content": [{"type": "img"}]}]}, "text", "messages.0.content"),
+    (CHAT_API, {"messages": USER_X, "top_logprobs": 2}, "logprobs", "top_logprobs"),
+    (CHAT_API, {"messages": USER_X, "tools": [{"type": "function"}]}, "tool", "tools"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "message", "param"), BAD_REQUESTS)
+def test_bad_requests_get_400_with_an_openai_error(
+    cluster: LocalCluster, path: str, body: object, message: str, param: str | None
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    reply = httpx.post(cluster.gateway_url + path, content=content, headers=headers)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert len(reply.content) < 2048
+
+
+def test_unknown_model_is_404_and_context_overflow_has_its_code(cluster: LocalCluster) -> None:
+    reply = httpx.post(f"{cluster.gateway_url}/v1/completions", json={"prompt": "x", "model": "gpt-9" * 500})
+    assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_not_found"
+    assert len(reply.content) < 2048
+    reply = httpx.post(f"{cluster.gateway_url}/v1/completions", json={"prompt": "x", "max_tokens": 2000})
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(f"{cluster.gateway_url}/v1/nothing").status_code == 404
+
+
+def test_request_id_is_echoed_and_reaches_every_service_log(cluster: LocalCluster) -> None:
+    reply = httpx.post(
+        f"{cluster.gateway_url}/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 4},
+        headers={"X-Request-Id": "trace-me-42"},
+    )
+    assert reply.status_code == 200 and reply.headers["x-request-id"] == "trace-me-42"
+    assert reply.json()["id"] == "cmpl-trace-me-42"
+    generated = httpx.get(f"{cluster.gateway_url}/health").headers["x-request-id"]
+    assert len(generated) == 32
+    bad = httpx.get(f"{cluster.gateway_url}/health", headers={"X-Request-Id": "a b;c"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+    time.sleep(0.5)  # the log pumps are threads
+    logs = "".join(cluster.log.lines)  # type: ignore[attr-defined]
+    for service in ("gateway", "router", "prefill-0", "decode-0"):
+        assert any(line.startswith(service) and "trace-me-42" in line for line in logs.splitlines()), service
+
+
+def test_health_ready_and_metrics(cluster: LocalCluster, client: OpenAI, model: str) -> None:
+    assert httpx.get(f"{cluster.gateway_url}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{cluster.gateway_url}/ready")
+    assert ready.status_code == 200 and ready.json()["decode_workers"] == 1
+    client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0)
+    text = httpx.get(f"{cluster.gateway_url}/metrics").text
+    samples = _samples(text)
+    label = f'{{model_name="{model}"}}'
+    for name in (
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+    ):  # fmt: skip
+        assert name + label in samples, name
+    for name in ("vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:inter_token_latency_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:prefix_cache_queries_total"):  # fmt: skip
+        assert samples[name + label] > 0, name
+    assert samples[f'baton:workers{{model_name="{model}",role="decode"}}'] == 1
+
+
+def _samples(exposition: str) -> dict[str, float]:
+    out = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [False, True])
+def test_abandoned_requests_are_aborted_everywhere(cluster: LocalCluster, model: str, stream: bool) -> None:
+    """As vLLM tests it: many long requests whose client gives up after a short timeout; then a fresh
+    request is answered and nothing is left anywhere (registry, allocators, router)."""
+
+    async def abandon() -> int:
+        async with AsyncOpenAI(
+            base_url=f"{cluster.gateway_url}/v1", api_key="x", max_retries=0, timeout=1.0
+        ) as aclient:
+
+            async def one(i: int) -> str:
+                out = await aclient.completions.create(
+                    model=model, prompt=f"{PROMPT} {i}", max_tokens=900, extra_body={"ignore_eos": True},
+                    stream=stream,
+                )  # fmt: skip
+                if not stream:
+                    return "finished"
+                async for _ in out:  # type: ignore[union-attr]
+                    break  # a first chunk came: walk away mid-stream
+                await out.close()  # type: ignore[union-attr]
+                return "abandoned"
+
+            results = await asyncio.gather(*(one(i) for i in range(16)), return_exceptions=True)
+        if stream:
+            return results.count("abandoned")
+        return sum(isinstance(r, openai.APITimeoutError) for r in results)
+
+    assert asyncio.run(abandon()) == 16
+    fresh = OpenAI(base_url=f"{cluster.gateway_url}/v1", api_key="x", max_retries=0, timeout=30)
+    assert fresh.completions.create(model=model, prompt=PROMPT, max_tokens=4).choices[0].text is not None
+    assert_no_leaks(cluster, timeout_s=30)
+    metrics = _samples(httpx.get(f"{cluster.gateway_url}/metrics").text)
+    assert metrics[f'vllm:num_requests_running{{model_name="{model}"}}'] == 0
+
+
+# -- a second gateway: API key and the bound on requests in flight ---------------------------------
+@pytest.fixture(scope="module")
+def guarded(cluster: LocalCluster, llama_dir: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {**os.environ, "BATON_API_KEY": "s3cret", "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "baton.services.cli", "gateway", "--model", str(llama_dir)]
+    argv += ["--router", cluster.router_address, "--port", str(port), "--max-pending-requests", "1"]
+    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "gateway did not start"
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        assert process.wait(timeout=40) == 0
+
+
+def test_api_key_is_required_on_v1_only(guarded: str) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        reply = httpx.post(f"{guarded}/v1/completions", json=body, headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{guarded}/v1/models").status_code == 401
+    ok = OpenAI(base_url=f"{guarded}/v1", api_key="s3cret", max_retries=0)
+    assert ok.completions.create(model=ok.models.list().data[0].id, prompt=PROMPT, max_tokens=2).choices
+    assert httpx.get(f"{guarded}/health").status_code == 200
+    assert httpx.get(f"{guarded}/metrics").status_code == 200
+
+
+def test_requests_beyond_the_pending_bound_get_503_at_once(guarded: str) -> None:
+    headers = {"Authorization": "Bearer s3cret"}
+    long = {"prompt": PROMPT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{guarded}/v1/completions", json=long, headers=headers, timeout=60) as first:
+        assert first.status_code == 200
+        lines = first.iter_lines()
+        next(lines)  # it is generating
+        refused = httpx.post(f"{guarded}/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "server_error"
+    # the abandoned stream is aborted and the slot is free again
+    deadline = time.monotonic() + 30
+    while (reply := httpx.post(f"{guarded}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                               headers=headers)).status_code == 503:  # fmt: skip
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert reply.status_code == 200
