@@ -21,6 +21,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import baton
 from baton.services.gateway.chat import create_chat_completion
 from baton.services.gateway.completions import create_completion
 from baton.services.gateway.context import GatewayContext
@@ -62,10 +63,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(ctx, body, request)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        model = await ctx.router.model()
-        card = {
+    async def model_card(requested: str | None) -> dict[str, Any]:
+        model = await ctx.router.served_model(requested)
+        return {
             "id": model.name,
             "object": "model",
             "created": started,
@@ -73,7 +73,18 @@ def create_app(config: GatewayConfig) -> FastAPI:
             "root": model.name,
             "max_model_len": model.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [await model_card(None)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        return await model_card(model)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": baton.__version__}
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -88,7 +88,8 @@ class SamplingFields(BaseModel):
 
     @property
     def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
+        """Names of the fields this server ignores (cut to 40 characters: they end up in logs)."""
+        return sorted(name[:40] for name in self.model_extra or {})
 
 
 TokenIdList = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
