@@ -1,0 +1,215 @@
+"""Paged decode attention: one query token per sequence against its keys in the paged KV cache.
+
+Split-KV (flash-decoding): a sequence's keys are cut into `num_splits` ranges of whole pages; one
+program per (sequence, KV head, split) computes a partial softmax-weighted sum for every query head
+of the KV head's group, and a second kernel combines the splits with their log-sum-exp. The grid
+depends only on shapes (never on sequence lengths), so the launch can be captured in a CUDA graph.
+
+    caches: [num_blocks, block_size, num_kv_heads, head_dim]     block_tables: [num_seqs, max_blocks]
+    q, out: [num_seqs, num_q_heads, head_dim]                    seq_lens: [num_seqs]
+
+Slots past a sequence's length are never read into the result: their scores are masked and their
+values zeroed before use, so they may hold anything (NaN included).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The same function in plain torch (gather the pages, softmax in float32), one sequence at a time."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for i in range(num_seqs):
+        n = int(seq_lens[i])
+        pages = block_tables[i, : -(-n // k_cache.shape[1])].long()
+        keys = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:n].float()  # [n, kvh, d]
+        values = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:n].float()
+        qi = q[i].float().view(num_kv_heads, group, head_dim)
+        scores = torch.einsum("hgd,nhd->hgn", qi, keys) * scale
+        probs = torch.softmax(scores, dim=-1)
+        out[i] = torch.einsum("hgn,nhd->hgd", probs, values).reshape(num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over each sequence's first seq_lens[i] cached tokens.
+
+    Any GQA ratio; power-of-two block sizes; any head_dim; bf16, fp16 or fp32. `num_splits` None picks
+    enough splits to fill the device from the shapes alone (CUDA-graph safe)."""
+    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    max_blocks = block_tables.shape[1]
+    if num_splits is None:
+        num_splits = _default_splits(q.device, num_seqs * num_kv_heads, max_blocks)
+    num_splits = max(1, min(num_splits, max_blocks))
+    pages_per_split = -(-max_blocks // num_splits)
+    group = num_q_heads // num_kv_heads
+    group_pad = max(triton.next_power_of_2(group), 1)
+    dim_pad = triton.next_power_of_2(head_dim)
+    if out is None:
+        out = torch.empty_like(q)
+    # partials: [num_seqs, num_kv_heads, num_splits, group_pad, (dim_pad | 1)] in float32
+    part_out = torch.empty(
+        (num_seqs, num_kv_heads, num_splits, group_pad, dim_pad), device=q.device, dtype=torch.float32
+    )
+    part_max = torch.empty(part_out.shape[:-1], device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    _split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, part_out, part_max, part_sum,
+        scale, pages_per_split, max_blocks, group, head_dim,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
+        NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
+    )  # fmt: skip
+    _combine_kernel[(num_seqs, num_kv_heads)](
+        part_out, part_max, part_sum, out, group, head_dim, *out.stride(),
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), GROUP_PAD=group_pad,
+        DIM_PAD=dim_pad,
+    )  # fmt: skip
+    return out
+
+
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+) -> None:
+    """Shapes, dtypes and strides, before any launch (ValueError names the problem)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"expected q [seqs, heads, dim] and equal 4-d caches, got {tuple(q.shape)}, "
+            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
+    num_seqs, num_q_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"q head_dim {head_dim} vs cache {cache_dim}, or {num_q_heads} query heads not a multiple "
+            f"of {num_kv_heads} KV heads"
+        )
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32")
+    if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} do not match "
+            f"{num_seqs} sequences"
+        )
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
+
+
+def _default_splits(device: torch.device, num_programs: int, max_blocks: int) -> int:
+    """Enough programs for about two waves of the device's multiprocessors."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(max_blocks, -(-2 * sms // max(num_programs, 1))))
+
+
+@triton.jit
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
+    scale, pages_per_split, max_blocks, group, head_dim,
+    q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, table_s0,
+    NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + seq)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, DIM_PAD)
+    slot = tl.arange(0, BLOCK_SIZE)
+    g_ok = g < group
+    d_ok = d < head_dim
+    heads = kv_head * group + g
+    # q: [GROUP_PAD, DIM_PAD] in float32, pre-scaled
+    q_ptrs = q_ptr + seq * q_s0 + heads[:, None] * q_s1 + d[None, :] * q_s2
+    q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = q.to(tl.float32) * scale
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    s = tl.zeros((GROUP_PAD,), tl.float32)
+    acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
+    first_page = split * pages_per_split
+    last_page = tl.minimum(first_page + pages_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
+    for i in range(0, pages_per_split):
+        page = first_page + i
+        if page < last_page:
+            block = tl.load(table_ptr + seq * table_s0 + page)
+            pos = page * BLOCK_SIZE + slot
+            ok = pos < seq_len
+            kv_mask = ok[:, None] & d_ok[None, :]
+            # k, v: [BLOCK_SIZE, DIM_PAD], one page of this KV head
+            k_ptrs = k_ptr + block * k_s0 + slot[:, None] * k_s1 + kv_head * k_s2 + d[None, :] * k_s3
+            v_ptrs = v_ptr + block * v_s0 + slot[:, None] * v_s1 + kv_head * v_s2 + d[None, :] * v_s3
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            k = tl.where(kv_mask, k.to(tl.float32), 0.0)  # unused slots may hold NaN
+            v = tl.where(kv_mask, v.to(tl.float32), 0.0)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
+            scores = tl.where(ok[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            s = s * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            m = m_new
+    base = ((seq * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD
+    tl.store(part_out_ptr + (base + g)[:, None] * DIM_PAD + d[None, :], acc)
+    tl.store(part_max_ptr + base + g, m)
+    tl.store(part_sum_ptr + base + g, s)
+
+
+@triton.jit
+def _combine_kernel(
+    part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, group, head_dim, o_s0, o_s1, o_s2,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, DIM_PAD)
+    sp_ok = sp < NUM_SPLITS
+    base = (seq * tl.num_programs(1) + kv_head) * NUM_SPLITS
+    rows = (base + sp)[:, None] * GROUP_PAD + g[None, :]  # [SPLITS_PAD, GROUP_PAD]
+    m = tl.load(part_max_ptr + rows, mask=sp_ok[:, None], other=float("-inf"))
+    s = tl.load(part_sum_ptr + rows, mask=sp_ok[:, None], other=0.0)
+    m_all = tl.max(m, axis=0)  # [GROUP_PAD]
+    weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all[None, :]))  # empty splits weigh 0
+    total = tl.sum(s * weight, axis=0)
+    acc_ptrs = part_out_ptr + rows[:, :, None] * DIM_PAD + d[None, None, :]
+    acc = tl.load(acc_ptrs, mask=sp_ok[:, None, None], other=0.0)  # [SPLITS_PAD, GROUP_PAD, DIM_PAD]
+    out = tl.sum(acc * weight[:, :, None], axis=0) / total[:, None]  # [GROUP_PAD, DIM_PAD]
+    heads = kv_head * group + g
+    mask = (g < group)[:, None] & (d < head_dim)[None, :]
+    out_ptrs = out_ptr + seq * o_s0 + heads[:, None] * o_s1 + d[None, :] * o_s2
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,84 @@
+"""Paged decode attention (Triton) against its torch reference, on small ragged shapes with shuffled
+block tables and NaN in every cache slot no sequence may read. Without CUDA the kernel runs under
+TRITON_INTERPRET=1 (slow: shapes stay small)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+
+triton = pytest.importorskip("triton")
+
+from baton.kernels import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def make_case(
+    seed: int, seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Disjoint shuffled pages per sequence; slots past each length and unused pages hold NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    pages = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(pages) + 1  # one padding column
+    num_blocks = sum(pages) + 3
+    order = torch.randperm(num_blocks, generator=gen)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    used = 0
+    for i, (n, p) in enumerate(zip(seq_lens, pages, strict=True)):
+        ids = order[used : used + p]
+        used += p
+        tables[i, :p] = ids
+        for j, block in enumerate(ids.tolist()):
+            valid = min(block_size, n - j * block_size)
+            k_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    return tuple(t.to(DEVICE) for t in (q, k_cache, v_cache, tables, lens))
+
+
+@pytest.mark.parametrize(
+    ("seq_lens", "num_q_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "num_splits"),
+    [
+        ([1, 17, 40], 4, 2, 64, 8, torch.float32, 1),
+        ([5, 70, 33, 16], 8, 2, 64, 16, torch.float32, 3),  # splits, some of them empty for short ones
+        ([9, 31], 6, 2, 80, 8, torch.float16, 4),  # group of 3 (padded), head_dim not a power of two
+        ([64, 3], 4, 4, 32, 32, torch.bfloat16, 2),  # MHA
+        ([100], 8, 1, 128, 64, torch.bfloat16, None),  # MQA, the default split count
+    ],
+)
+def test_matches_the_reference(
+    seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype, num_splits: int | None,
+) -> None:  # fmt: skip
+    q, k_cache, v_cache, tables, lens = make_case(
+        len(seq_lens) * 7 + head_dim, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype
+    )
+    scale = head_dim**-0.5
+    want = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, scale)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    got = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, out=out, num_splits=num_splits)
+    assert got is out and not torch.isnan(got).any()
+    error = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    assert error < TOLERANCE[dtype], error
+
+
+def test_bad_shapes_are_refused_before_launch() -> None:
+    q, k_cache, v_cache, tables, lens = make_case(0, [5], 4, 2, 16, 8, torch.float32)
+    with pytest.raises(ValueError, match="multiple"):
+        paged_decode_attention(q[:, :3], k_cache, v_cache, tables, lens, 1.0)
+    with pytest.raises(ValueError, match="int32"):
+        paged_decode_attention(q, k_cache, v_cache, tables.long(), lens, 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        paged_decode_attention(q.double(), k_cache, v_cache, tables, lens, 1.0)
