@@ -18,6 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+TILE_TOKENS = 64
+"""Keys one program attends per step (whole pages; a larger block size sets its own)."""
+NUM_WARPS = 4
+
 
 def paged_decode_attention_reference(
     q: torch.Tensor,
@@ -62,16 +66,18 @@ def paged_decode_attention(
     num_seqs, num_q_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     max_blocks = block_tables.shape[1]
+    tile = max(block_size, TILE_TOKENS)
+    num_tiles = -(-max_blocks * block_size // tile)
     if num_splits is None:
-        num_splits = _default_splits(q.device, num_seqs * num_kv_heads, max_blocks)
-    num_splits = max(1, min(num_splits, max_blocks))
-    pages_per_split = -(-max_blocks // num_splits)
+        num_splits = _default_splits(q.device, num_seqs * num_kv_heads, num_tiles)
+    num_splits = max(1, min(num_splits, num_tiles))
+    tiles_per_split = -(-num_tiles // num_splits)
     group = num_q_heads // num_kv_heads
-    group_pad = max(triton.next_power_of_2(group), 1)
-    dim_pad = triton.next_power_of_2(head_dim)
+    group_pad = max(triton.next_power_of_2(group), 16)  # tl.dot needs 16 rows
+    dim_pad = max(triton.next_power_of_2(head_dim), 16)
     if out is None:
         out = torch.empty_like(q)
-    # partials: [num_seqs, num_kv_heads, num_splits, group_pad, (dim_pad | 1)] in float32
+    # partials: [num_seqs, num_kv_heads, num_splits, group_pad, dim_pad] in float32; max and sum without dim
     part_out = torch.empty(
         (num_seqs, num_kv_heads, num_splits, group_pad, dim_pad), device=q.device, dtype=torch.float32
     )
@@ -79,9 +85,10 @@ def paged_decode_attention(
     part_sum = torch.empty_like(part_max)
     _split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_max, part_sum,
-        scale, pages_per_split, max_blocks, group, head_dim,
+        scale, tiles_per_split, group, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
-        NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
+        NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, TILE=tile, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS,
     )  # fmt: skip
     _combine_kernel[(num_seqs, num_kv_heads)](
         part_out, part_max, part_sum, out, group, head_dim, *out.stride(),
@@ -137,50 +144,50 @@ def _default_splits(device: torch.device, num_programs: int, max_blocks: int) ->
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-    scale, pages_per_split, max_blocks, group, head_dim,
+    scale, tiles_per_split, group, head_dim,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, table_s0,
-    NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    DIM_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """One (sequence, KV head, split): online softmax over tiles of TILE tokens (whole pages)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
-    slot = tl.arange(0, BLOCK_SIZE)
-    g_ok = g < group
+    tok = tl.arange(0, TILE)
     d_ok = d < head_dim
     heads = kv_head * group + g
-    # q: [GROUP_PAD, DIM_PAD] in float32, pre-scaled
+    # q: [GROUP_PAD, DIM_PAD], the query heads sharing this KV head (padding rows are 0)
     q_ptrs = q_ptr + seq * q_s0 + heads[:, None] * q_s1 + d[None, :] * q_s2
-    q = tl.load(q_ptrs, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32) * scale
+    q = tl.load(q_ptrs, mask=(g < group)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
-    first_page = split * pages_per_split
-    last_page = tl.minimum(first_page + pages_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
-    for i in range(0, pages_per_split):
-        page = first_page + i
-        if page < last_page:
-            block = tl.load(table_ptr + seq * table_s0 + page)
-            pos = page * BLOCK_SIZE + slot
+    first_token = split * tiles_per_split * TILE
+    for i in range(0, tiles_per_split):
+        start = first_token + i * TILE
+        if start < seq_len:
+            pos = start + tok
             ok = pos < seq_len
+            block = tl.load(table_ptr + seq * table_s0 + pos // BLOCK_SIZE, mask=ok, other=0)
+            slot = pos % BLOCK_SIZE
             kv_mask = ok[:, None] & d_ok[None, :]
-            # k, v: [BLOCK_SIZE, DIM_PAD], one page of this KV head
-            k_ptrs = k_ptr + block * k_s0 + slot[:, None] * k_s1 + kv_head * k_s2 + d[None, :] * k_s3
-            v_ptrs = v_ptr + block * v_s0 + slot[:, None] * v_s1 + kv_head * v_s2 + d[None, :] * v_s3
+            # k, v: [TILE, DIM_PAD] of this KV head, gathered through the block table
+            k_ptrs = k_ptr + block[:, None] * k_s0 + slot[:, None] * k_s1 + kv_head * k_s2 + d[None, :] * k_s3
+            v_ptrs = v_ptr + block[:, None] * v_s0 + slot[:, None] * v_s1 + kv_head * v_s2 + d[None, :] * v_s3
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-            k = tl.where(kv_mask, k.to(tl.float32), 0.0)  # unused slots may hold NaN
-            v = tl.where(kv_mask, v.to(tl.float32), 0.0)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [GROUP_PAD, BLOCK_SIZE]
-            scores = tl.where(ok[None, :], scores, float("-inf"))
+            # fp32 operands: tf32 tensor cores for 16-bit caches (memory-bound; their rounding is below
+            # bf16's), exact products for fp32 ones
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+            scores = tl.where(ok[None, :], scores * scale, float("-inf"))  # [GROUP_PAD, TILE]
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             alpha = tl.exp(m - m_new)
             p = tl.exp(scores - m_new[:, None])
             s = s * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
             m = m_new
     base = ((seq * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD
     tl.store(part_out_ptr + (base + g)[:, None] * DIM_PAD + d[None, :], acc)
