@@ -21,6 +21,8 @@ import triton.language as tl
 TILE_TOKENS = 64
 """Keys one program attends per step (whole pages; a larger block size sets its own)."""
 NUM_WARPS = 4
+WAVES = 2
+"""Default split count: enough programs for this many waves over the multiprocessors."""
 
 
 def paged_decode_attention_reference(
@@ -138,7 +140,7 @@ def _default_splits(device: torch.device, num_programs: int, max_blocks: int) ->
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_blocks, -(-2 * sms // max(num_programs, 1))))
+    return max(1, min(max_blocks, -(-WAVES * sms // max(num_programs, 1))))
 
 
 @triton.jit
