@@ -14,6 +14,8 @@ values zeroed before use, so they may hold anything (NaN included).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -135,12 +137,18 @@ def _check(
         raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
 
 
-def _default_splits(device: torch.device, num_programs: int, max_blocks: int) -> int:
-    """Enough programs for about two waves of the device's multiprocessors."""
+def _default_splits(device: torch.device, num_programs: int, num_tiles: int) -> int:
+    """Enough programs for WAVES waves over the device's multiprocessors (at most one split per tile)."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(max_blocks, -(-WAVES * sms // max(num_programs, 1))))
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(num_tiles, -(-WAVES * sms // max(num_programs, 1))))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    """Asked once per device: this runs on every decode step."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @triton.jit

@@ -166,8 +166,9 @@ class EdgeMiddleware:
             return
         headers = Headers(scope=scope)
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        reply = _with_request_id(send, request_id if _REQUEST_ID.fullmatch(request_id) else uuid.uuid4().hex)
-        if not _REQUEST_ID.fullmatch(request_id):
+        valid_id = _REQUEST_ID.fullmatch(request_id) is not None
+        reply = _with_request_id(send, request_id if valid_id else uuid.uuid4().hex)
+        if not valid_id:
             error = OpenAIError(
                 400, "X-Request-Id must be 1 to 128 letters, digits or ._~:- characters", param="X-Request-Id"
             )
