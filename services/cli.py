@@ -1,5 +1,6 @@
 """The `baton` command line: `serve` (a local cluster), `gateway`, `router`, `prefill`, `decode` (one
-service each), `registry check`, `complete` (a gRPC client), `generate` (offline), `tiny-model`.
+service each), `registry check`, `complete` (a gRPC client), `generate` (offline), `tiny-model`,
+`bench kernels`.
 
 Every service flag can also come from the environment: `--lease-ttl-s` from BATON_LEASE_TTL_S, and so
 on (flags win)."""
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.model or str(demo_model_dir()), dtype=args.dtype, device=args.device)
+    llm = LLM(
+        args.model or str(demo_model_dir()),
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+    )
     prompts = args.prompt or ["Once upon a time", "It was the best of times,", "Call me Ishmael."]
     start = time.perf_counter()
     if args.chat:
@@ -102,6 +109,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--max-model-len", "context length (default: the model's)", type=int, default=None)
     _flag(group, "--no-prefix-caching", "disable the prefix cache", action="store_true")
     _flag(group, "--seed", "sampler seed for requests without one", type=int, default=0)
+    _flag(
+        group,
+        "--attention-backend",
+        "auto (triton on CUDA, torch elsewhere), torch or triton",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+    )
 
 
 def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +139,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        attention_backend=args.attention_backend,
     )
 
 
@@ -230,13 +245,54 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         str(args.max_num_seqs),
     ]
     argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed)]
-    argv += ["--cpu-kv-cache-gib", str(args.cpu_kv_cache_gib)]
+    argv += ["--cpu-kv-cache-gib", str(args.cpu_kv_cache_gib), "--attention-backend", args.attention_backend]
     for flag, value in (("--num-kv-blocks", args.num_kv_blocks), ("--max-model-len", args.max_model_len)):
         if value is not None:
             argv += [flag, str(value)]
     if args.no_prefix_caching:
         argv.append("--no-prefix-caching")
     return argv
+
+
+def _cmd_bench_kernels(args: argparse.Namespace) -> int:
+    from baton.kernels.bench import KernelBenchConfig, run_kernel_benchmarks
+    from baton.kernels.bench.runner import FAMILIES
+
+    families = tuple(args.only.split(",")) if args.only else FAMILIES
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(
+            f"--only: unknown kernel families {', '.join(unknown)}; known: {', '.join(FAMILIES)}"
+        )
+    config = KernelBenchConfig(families=families, out=Path(args.out) if args.out else None)
+    if args.decode_shapes:
+        batches, contexts = _grid(args.decode_shapes, "--decode-shapes")
+        config = replace(config, decode_batches=batches, decode_contexts=contexts)
+    if args.prefill_shapes:
+        pairs = tuple(_grid(part, "--prefill-shapes") for part in args.prefill_shapes.split(","))
+        config = replace(config, prefill_shapes=tuple((b[0], n[0]) for b, n in pairs))
+    config = replace(config, tuning=dict(_tuning(item) for item in args.tune))
+    run_kernel_benchmarks(config)
+    return 0
+
+
+def _grid(text: str, flag: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """'32,64x1024,2048' -> ((32, 64), (1024, 2048))."""
+    try:
+        left, right = text.split("x")
+        grid = tuple(int(v) for v in left.split(",")), tuple(int(v) for v in right.split(","))
+    except ValueError:
+        raise ValueError(f"{flag}: expected e.g. 32,64x1024,2048, got {text!r}") from None
+    if min(grid[0] + grid[1]) < 1:
+        raise ValueError(f"{flag}: sizes must be positive, got {text!r}")
+    return grid
+
+
+def _tuning(item: str) -> tuple[str, int]:
+    name, _, value = item.partition("=")
+    if not value.lstrip("-").isdigit():
+        raise ValueError(f"--tune: expected NAME=INT, got {item!r}")
+    return name, int(value)
 
 
 def _cmd_registry_check(args: argparse.Namespace) -> int:
@@ -327,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    gen.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     gen.set_defaults(func=_cmd_generate)
 
     tiny = sub.add_parser("tiny-model", help="write a small random-weight model in Hugging Face format")
@@ -396,6 +453,25 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     complete.add_argument("--timeout-s", type=float, default=60.0)
     complete.set_defaults(func=_cmd_complete)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    kernels = bench_sub.add_parser(
+        "kernels", help="time every Triton kernel against its torch baseline on this GPU (needs CUDA)"
+    )
+    kernels.add_argument(
+        "--only", help="comma-separated families: decode, prefill, elementwise (default: all)"
+    )
+    kernels.add_argument("--decode-shapes", help="batches x contexts, e.g. 32,64,128x1024,2048,4096,8192")
+    kernels.add_argument("--prefill-shapes", help="sequences x tokens pairs, e.g. 16x512,4x2048")
+    kernels.add_argument(
+        "--tune",
+        action="append",
+        default=[],
+        help="override a kernel constant, e.g. decode.NUM_STAGES=3 (repeatable)",
+    )
+    kernels.add_argument("--out", help="write the results as JSON here")
+    kernels.set_defaults(func=_cmd_bench_kernels)
 
     registry = sub.add_parser("registry", help="inspect the Redis registry")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)

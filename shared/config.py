@@ -39,7 +39,9 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse KV of identical prompt prefixes across requests."
     )
-    attention_backend: Literal["auto", "torch"] = Field("auto", description="Attention implementation.")
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="Attention implementation; auto: triton on CUDA, torch elsewhere."
+    )
     seed: int = Field(0, description="Seed of the sampler's generator for requests without their own seed.")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from baton.shared.config import EngineConfig
-from baton.shared.engine.attention import get_attention_backend
+from baton.shared.engine.attention import get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
@@ -65,9 +65,8 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         self.max_model_len = _resolve_max_model_len(config, self.model_config)
         self.eos_token_ids = frozenset(_eos_token_ids(self.model_dir, self.model_config))
-        backend = get_attention_backend(
-            "torch" if config.attention_backend == "auto" else config.attention_backend
-        )
+        self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
+        backend = get_attention_backend(self.attention_backend)
         self.model = load_model(
             self.model_dir, self.model_config, self.dtype, self.device, backend, self.max_model_len
         )
@@ -91,10 +90,11 @@ class EngineCore:
         # being freed (and its blocks handed to another request) while a layer is being written.
         self._reservation_lock = threading.Lock()
         logger.info(
-            "engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            "engine ready: %s on %s (%s, %s attention), %d KV blocks of %d tokens, max_model_len %d",
             self.model_config.architecture,
             self.device,
             self.dtype,
+            self.attention_backend,
             num_blocks,
             config.block_size,
             self.max_model_len,

@@ -22,12 +22,15 @@ def prompts(n: int = 12) -> list[list[int]]:
     return [[rng.randrange(4, 2000) for _ in range(rng.randrange(1, 300))] for _ in range(n)]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_cuda_float32_matches_transformers(model_dirs: dict[str, Path], arch: str) -> None:
+def test_cuda_float32_matches_transformers(model_dirs: dict[str, Path], arch: str, backend: str) -> None:
     model_dir = model_dirs[arch]
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
     hf.generation_config.eos_token_id = None
-    llm = LLM(str(model_dir), device="cuda", dtype="float32", max_num_batched_tokens=256)
+    llm = LLM(
+        str(model_dir), device="cuda", dtype="float32", max_num_batched_tokens=256, attention_backend=backend
+    )
     outputs = llm.generate(prompts(), GREEDY)
     for prompt, out in zip(prompts(), outputs, strict=True):
         with torch.inference_mode():
@@ -48,3 +51,28 @@ def test_cuda_bfloat16_tracks_float32(llama_dir: Path) -> None:
         token = b.token_ids[0]
         assert token in a.logprobs[0]
         assert abs(a.logprobs[0][token].logprob - b.logprobs[0][token].logprob) < 0.25
+
+
+def test_cuda_picks_the_triton_backend(llama_dir: Path) -> None:
+    assert LLM(str(llama_dir), device="cuda").engine.attention_backend == "triton"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_triton_backend_tracks_torch_in_16_bit(llama_dir: Path, dtype: str) -> None:
+    """Mixed batches (decodes beside chunked prefills, prefix hits): the same top choices, close logprobs."""
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
+    shared = prompts(1)[0][:200]
+    batch = [shared + p[:50] for p in prompts(6)] + prompts(6)
+    runs = {
+        backend: LLM(
+            str(llama_dir), device="cuda", dtype=dtype, attention_backend=backend, max_num_batched_tokens=128
+        ).generate(batch, params)
+        for backend in ("torch", "triton")
+    }
+    for ref, got in zip(runs["torch"], runs["triton"], strict=True):
+        for step, (want_lp, got_lp) in enumerate(zip(ref.logprobs, got.logprobs, strict=True)):
+            token = got.token_ids[step]
+            assert token in want_lp  # a near-tie may swap, never an unlikely token
+            assert abs(want_lp[token].logprob - got_lp[token].logprob) < 0.1
+            if token != ref.token_ids[step]:
+                break  # the sequences diverge from here on

@@ -83,5 +83,5 @@ def test_paged_attention_matches_dense(window: int | None, heads: int, kv_heads:
 
 
 def test_unknown_backend_is_named() -> None:
-    with pytest.raises(ValueError, match="unknown attention backend 'flash'; available: torch"):
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'; available: torch, triton"):
         get_attention_backend("flash")

@@ -74,6 +74,19 @@ def test_matches_the_reference(
     assert error < TOLERANCE[dtype], error
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_sliding_window_sees_only_the_last_keys(num_splits: int) -> None:
+    q, k_cache, v_cache, tables, lens = make_case(5, [3, 50, 77], 4, 2, 32, 8, torch.float32)
+    want = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.2, sliding_window=20)
+    got = paged_decode_attention(
+        q, k_cache, v_cache, tables, lens, 0.2, num_splits=num_splits, sliding_window=20
+    )
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    full = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, 0.2)
+    assert (got[0] - full[0]).norm() < 1e-5  # 3 tokens: all inside the window
+    assert (got[2] - full[2]).norm() > 1e-2  # a long sequence's result changes
+
+
 def test_bad_shapes_are_refused_before_launch() -> None:
     q, k_cache, v_cache, tables, lens = make_case(0, [5], 4, 2, 16, 8, torch.float32)
     with pytest.raises(ValueError, match="multiple"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -64,11 +66,38 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor: ...
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """`torch` (reference, any device). Unknown names raise ValueError listing the known ones."""
-    from baton.shared.engine.attention.torch_backend import TorchAttentionBackend
+BACKEND_NAMES = ("torch", "triton")
 
-    backends: dict[str, type[AttentionBackend]] = {"torch": TorchAttentionBackend}
-    if name not in backends:
-        raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(sorted(backends))}")
-    return backends[name]()
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """`torch` (reference, any device) or `triton` (CUDA; on CPU only under TRITON_INTERPRET=1).
+    Unknown names raise ValueError listing the known ones."""
+    if name == "torch":
+        from baton.shared.engine.attention.torch_backend import TorchAttentionBackend
+
+        return TorchAttentionBackend()
+    if name == "triton":
+        from baton.shared.engine.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(BACKEND_NAMES)}")
+
+
+def resolve_backend_name(requested: str, device: torch.device) -> str:
+    """`auto` is `triton` on CUDA when Triton is installed, else `torch`. An explicit `triton` off CUDA
+    is refused unless TRITON_INTERPRET=1 (Triton's CPU interpreter: slow, for tests)."""
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
+    if requested == "triton":
+        if not _triton_installed():
+            raise ValueError("attention backend 'triton' needs the triton package, which is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"attention backend 'triton' needs a CUDA device, the engine runs on {device.type} "
+                "(use 'torch', or set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+            )
+    return requested
+
+
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
