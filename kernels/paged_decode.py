@@ -23,9 +23,11 @@ import triton.language as tl
 TILE_TOKENS = 64
 """Keys one program attends per step (whole pages; a larger block size sets its own)."""
 NUM_WARPS = 4
-NUM_STAGES = 1
-"""Software pipelining of the K/V loads. Off: its shared-memory buffers cost more occupancy (programs in
-flight per SM) than the overlap gains (H100: 81-96 % of copy bandwidth at 1, 66-94 % at 2 and 3)."""
+NUM_STAGES = 2
+"""Software pipelining of the K/V loads: the next tile's loads are issued before this one's dots."""
+NATIVE_DOT = True
+"""16-bit caches: tl.dot on the 16-bit operands (P rounded to them too, as FlashAttention does) instead
+of tf32 on float32 copies; half the registers per K/V tile."""
 WAVES = 2
 """Default split count: enough programs for this many waves over the multiprocessors..."""
 MIN_TILES_PER_SPLIT = 2
@@ -96,7 +98,7 @@ def paged_decode_attention(
     common = dict(
         NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, TILE=tile, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
         WINDOW=sliding_window or 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=NUM_WARPS,
+        NATIVE=NATIVE_DOT and q.dtype != torch.float32 and q.device.type == "cuda", num_warps=NUM_WARPS,
     )  # fmt: skip
     if num_splits == 1:  # one pass writes the result: no partials, no combine launch
         _split_kernel[(num_seqs, num_kv_heads, 1)](
@@ -181,7 +183,8 @@ def _split_kernel(
     scale, tiles_per_split, group, head_dim,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, table_s0, o_s0, o_s1, o_s2,
     NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, GROUP_PAD: tl.constexpr,
-    DIM_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr,
+    DIM_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): online softmax over tiles of TILE tokens (whole pages). With
     NUM_SPLITS 1 it writes the normalized result to out; otherwise its partials for the combine."""
@@ -196,7 +199,9 @@ def _split_kernel(
     heads = kv_head * group + g
     # q: [GROUP_PAD, DIM_PAD], the query heads sharing this KV head (padding rows are 0)
     q_ptrs = q_ptr + seq * q_s0 + heads[:, None] * q_s1 + d[None, :] * q_s2
-    q = tl.load(q_ptrs, mask=(g < group)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_ptrs, mask=(g < group)[:, None] & d_ok[None, :], other=0.0)
+    if not NATIVE:
+        q = q.to(tl.float32)
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
@@ -219,15 +224,22 @@ def _split_kernel(
         v_ptrs = v_ptr + block[:, None] * v_s0 + slot[:, None] * v_s1 + kv_head * v_s2 + d[None, :] * v_s3
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        # fp32 operands: tf32 tensor cores for 16-bit caches (memory-bound; their rounding is below
-        # bf16's), exact products for fp32 ones
-        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
+        # NATIVE: 16-bit operands, float32 accumulation. Otherwise float32 operands: tf32 tensor cores for
+        # 16-bit caches (exact: tf32 holds a bf16 mantissa), exact products for fp32 ones. The CPU
+        # interpreter gets 16-bit dots wrong, so it always takes the float32 path.
+        if NATIVE:
+            scores = tl.dot(q, tl.trans(k))
+        else:
+            scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=PRECISION)
         scores = tl.where(ok[None, :], scores * scale, float("-inf"))  # [GROUP_PAD, TILE]
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         s = s * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+        if NATIVE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m = m_new
     if NUM_SPLITS == 1:
         mask = (g < group)[:, None] & d_ok[None, :]

@@ -180,9 +180,7 @@ class EngineCore:
                     f"expected {expected} {k_cache.dtype}"
                 )
             index = torch.tensor(block_ids, device=self.device)
-            kv = kv.to(self.device, non_blocking=True)
-            k_cache.index_copy_(0, index, kv[0])
-            v_cache.index_copy_(0, index, kv[1])
+            self._scatter_blocks(kv.to(self.device, non_blocking=True), k_cache, v_cache, index)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # the caller reuses `kv` next
 
@@ -232,7 +230,7 @@ class EngineCore:
             k_cache, v_cache = self.kv_caches[layer]
             for request_id, block_ids in index_tensors:
                 # kv: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                kv = torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
+                kv = self._gather_blocks(k_cache, v_cache, block_ids)
                 ready = None
                 if self.device.type == "cuda":
                     ready = torch.cuda.Event()
@@ -240,6 +238,26 @@ class EngineCore:
                 sink(request_id, layer, kv, ready)
 
         return export
+
+    def _gather_blocks(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> torch.Tensor:  # [2, len(block_ids), block_size, num_kv_heads, head_dim]
+        if self.attention_backend == "triton":
+            from baton.kernels import gather_kv_blocks
+
+            return gather_kv_blocks(k_cache, v_cache, block_ids)
+        return torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
+
+    def _scatter_blocks(
+        self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> None:
+        if self.attention_backend == "triton":
+            from baton.kernels import scatter_kv_blocks
+
+            scatter_kv_blocks(kv.contiguous(), k_cache, v_cache, block_ids)
+            return
+        k_cache.index_copy_(0, block_ids, kv[0])
+        v_cache.index_copy_(0, block_ids, kv[1])
 
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         logprobs = None

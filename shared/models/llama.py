@@ -8,6 +8,8 @@ q/k/v and gate/up projections are fused into one matmul each; the weight loader 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
+from typing import overload
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +24,30 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    """RMSNorm, optionally fused with the residual add before it: `norm(x, residual)` returns
+    (norm(x + residual), x + residual). `fused` runs Baton's Triton kernel (same rounding)."""
+
+    def __init__(self, hidden_size: int, eps: float, fused: ModuleType | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.fused = fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @overload
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:
+            return self.fused.rms_norm(x, self.weight, self.eps, residual=residual)  # type: ignore[no-any-return]
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32, scale in the activations' dtype, as the reference implementation does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,13 +55,17 @@ class RMSNorm(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: ModuleType | None = None) -> None:
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)  # [n, 2 * intermediate]: gate, then up
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -80,31 +104,42 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend) -> None:
+    """Carries the residual stream separately, so each residual add fuses into the norm after it:
+    the output is (mlp_out, residual) and the next layer's norm adds them."""
+
+    def __init__(
+        self, cfg: ModelConfig, layer_idx: int, backend: AttentionBackend, fused: ModuleType | None
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
         self.self_attn = Attention(cfg, layer_idx, backend)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
+        self.mlp = GatedMLP(cfg, fused)
 
     def forward(
         self,
         positions: torch.Tensor,
         x: torch.Tensor,
+        residual: torch.Tensor | None,  # None before the first layer: x is the embedding
         rope: RotaryEmbedding,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, fused: ModuleType | None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend, fused) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, fused)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -114,7 +149,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, backend)
+        self.fused = _fused_kernels() if backend.fused_layers else None
+        self.model = LlamaModel(cfg, backend, self.fused)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -123,7 +159,9 @@ class LlamaForCausalLM(nn.Module):
     def init_rope(self, max_positions: int, device: torch.device) -> None:
         """Build the cos/sin tables on `device` (after the weights are materialized there)."""
         cfg = self.config
-        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device)
+        self.rope = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, device, self.fused
+        )
 
     def forward(
         self,
@@ -138,11 +176,14 @@ class LlamaForCausalLM(nn.Module):
         if self.rope is None:
             raise RuntimeError("init_rope() must run before forward()")
         x = self.model.embed_tokens(input_ids)
+        residual = None
         for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
-            x = layer(positions, x, self.rope, kv_cache, meta)
+            x, residual = layer(positions, x, residual, self.rope, kv_cache, meta)
             if on_layer_done is not None:
                 on_layer_done(i)
-        return self.model.norm(x)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         return self.lm_head(hidden).float()
@@ -164,3 +205,10 @@ class LlamaForCausalLM(nn.Module):
             kv = cfg.num_kv_heads * cfg.head_dim
             return [cfg.num_heads * cfg.head_dim, kv, kv]
         return [cfg.intermediate_size, cfg.intermediate_size]
+
+
+def _fused_kernels() -> ModuleType:
+    """Baton's Triton norm, rope and activation kernels (imported only when a model uses them)."""
+    from baton.kernels import fused
+
+    return fused

@@ -4,6 +4,7 @@ with linear and llama3 frequency scaling."""
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -42,7 +43,10 @@ class RotaryEmbedding:
         theta: float,
         scaling: dict[str, Any] | None,
         device: torch.device,
+        fused: ModuleType | None = None,
     ) -> None:
+        """`fused`: Baton's Triton kernels module; q and k are then rotated in place, in one launch."""
+        self.fused = fused
         inv_freq = inverse_frequencies(head_dim, theta, scaling).to(device)
         freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
@@ -55,6 +59,8 @@ class RotaryEmbedding:
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused is not None:
+            return self.fused.apply_rotary(q, k, self.cos, self.sin, positions)  # type: ignore[no-any-return]
         cos = self.cos[positions].to(q.dtype)[:, None, :]  # [num_tokens, 1, head_dim]
         sin = self.sin[positions].to(q.dtype)[:, None, :]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -58,21 +58,40 @@ def test_cuda_picks_the_triton_backend(llama_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_triton_backend_tracks_torch_in_16_bit(llama_dir: Path, dtype: str) -> None:
-    """Mixed batches (decodes beside chunked prefills, prefix hits): the same top choices, close logprobs."""
+def test_triton_backend_is_as_close_to_float32_as_torch(llama_dir: Path, dtype: str) -> None:
+    """In 16 bits both backends round differently, so neither is the reference: each is compared with
+    float32 over mixed batches (decodes beside chunked prefills, prefix hits), and the triton backend's
+    error must not exceed the torch backend's by more than noise."""
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=5)
     shared = prompts(1)[0][:200]
     batch = [shared + p[:50] for p in prompts(6)] + prompts(6)
-    runs = {
-        backend: LLM(
-            str(llama_dir), device="cuda", dtype=dtype, attention_backend=backend, max_num_batched_tokens=128
-        ).generate(batch, params)
-        for backend in ("torch", "triton")
-    }
-    for ref, got in zip(runs["torch"], runs["triton"], strict=True):
-        for step, (want_lp, got_lp) in enumerate(zip(ref.logprobs, got.logprobs, strict=True)):
-            token = got.token_ids[step]
-            assert token in want_lp  # a near-tie may swap, never an unlikely token
-            assert abs(want_lp[token].logprob - got_lp[token].logprob) < 0.1
-            if token != ref.token_ids[step]:
-                break  # the sequences diverge from here on
+
+    def run(backend: str, run_dtype: str) -> list:
+        llm = LLM(
+            str(llama_dir),
+            device="cuda",
+            dtype=run_dtype,
+            attention_backend=backend,
+            max_num_batched_tokens=128,
+        )
+        return llm.generate(batch, params)
+
+    ref = run("torch", "float32")
+    errors = {backend: logprob_errors(ref, run(backend, dtype)) for backend in ("torch", "triton")}
+    assert len(errors["triton"]) >= len(batch)  # at least the first token of every prompt compared
+    mean = {backend: sum(e) / len(e) for backend, e in errors.items()}
+    assert mean["triton"] <= 1.5 * mean["torch"] + 0.02, mean
+
+
+def logprob_errors(ref: list, got: list) -> list[float]:
+    """|logprob difference| of float32's chosen token, at every step where the runs still agree."""
+    errors = []
+    for want, have in zip(ref, got, strict=True):
+        for step, token in enumerate(want.token_ids):
+            if token not in have.logprobs[step]:
+                errors.append(10.0)  # float32's choice fell out of the top 5: a large error
+                break
+            errors.append(abs(want.logprobs[step][token].logprob - have.logprobs[step][token].logprob))
+            if have.token_ids[step] != token:
+                break  # the runs diverge from here on
+    return errors

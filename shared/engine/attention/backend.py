@@ -31,6 +31,8 @@ class AttentionBackend(ABC):
     """
 
     name: str
+    fused_layers: bool = False
+    """The model also runs Baton's fused Triton norm, rope and activation kernels."""
 
     def forward(
         self,

@@ -16,6 +16,7 @@ from baton.shared.engine.attention.metadata import AttentionMetadata
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    fused_layers = True
 
     def store_kv(
         self,
