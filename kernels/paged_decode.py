@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.checks import check_q_and_caches
+
 TILE_TOKENS = 64
 """Keys one program attends per step (whole pages; a larger block size sets its own)."""
 NUM_WARPS = 4
@@ -135,22 +137,8 @@ def _check(
     seq_lens: torch.Tensor,
 ) -> None:
     """Shapes, dtypes and strides, before any launch (ValueError names the problem)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"expected q [seqs, heads, dim] and equal 4-d caches, got {tuple(q.shape)}, "
-            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    num_seqs, num_q_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"q head_dim {head_dim} vs cache {cache_dim}, or {num_q_heads} query heads not a multiple "
-            f"of {num_kv_heads} KV heads"
-        )
-    if block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_q_and_caches(q, k_cache, v_cache, "seqs")
+    num_seqs = q.shape[0]
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError("block_tables and seq_lens must be int32")
     if block_tables.shape[0] != num_seqs or seq_lens.shape != (num_seqs,):
@@ -158,8 +146,8 @@ def _check(
             f"block_tables {tuple(block_tables.shape)} / seq_lens {tuple(seq_lens.shape)} do not match "
             f"{num_seqs} sequences"
         )
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or block_tables.stride(1) != 1:
-        raise ValueError("the last dimension of q, the caches and block_tables must be contiguous")
+    if block_tables.stride(1) != 1:
+        raise ValueError("the last dimension of block_tables must be contiguous")
 
 
 def _default_splits(device: torch.device, num_programs: int, num_tiles: int) -> int:

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.checks import check_q_and_caches
+
 BLOCK_M = 128
 """Query rows (tokens x GQA group) per program for head_dim <= 128 in 16-bit dtypes."""
 BLOCK_N = 64
@@ -180,30 +182,12 @@ def _check(
     sliding_window: int | None,
 ) -> None:
     """Shapes, dtypes and strides, before any launch (ValueError names the problem)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"expected q [tokens, heads, dim] and equal 4-d caches, got {tuple(q.shape)}, "
-            f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
-        )
-    _, num_q_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim or num_q_heads % num_kv_heads:
-        raise ValueError(
-            f"q head_dim {head_dim} vs cache {cache_dim}, or {num_q_heads} query heads not a multiple "
-            f"of {num_kv_heads} KV heads"
-        )
-    if block_size < 1 or block_size & (block_size - 1):
-        raise ValueError(f"block_size must be a power of two, got {block_size}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"q must be float32, float16 or bfloat16, got {q.dtype}")
-    if q.dtype != k_cache.dtype or k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"q and caches must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    check_q_and_caches(q, k_cache, v_cache, "tokens")
     _check_batch(block_tables, query_start_loc, seq_lens)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise ValueError(f"out must match q's shape and dtype, got {tuple(out.shape)} {out.dtype}")
-    last_dims = [q, k_cache, v_cache, block_tables] + ([out] if out is not None else [])
-    if any(t.stride(-1) != 1 for t in last_dims):
-        raise ValueError("the last dimension of q, the caches, block_tables and out must be contiguous")
+    if block_tables.stride(-1) != 1 or (out is not None and out.stride(-1) != 1):
+        raise ValueError("the last dimension of block_tables and out must be contiguous")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
 

@@ -1,7 +1,11 @@
-"""Shared fixtures: generated model directories (real Hugging Face format), a private redis-server."""
+"""Shared fixtures: generated model directories (real Hugging Face format), a private redis-server.
+
+Without CUDA, Baton's Triton kernels run in Triton's CPU interpreter. The switch is read when a kernel
+is defined, so it is set here, before any test module imports `baton.kernels`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -11,6 +15,10 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from baton.shared.demo.tiny_model import ARCHITECTURES, write_tiny_model
 

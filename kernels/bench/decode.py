@@ -52,15 +52,23 @@ def bench_decode(
     }
 
 
-def _make_inputs(batch: int, ctx: int, shape: DecodeShape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """Random caches with each sequence's pages scattered (a shuffled block table)."""
-    pages = -(-ctx // shape.block_size)
+def paged_caches(
+    batch: int, length: int, shape: DecodeShape, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K and V caches holding `batch` sequences of `length` tokens with their pages scattered
+    (shuffled block tables), and their lengths."""
+    pages = -(-length // shape.block_size)
     num_blocks = batch * pages
     cache_shape = (num_blocks, shape.block_size, shape.kv_heads, shape.head_dim)
     k = torch.randn(cache_shape, device="cuda", dtype=shape.dtype, generator=gen)
     v = torch.randn(cache_shape, device="cuda", dtype=shape.dtype, generator=gen)
     tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, pages).int()
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+    return k, v, tables, lens
+
+
+def _make_inputs(batch: int, ctx: int, shape: DecodeShape, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    k, v, tables, lens = paged_caches(batch, ctx, shape, gen)
     q = torch.randn(batch, shape.q_heads, shape.head_dim, device="cuda", dtype=shape.dtype, generator=gen)
     return q, k, v, tables, lens
 

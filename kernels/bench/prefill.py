@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from baton.kernels.bench.decode import DecodeShape
+from baton.kernels.bench.decode import DecodeShape, paged_caches
 from baton.kernels.bench.timing import median_ms, relative_error
 from baton.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_reference
 
@@ -53,13 +53,7 @@ def _make_inputs(
 ) -> tuple[Any, ...]:
     """Queries for the last length - prefix tokens of each sequence; all keys already in the cache."""
     new = length - prefix
-    pages = -(-length // shape.block_size)
-    num_blocks = batch * pages
-    cache_shape = (num_blocks, shape.block_size, shape.kv_heads, shape.head_dim)
-    k = torch.randn(cache_shape, device="cuda", dtype=shape.dtype, generator=gen)
-    v = torch.randn(cache_shape, device="cuda", dtype=shape.dtype, generator=gen)
-    tables = torch.randperm(num_blocks, device="cuda", generator=gen).view(batch, pages).int()
-    lens = torch.full((batch,), length, device="cuda", dtype=torch.int32)
+    k, v, tables, lens = paged_caches(batch, length, shape, gen)
     starts = torch.arange(0, (batch + 1) * new, new, device="cuda", dtype=torch.int32)
     q = torch.randn(
         batch * new, shape.q_heads, shape.head_dim, device="cuda", dtype=shape.dtype, generator=gen

@@ -1,18 +1,14 @@
 """The engine with the `triton` attention backend gives the torch backend's tokens. Without CUDA the
-kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before they are defined), so this tier
+kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in tests/conftest.py), so this tier
 covers the backend's wiring (decodes first, prefill chunks after, cached prefixes, chunked prefill,
 sliding windows) on every CI run; tests/gpu repeats it on the real kernels."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 pytest.importorskip("triton")
 

@@ -5,13 +5,8 @@ mistake shows. Without CUDA the kernels run under TRITON_INTERPRET=1 (shapes sta
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 triton = pytest.importorskip("triton")
 

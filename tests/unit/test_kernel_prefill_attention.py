@@ -5,13 +5,8 @@ TRITON_INTERPRET=1 (slow: shapes and tiles stay small)."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 
 triton = pytest.importorskip("triton")
 
