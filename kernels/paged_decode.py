@@ -1,8 +1,8 @@
 """Paged decode attention: one query token per sequence against its keys in the paged KV cache.
 
-Split-KV (flash-decoding): a sequence's keys are cut into `num_splits` ranges of whole pages; one
-program per (sequence, KV head, split) computes a partial softmax-weighted sum for every query head
-of the KV head's group, and a second kernel combines the splits with their log-sum-exp. The grid
+Split-KV (flash-decoding): a sequence's tiles of keys are dealt round-robin to `num_splits` splits;
+one program per (sequence, KV head, split) computes a partial softmax-weighted sum for every query
+head of the KV head's group, and a second kernel combines the splits with their log-sum-exp. The grid
 depends only on shapes (never on sequence lengths), so the launch can be captured in a CUDA graph.
 
     caches: [num_blocks, block_size, num_kv_heads, head_dim]     block_tables: [num_seqs, max_blocks]
@@ -91,7 +91,6 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = _default_splits(q.device, num_seqs * num_kv_heads, num_tiles)
     num_splits = max(1, min(num_splits, num_tiles))
-    tiles_per_split = -(-num_tiles // num_splits)
     group = num_q_heads // num_kv_heads
     group_pad = max(triton.next_power_of_2(group), 16)  # tl.dot needs 16 rows
     dim_pad = max(triton.next_power_of_2(head_dim), 16)
@@ -104,7 +103,7 @@ def paged_decode_attention(
     )  # fmt: skip
     if num_splits == 1:  # one pass writes the result: no partials, no combine launch
         _split_kernel[(num_seqs, num_kv_heads, 1)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, out, out, out, scale, tiles_per_split, group,
+            q, k_cache, v_cache, block_tables, seq_lens, out, out, out, out, scale, group,
             head_dim, *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0),
             *out.stride(), STAGES=NUM_STAGES, **common,
         )  # fmt: skip
@@ -117,7 +116,7 @@ def paged_decode_attention(
     part_sum = torch.empty_like(part_max)
     _split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, part_out, part_max, part_sum, out,
-        scale, tiles_per_split, group, head_dim,
+        scale, group, head_dim,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
         STAGES=NUM_STAGES, **common,
     )  # fmt: skip
@@ -168,7 +167,7 @@ def _multiprocessors(device_index: int) -> int:
 @triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
-    scale, tiles_per_split, group, head_dim,
+    scale, group, head_dim,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, table_s0, o_s0, o_s1, o_s2,
     NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
@@ -193,16 +192,18 @@ def _split_kernel(
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
-    # this split's tokens: [lo, hi), clipped to the sequence and (tile-aligned) to the window
-    lo = split * tiles_per_split * TILE
-    hi = tl.minimum(lo + tiles_per_split * TILE, seq_len)
+    # this split's tiles are split, split + NUM_SPLITS, ...: interleaved, so every sequence spreads over
+    # all splits whatever the block table's width (a CUDA graph's tables are as wide as the longest
+    # possible sequence); tiles wholly before a sliding window are skipped
+    num_seq_tiles = (seq_len + TILE - 1) // TILE
+    end = (tl.maximum(num_seq_tiles - split, 0) + NUM_SPLITS - 1) // NUM_SPLITS
     first_visible = 0
+    begin = 0
     if WINDOW > 0:
         first_visible = tl.maximum(seq_len - WINDOW, 0)
-        lo = tl.maximum(lo, first_visible // TILE * TILE)
-    num_tiles = (tl.maximum(hi - lo, 0) + TILE - 1) // TILE
-    for i in tl.range(0, num_tiles, num_stages=STAGES):
-        pos = lo + i * TILE + tok
+        begin = (tl.maximum(first_visible // TILE - split, 0) + NUM_SPLITS - 1) // NUM_SPLITS
+    for i in tl.range(begin, end, num_stages=STAGES):
+        pos = (split + i * NUM_SPLITS) * TILE + tok
         ok = (pos < seq_len) & (pos >= first_visible)
         block = tl.load(table_ptr + seq * table_s0 + pos // BLOCK_SIZE, mask=ok, other=0)
         slot = pos % BLOCK_SIZE

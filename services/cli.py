@@ -104,11 +104,19 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--num-kv-blocks", "KV blocks (default: sized from memory)", type=int, default=None)
     _flag(group, "--gpu-memory-utilization", "fraction of the GPU Baton may use", type=float, default=0.9)
     _flag(group, "--cpu-kv-cache-gib", "CPU KV cache size", type=float, default=1.0)
-    _flag(group, "--max-num-batched-tokens", "token budget of one step", type=int, default=2048)
+    _flag(group, "--max-num-batched-tokens", "token budget of one step", type=int, default=8192)
     _flag(group, "--max-num-seqs", "most sequences decoding together", type=int, default=256)
     _flag(group, "--max-model-len", "context length (default: the model's)", type=int, default=None)
     _flag(group, "--no-prefix-caching", "disable the prefix cache", action="store_true")
     _flag(group, "--seed", "sampler seed for requests without one", type=int, default=0)
+    _flag(group, "--enforce-eager", "CUDA: no CUDA graphs for decode steps", action="store_true")
+    _flag(
+        group,
+        "--load-format",
+        "auto (read the checkpoint) or dummy (seeded random weights: config.json suffices)",
+        default="auto",
+        choices=["auto", "dummy"],
+    )
     _flag(
         group,
         "--attention-backend",
@@ -116,6 +124,15 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "torch", "triton"],
     )
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("requests")
+    group.add_argument("--dataset", default="random", help="random, or a ShareGPT-format JSON file")
+    group.add_argument("--num-prompts", type=int, default=256)
+    group.add_argument("--input-len", default="64,1024", help="random: prompt length range MIN,MAX")
+    group.add_argument("--output-len", default="32,512", help="random: output length range MIN,MAX")
+    group.add_argument("--dataset-seed", type=int, default=0, help="seed of the request set")
 
 
 def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +157,8 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         attention_backend=args.attention_backend,
+        load_format=args.load_format,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -246,11 +265,14 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     ]
     argv += ["--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", str(args.seed)]
     argv += ["--cpu-kv-cache-gib", str(args.cpu_kv_cache_gib), "--attention-backend", args.attention_backend]
+    argv += ["--load-format", args.load_format]
     for flag, value in (("--num-kv-blocks", args.num_kv_blocks), ("--max-model-len", args.max_model_len)):
         if value is not None:
             argv += [flag, str(value)]
     if args.no_prefix_caching:
         argv.append("--no-prefix-caching")
+    if args.enforce_eager:
+        argv.append("--enforce-eager")
     return argv
 
 
@@ -273,6 +295,13 @@ def _cmd_bench_kernels(args: argparse.Namespace) -> int:
         config = replace(config, prefill_shapes=tuple((b[0], n[0]) for b, n in pairs))
     config = replace(config, tuning=dict(_tuning(item) for item in args.tune))
     run_kernel_benchmarks(config)
+    return 0
+
+
+def _cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from baton.services.bench.report import run_throughput_benchmark
+
+    run_throughput_benchmark(args, _engine_config(args))
     return 0
 
 
@@ -472,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kernels.add_argument("--out", help="write the results as JSON here")
     kernels.set_defaults(func=_cmd_bench_kernels)
+
+    throughput = bench_sub.add_parser(
+        "throughput", help="offline engine throughput on a request set, optionally against Hugging Face"
+    )
+    _add_dataset_flags(throughput)
+    throughput.add_argument(
+        "--baseline", choices=["hf"], help="also run Hugging Face generate, same requests"
+    )
+    throughput.add_argument("--hf-batch-sizes", default="32,64,128", help="static batch sizes HF may use")
+    throughput.add_argument("--out", help="write the results as JSON here")
+    _add_engine_flags(throughput)
+    throughput.set_defaults(func=_cmd_bench_throughput)
 
     registry = sub.add_parser("registry", help="inspect the Redis registry")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)

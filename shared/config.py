@@ -30,7 +30,7 @@ class EngineConfig(BaseModel):
         1.0, gt=0, description="On CPU: most memory the KV cache may take, in GiB."
     )
     max_num_batched_tokens: int = Field(
-        2048, ge=1, description="Token budget of one step; prompts are chunked to fit."
+        8192, ge=1, description="Token budget of one step; prompts are chunked to fit."
     )
     max_num_seqs: int = Field(256, ge=1, description="Most requests decoding together.")
     max_model_len: int | None = Field(
@@ -38,6 +38,13 @@ class EngineConfig(BaseModel):
     )
     enable_prefix_caching: bool = Field(
         True, description="Reuse KV of identical prompt prefixes across requests."
+    )
+    enforce_eager: bool = Field(
+        False, description="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs."
+    )
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto",
+        description="auto: read the checkpoint; dummy: seeded random weights (needs only config.json).",
     )
     attention_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="Attention implementation; auto: triton on CUDA, torch elsewhere."

@@ -15,6 +15,7 @@ import torch
 from baton.shared.config import EngineConfig
 from baton.shared.engine.attention import get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
+from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
 from baton.shared.engine.model_runner import ModelRunner
@@ -68,7 +69,13 @@ class EngineCore:
         self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
         backend = get_attention_backend(self.attention_backend)
         self.model = load_model(
-            self.model_dir, self.model_config, self.dtype, self.device, backend, self.max_model_len
+            self.model_dir,
+            self.model_config,
+            self.dtype,
+            self.device,
+            backend,
+            self.max_model_len,
+            config.load_format,
         )
         num_blocks = self._num_kv_blocks()
         self.kv_caches = allocate_kv_caches(
@@ -84,6 +91,14 @@ class EngineCore:
         self.runner = ModelRunner(
             self.model, self.kv_caches, self.kv_manager, Sampler(self.device, config.seed), self.device
         )
+        if self.device.type == "cuda" and self.attention_backend == "triton" and not config.enforce_eager:
+            self.runner.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                config.max_num_seqs,
+                cdiv(self.max_model_len, config.block_size),
+                self.device,
+            )
         self.layer_kv_sink: LayerKVSink | None = None
         """Prefill worker: where each layer of a finished prompt's KV goes (see LayerKVSink)."""
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from

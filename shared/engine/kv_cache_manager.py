@@ -60,7 +60,17 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens of KV after the computed ones (and after
         `prefix`, for a request not yet holding blocks). Returns the newly allocated block ids, or
         None when they don't fit, in which case nothing changed."""
-        held = self._blocks.get(request.request_id, [])
+        held = self._blocks.get(request.request_id)
+        if held is not None and not prefix.block_ids:  # the common case: a running request grows
+            num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(held)
+            if num_needed <= 0:
+                return []
+            if num_needed > self.pool.num_free_blocks:
+                return None
+            new_blocks = self.pool.allocate(num_needed) or []
+            held.extend(new_blocks)
+            return new_blocks
+        held = held or []
         if prefix.block_ids and held:
             raise IntegrityError(f"request {request.request_id} already holds blocks; no prefix to add")
         num_computed = max(request.num_computed_tokens, prefix.num_tokens)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from baton.shared.engine.attention import AttentionMetadata
+from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.kv_cache import KVCaches
 from baton.shared.engine.kv_cache_manager import KVCacheManager
 from baton.shared.engine.sampler import Sampler, SamplingRow
@@ -40,13 +41,25 @@ class ModelRunner:
         self.sampler = sampler
         self.device = device
         self.block_size = kv_manager.block_size
+        self.graphs: DecodeGraphs | None = None
+        """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
     @torch.inference_mode()
     def execute(
         self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
     ) -> dict[str, SampledToken]:
         inputs = self.prepare_inputs(sched.chunks)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, on_layer_done)
+        meta = inputs.meta
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and on_layer_done is None
+            and meta.num_decodes == meta.num_seqs
+            and meta.num_seqs <= graphs.max_batch
+        ):
+            hidden = graphs.run(inputs.input_ids, inputs.positions, meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, on_layer_done)
         if not inputs.sampling_chunks:
             return {}
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]

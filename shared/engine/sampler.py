@@ -59,9 +59,9 @@ class Sampler:
             _apply_penalties(logits[i], row)
             if row.banned_token_ids:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
-        greedy = torch.tensor([r.params.is_greedy for r in rows], device=self.device)
         chosen = logits.argmax(dim=-1)  # [num_rows]
-        if not bool(greedy.all()):
+        if not all(r.params.is_greedy for r in rows):
+            greedy = torch.tensor([r.params.is_greedy for r in rows], device=self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
             return SamplerOutput(chosen.tolist())

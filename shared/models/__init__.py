@@ -9,7 +9,7 @@ import torch
 from baton.shared.engine.attention import AttentionBackend
 from baton.shared.models.llama import KVCache, LlamaForCausalLM
 from baton.shared.models.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, ModelDirectoryError
-from baton.shared.models.weights import load_weights
+from baton.shared.models.weights import init_dummy_weights, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,13 +40,18 @@ def load_model(
     device: torch.device,
     backend: AttentionBackend,
     max_positions: int,
+    load_format: str = "auto",
 ) -> LlamaForCausalLM:
-    """Build the model for `config` directly on `device` in `dtype` and fill it from the checkpoint."""
+    """Build the model for `config` directly on `device` in `dtype` and fill it from the checkpoint
+    (`load_format` "auto"), or with seeded random weights ("dummy": no checkpoint needed, for benchmarks)."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend)
     model = model.to(dtype=dtype).to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty() gives each parameter its own storage
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, Path(model_dir))
+    if load_format == "dummy":
+        init_dummy_weights(model)
+    else:
+        load_weights(model, Path(model_dir))
     model.init_rope(max_positions, device)
     return model.eval().requires_grad_(False)

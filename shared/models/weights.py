@@ -118,3 +118,17 @@ def _expected_checkpoint_names(model: LlamaForCausalLM, params: dict[str, torch.
 def _some(names: list[str], limit: int = 6) -> str:
     more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in place of a checkpoint: matrices and embeddings N(0, std), norm weights 1,
+    biases 0, drawn on the model's device from `seed` (the same seed gives the same model)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights appear once
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=gen)

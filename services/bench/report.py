@@ -1,0 +1,83 @@
+"""Glue between the `baton bench` command line and the benchmarks: build the request set, run, print
+a summary and write JSON with the card's name."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baton.services.bench.datasets import BenchRequest, parse_range, random_requests, sharegpt_requests
+from baton.shared.config import EngineConfig
+from baton.shared.models import resolve_dtype
+from baton.shared.models.model_config import ModelConfig
+from baton.shared.tokenizer import Tokenizer
+
+
+def build_requests(
+    args: argparse.Namespace, model: str, max_len: int
+) -> tuple[list[BenchRequest], dict[str, Any]]:
+    """The request set the flags describe, and a description of it for the JSON."""
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.dataset == "random":
+        inputs, outputs = (
+            parse_range(args.input_len, "--input-len"),
+            parse_range(args.output_len, "--output-len"),
+        )
+        vocab = ModelConfig.from_dir(model).vocab_size
+        requests = random_requests(args.num_prompts, inputs, outputs, vocab, args.dataset_seed)
+        return requests, {
+            "dataset": "random",
+            "input_len": inputs,
+            "output_len": outputs,
+            "seed": args.dataset_seed,
+        }
+    tokenizer = Tokenizer.from_dir(model)
+    if tokenizer is None:
+        raise ValueError(f"a ShareGPT dataset needs the model's tokenizer, and {model} has none")
+    requests = sharegpt_requests(Path(args.dataset), args.num_prompts, tokenizer, args.dataset_seed, max_len)
+    return requests, {"dataset": str(args.dataset), "seed": args.dataset_seed}
+
+
+def run_throughput_benchmark(args: argparse.Namespace, engine: EngineConfig) -> dict[str, Any]:
+    from baton.services.bench.throughput import run_baton, run_hf
+
+    if args.baseline == "hf" and not torch.cuda.is_available():
+        raise ValueError("--baseline hf runs on a CUDA device; none is visible")
+    max_len = engine.max_model_len or ModelConfig.from_dir(engine.model).max_position_embeddings
+    requests, workload = build_requests(args, engine.model, max_len)
+    settings = engine.model_dump(exclude={"model"}, exclude_defaults=True)
+    results = [run_baton(engine.model, requests, settings)]
+    if args.baseline == "hf":
+        sizes = [int(v) for v in args.hf_batch_sizes.split(",")]
+        dtype = resolve_dtype(engine.dtype, ModelConfig.from_dir(engine.model))
+        results.append(run_hf(engine.model, requests, dtype, sizes))
+    report = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": engine.model,
+        "workload": workload | {"num_requests": len(requests)},
+        "results": [r.as_dict() for r in results],
+    }
+    if len(results) == 2:
+        report["speedup_vs_hf"] = results[0].output_tokens_per_s / results[1].output_tokens_per_s
+    _print(report)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"{report['device']}: {report['workload']}")
+    for r in report["results"]:
+        print(
+            f"  {r['system']:>6}: {r['elapsed_s']:8.2f} s  {r['output_tokens_per_s']:10.1f} output tok/s  "
+            f"{r['total_tokens_per_s']:10.1f} total tok/s  {r['settings']}"
+        )
+    if "speedup_vs_hf" in report:
+        print(f"  baton / hf output throughput: {report['speedup_vs_hf']:.1f}x")

@@ -1,0 +1,134 @@
+"""Offline throughput: every request submitted at once to the engine, timed from the first token of
+work to the last token out; with `--baseline hf`, Hugging Face `generate` on the same requests in the
+same process, with its best static batch size."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from baton.services.bench.datasets import BenchRequest
+
+
+@dataclass(frozen=True)
+class ThroughputResult:
+    system: str
+    elapsed_s: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+    settings: dict[str, Any]
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "output_tokens_per_s": self.output_tokens_per_s,
+            "total_tokens_per_s": self.total_tokens_per_s,
+            "requests_per_s": self.num_requests / self.elapsed_s,
+        }
+
+
+def run_baton(model: str, requests: list[BenchRequest], engine_settings: dict[str, Any]) -> ThroughputResult:
+    """The offline LLM on every request at once (greedy, ignore_eos: exactly output_len tokens each)."""
+    from baton import LLM, SamplingParams
+
+    llm = LLM(model, **engine_settings)
+    warm = [r.prompt_token_ids[:64] for r in requests[:8]]  # compiles the kernels before timing
+    llm.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in requests]
+    _sync()
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt_token_ids for r in requests], params)
+    _sync()
+    elapsed = time.perf_counter() - start
+    for out, req in zip(outputs, requests, strict=True):
+        if len(out.token_ids) != req.output_len:
+            raise RuntimeError(
+                f"request {out.request_id} produced {len(out.token_ids)} tokens, not {req.output_len}"
+            )
+    settings = engine_settings | {"attention_backend": llm.engine.attention_backend}
+    return _result("baton", elapsed, requests, settings)
+
+
+def run_hf(
+    model: str,
+    requests: list[BenchRequest],
+    dtype: torch.dtype,
+    batch_sizes: list[int],
+    probe_tokens: int = 48,
+) -> ThroughputResult:
+    """Hugging Face `generate` with static batches: requests sorted by output length (so a batch's
+    members want similar lengths), prompts left-padded, every batch generating exactly its longest
+    output (shorter requests' extra tokens are not counted). The batch size is the fastest of
+    `batch_sizes` on a short probe of the longest requests."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+    hf.generation_config.eos_token_id = None
+    ordered = sorted(requests, key=lambda r: r.output_len, reverse=True)
+    probe = {b: _probe_rate(hf, ordered[:b], probe_tokens) for b in batch_sizes}
+    batch = max(probe, key=lambda b: probe[b])
+    _hf_batch(hf, ordered[:batch], 4)  # warm-up at the chosen size
+    _sync()
+    start = time.perf_counter()
+    for i in range(0, len(ordered), batch):
+        _hf_batch(hf, ordered[i : i + batch], max(r.output_len for r in ordered[i : i + batch]))
+    _sync()
+    elapsed = time.perf_counter() - start
+    settings = {"batch_size": batch, "probe_output_tokens_per_s": probe, "dtype": str(dtype)}
+    return _result("hf", elapsed, requests, settings)
+
+
+def _probe_rate(hf: Any, requests: list[BenchRequest], new_tokens: int) -> float:
+    _hf_batch(hf, requests, 2)
+    _sync()
+    start = time.perf_counter()
+    _hf_batch(hf, requests, new_tokens)
+    _sync()
+    return len(requests) * new_tokens / (time.perf_counter() - start)
+
+
+def _hf_batch(hf: Any, requests: list[BenchRequest], new_tokens: int) -> None:
+    width = max(len(r.prompt_token_ids) for r in requests)
+    ids = torch.zeros(len(requests), width, dtype=torch.long)
+    mask = torch.zeros(len(requests), width, dtype=torch.long)
+    for row, r in enumerate(requests):  # left padding
+        ids[row, width - len(r.prompt_token_ids) :] = torch.tensor(r.prompt_token_ids)
+        mask[row, width - len(r.prompt_token_ids) :] = 1
+    with torch.inference_mode():
+        out = hf.generate(
+            input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    if out.shape[1] != width + new_tokens:
+        raise RuntimeError(f"Hugging Face generated {out.shape[1] - width} tokens, not {new_tokens}")
+
+
+def _result(
+    system: str, elapsed: float, requests: list[BenchRequest], settings: dict[str, Any]
+) -> ThroughputResult:
+    return ThroughputResult(
+        system=system,
+        elapsed_s=elapsed,
+        num_requests=len(requests),
+        prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
+        output_tokens=sum(r.output_len for r in requests),
+        settings=settings,
+    )
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
