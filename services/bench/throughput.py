@@ -43,7 +43,10 @@ def run_baton(model: str, requests: list[BenchRequest], engine_settings: dict[st
     from baton import LLM, SamplingParams
 
     llm = LLM(model, **engine_settings)
-    warm = [r.prompt_token_ids[:64] for r in requests[:8]]  # compiles the kernels before timing
+    # warm-up: the same prompt lengths and batch shapes, so every kernel variant the timed run needs is
+    # compiled before it; other token ids (each + 1), so the timed run finds nothing in the prefix cache
+    vocab = llm.engine.model_config.vocab_size
+    warm = [[(t + 1) % vocab for t in r.prompt_token_ids] for r in requests]
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in requests]
     _sync()
@@ -69,8 +72,9 @@ def run_hf(
 ) -> ThroughputResult:
     """Hugging Face `generate` with static batches: requests sorted by output length (so a batch's
     members want similar lengths), prompts left-padded, every batch generating exactly its longest
-    output (shorter requests' extra tokens are not counted). The batch size is the fastest of
-    `batch_sizes` on a short probe of the longest requests."""
+    output (shorter requests' extra tokens are not counted). The batch size is the one of
+    `batch_sizes` whose whole plan (steps per batch x time per step, measured on a short probe) is
+    predicted fastest."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model)
@@ -78,8 +82,9 @@ def run_hf(
         hf = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
     hf.generation_config.eos_token_id = None
     ordered = sorted(requests, key=lambda r: r.output_len, reverse=True)
-    probe = {b: _probe_rate(hf, ordered[:b], probe_tokens) for b in batch_sizes}
-    batch = max(probe, key=lambda b: probe[b])
+    step_s = {b: _probe_step_s(hf, ordered[:b], probe_tokens) for b in batch_sizes}
+    predicted_s = {b: step_s[b] * _num_steps(ordered, b) for b in batch_sizes}
+    batch = min(predicted_s, key=lambda b: predicted_s[b])
     _hf_batch(hf, ordered[:batch], 4)  # warm-up at the chosen size
     _sync()
     start = time.perf_counter()
@@ -87,17 +92,23 @@ def run_hf(
         _hf_batch(hf, ordered[i : i + batch], max(r.output_len for r in ordered[i : i + batch]))
     _sync()
     elapsed = time.perf_counter() - start
-    settings = {"batch_size": batch, "probe_output_tokens_per_s": probe, "dtype": str(dtype)}
+    settings = {"batch_size": batch, "probe_step_s": step_s, "predicted_s": predicted_s, "dtype": str(dtype)}
     return _result("hf", elapsed, requests, settings)
 
 
-def _probe_rate(hf: Any, requests: list[BenchRequest], new_tokens: int) -> float:
+def _probe_step_s(hf: Any, requests: list[BenchRequest], new_tokens: int) -> float:
+    """Seconds per generated position for this batch (prefill included, spread over the steps)."""
     _hf_batch(hf, requests, 2)
     _sync()
     start = time.perf_counter()
     _hf_batch(hf, requests, new_tokens)
     _sync()
-    return len(requests) * new_tokens / (time.perf_counter() - start)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def _num_steps(ordered: list[BenchRequest], batch: int) -> int:
+    """Positions generated in all: each batch runs to its longest output."""
+    return sum(max(r.output_len for r in ordered[i : i + batch]) for i in range(0, len(ordered), batch))
 
 
 def _hf_batch(hf: Any, requests: list[BenchRequest], new_tokens: int) -> None:
