@@ -305,6 +305,13 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from baton.services.bench.report import run_serve_benchmark
+
+    report = run_serve_benchmark(args, args.model or str(demo_model_dir()))
+    return 0 if report["summary"]["failed"] == 0 else 1
+
+
 def _grid(text: str, flag: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """'32,64x1024,2048' -> ((32, 64), (1024, 2048))."""
     try:
@@ -513,6 +520,23 @@ def build_parser() -> argparse.ArgumentParser:
     throughput.add_argument("--out", help="write the results as JSON here")
     _add_engine_flags(throughput)
     throughput.set_defaults(func=_cmd_bench_throughput)
+
+    serve_bench = bench_sub.add_parser(
+        "serve", help="load-test a running gateway: TTFT, TPOT, ITL, latency, throughput, goodput"
+    )
+    serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's base URL")
+    serve_bench.add_argument(
+        "--model", help="model directory: vocabulary and tokenizer (default: the demo model)"
+    )
+    serve_bench.add_argument("--served-model-name", help="the API's model name (default: the first listed)")
+    _add_dataset_flags(serve_bench)
+    serve_bench.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate, req/s")
+    serve_bench.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    serve_bench.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
+    serve_bench.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
+    serve_bench.add_argument("--api-key", default=None, help="bearer key, if the gateway wants one")
+    serve_bench.add_argument("--out", help="write the results as JSON here")
+    serve_bench.set_defaults(func=_cmd_bench_serve)
 
     registry = sub.add_parser("registry", help="inspect the Redis registry")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)

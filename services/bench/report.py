@@ -65,11 +65,15 @@ def run_throughput_benchmark(args: argparse.Namespace, engine: EngineConfig) -> 
     if len(results) == 2:
         report["speedup_vs_hf"] = results[0].output_tokens_per_s / results[1].output_tokens_per_s
     _print(report)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+    _save(report, args.out)
     return report
+
+
+def _save(report: dict[str, Any], out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 def _print(report: dict[str, Any]) -> None:
@@ -81,3 +85,54 @@ def _print(report: dict[str, Any]) -> None:
         )
     if "speedup_vs_hf" in report:
         print(f"  baton / hf output throughput: {report['speedup_vs_hf']:.1f}x")
+
+
+def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    """Drive a running gateway with the request set; print and (with --out) save the summary."""
+    import asyncio
+
+    from baton.services.bench.serve import LoadConfig, run_load, summarize
+
+    if args.request_rate <= 0:
+        raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    max_len = ModelConfig.from_dir(model_dir).max_position_embeddings
+    requests, workload = build_requests(args, model_dir, max_len)
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        model=args.served_model_name,
+        request_rate=args.request_rate,
+        max_concurrency=args.max_concurrency,
+        seed=args.dataset_seed,
+        api_key=args.api_key,
+    )
+    records, elapsed = asyncio.run(run_load(config, requests))
+    summary = summarize(records, elapsed, args.slo_ttft_ms, args.slo_tpot_ms)
+    report = {
+        "url": config.url,
+        "workload": workload | {"num_requests": len(requests)},
+        "request_rate": args.request_rate,
+        "max_concurrency": args.max_concurrency,
+        "summary": summary,
+    }
+    _print_serve(report)
+    _save(report, args.out)
+    return report
+
+
+def _print_serve(report: dict[str, Any]) -> None:
+    s = report["summary"]
+    load = f"rate {report['request_rate']}, concurrency {report['max_concurrency']}"
+    print(f"{report['url']}: {report['workload']}, {load}")
+    print(
+        f"  completed {s['completed']}, failed {s['failed']} in {s['duration_s']:.2f} s {s['errors'] or ''}"
+    )
+    print(
+        f"  {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} output tok/s, "
+        f"{s['total_token_throughput']:.1f} total tok/s, goodput {s['goodput']:.2f} req/s {s['slo']}"
+    )
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        stats = s[name]
+        cells = "  ".join(f"{k} {v:9.2f}" if v is not None else f"{k} -" for k, v in stats.items())
+        print(f"  {name:>8}: {cells}")

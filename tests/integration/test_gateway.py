@@ -19,7 +19,9 @@ from baton_cluster import assert_no_leaks, start_cluster
 from openai import AsyncOpenAI, OpenAI
 
 from baton import LLM, SamplingParams
+from baton.services.bench.datasets import random_requests
 from baton.services.launcher import LocalCluster, _free_port
+from baton.shared.models.model_config import ModelConfig
 from baton.shared.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.integration
@@ -429,3 +431,25 @@ def test_requests_beyond_the_pending_bound_get_503_at_once(guarded: str) -> None
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert reply.status_code == 200
+
+
+# -- baton bench serve against this gateway -------------------------------------------------------
+def test_bench_serve_measures_every_request(cluster: LocalCluster, llama_dir: Path, tmp_path: Path) -> None:
+    from baton.services.cli import main
+
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--url", cluster.gateway_url, "--model", str(llama_dir), "--num-prompts", "12"]
+    argv += ["--input-len", "8,40", "--output-len", "4,12", "--request-rate", "20", "--max-concurrency", "4"]
+    assert main([*argv, "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["completed"] == 12 and summary["failed"] == 0
+    assert summary["output_throughput"] > 0 and summary["request_throughput"] > 0
+    for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        stats = summary[name]
+        assert 0 < stats["p50"] <= stats["p99"], name
+    assert summary["ttft_ms"]["p99"] <= summary["e2el_ms"]["p99"]
+    assert summary["slo"]["met"] == 0 and summary["goodput"] == 0  # a 1 µs TPOT limit nobody meets
+    # the token counts come from the usage chunks: exactly the requested output lengths
+    vocab = ModelConfig.from_dir(llama_dir).vocab_size
+    wanted = random_requests(12, (8, 40), (4, 12), vocab, seed=0)
+    assert summary["output_tokens"] == sum(r.output_len for r in wanted)

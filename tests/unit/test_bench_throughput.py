@@ -54,3 +54,24 @@ def test_cli_writes_the_report(tmp_path: Path, llama_dir: Path, capsys: pytest.C
     if not torch.cuda.is_available():  # refused before any work
         assert main(["bench", "throughput", "--model", str(llama_dir), "--baseline", "hf"]) == 2
         assert "CUDA" in capsys.readouterr().err
+
+
+def test_poisson_gaps_have_the_rate_and_summary_percentiles() -> None:
+    from baton.services.bench.serve import RequestRecord, _arrival_gaps, summarize
+
+    gaps = _arrival_gaps(4001, 50.0, seed=3)
+    assert gaps[0] == 0 and sum(gaps) / 4000 == pytest.approx(1 / 50, rel=0.1)
+    assert _arrival_gaps(3, float("inf"), seed=3) == [0.0, 0.0, 0.0]
+    records = [
+        RequestRecord(10, 5, ok=True, ttft_s=0.1 * i, latency_s=0.1 * i + 0.4, output_tokens=5)
+        for i in range(1, 11)
+    ]
+    records.append(RequestRecord(10, 5, error="HTTP 503"))
+    summary = summarize(records, elapsed_s=2.0, slo_ttft_ms=500, slo_tpot_ms=None)
+    assert summary["completed"] == 10 and summary["failed"] == 1 and summary["errors"] == ["HTTP 503"]
+    assert summary["ttft_ms"]["p50"] == pytest.approx(550) and summary["ttft_ms"]["mean"] == pytest.approx(
+        550
+    )
+    assert summary["tpot_ms"]["p99"] == pytest.approx(100)  # (0.4 s after the first token) / 4 tokens
+    assert summary["slo"]["met"] == 5 and summary["goodput"] == pytest.approx(2.5)
+    assert summary["output_throughput"] == pytest.approx(25)

@@ -1,0 +1,206 @@
+"""`baton bench serve`: a load generator against a running OpenAI-compatible gateway. Requests go out
+as streamed completions of token-id prompts, at Poisson arrivals (or all at once) under an optional
+concurrency cap; each stream's chunk arrival times give TTFT, inter-token latencies and TPOT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from baton.services.bench.datasets import BenchRequest
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    url: str
+    """The gateway's base URL, e.g. http://127.0.0.1:8000."""
+    model: str | None = None
+    request_rate: float = float("inf")
+    """Mean requests per second of the Poisson arrivals; inf sends every request at once."""
+    max_concurrency: int | None = None
+    seed: int = 0
+    api_key: str | None = None
+    timeout_s: float = 600.0
+    progress: bool = True
+
+
+@dataclass
+class RequestRecord:
+    """What one request measured (times in seconds from its own send)."""
+
+    prompt_tokens: int
+    output_len: int
+    ok: bool = False
+    error: str | None = None
+    ttft_s: float | None = None
+    latency_s: float | None = None
+    output_tokens: int = 0
+    itl_s: list[float] = field(default_factory=list)
+
+    @property
+    def tpot_s(self) -> float | None:
+        if not self.ok or self.ttft_s is None or self.latency_s is None or self.output_tokens < 2:
+            return None
+        return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+async def run_load(config: LoadConfig, requests: list[BenchRequest]) -> tuple[list[RequestRecord], float]:
+    """Send every request; returns the records (in request order) and the wall time of the run."""
+    model = config.model or await _served_model(config)
+    limit = asyncio.Semaphore(config.max_concurrency or len(requests))
+    progress = _Progress(len(requests), config.progress)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    gaps = _arrival_gaps(len(requests), config.request_rate, config.seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=config.url, headers=headers, timeout=config.timeout_s, limits=limits
+    ) as client:
+        start = time.perf_counter()
+        tasks = []
+        for request, gap in zip(requests, gaps, strict=True):
+            await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(_one(client, model, request, limit, progress)))
+        records = await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    progress.close()
+    return list(records), elapsed
+
+
+async def _served_model(config: LoadConfig) -> str:
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    async with httpx.AsyncClient(base_url=config.url, headers=headers, timeout=30) as client:
+        response = await client.get("/v1/models")
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+
+
+def _arrival_gaps(num: int, rate: float, seed: int) -> list[float]:
+    """Seconds to wait before each send: exponential gaps (a Poisson process), or none for rate inf."""
+    if rate == float("inf"):
+        return [0.0] * num
+    rng = random.Random(seed)
+    return [0.0] + [rng.expovariate(rate) for _ in range(num - 1)]
+
+
+async def _one(
+    client: httpx.AsyncClient,
+    model: str,
+    request: BenchRequest,
+    limit: asyncio.Semaphore,
+    progress: _Progress,
+) -> RequestRecord:
+    record = RequestRecord(len(request.prompt_token_ids), request.output_len)
+    body = {
+        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    async with limit:
+        sent = time.perf_counter()
+        last = sent
+        try:
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                    return record
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        record.error = str(chunk["error"].get("message"))[:200]
+                        return record
+                    if chunk.get("usage"):
+                        record.output_tokens = int(chunk["usage"]["completion_tokens"])
+                    if chunk.get("choices"):
+                        now = time.perf_counter()
+                        if record.ttft_s is None:
+                            record.ttft_s = now - sent
+                        else:
+                            record.itl_s.append(now - last)
+                        last = now
+            record.latency_s = time.perf_counter() - sent
+            record.ok = record.ttft_s is not None
+        except (httpx.HTTPError, ValueError) as exc:
+            record.error = f"{type(exc).__name__}: {exc}"[:200]
+        finally:
+            progress.advance()
+    return record
+
+
+class _Progress:
+    """A one-line progress bar on stderr (no dependency), redrawn at most ten times a second."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self._drawn = total, 0, enabled and sys.stderr.isatty(), 0.0
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.enabled and (now - self._drawn > 0.1 or self.done == self.total):
+            filled = 30 * self.done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
+            sys.stderr.flush()
+            self._drawn = now
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def summarize(
+    records: list[RequestRecord], elapsed_s: float, slo_ttft_ms: float | None, slo_tpot_ms: float | None
+) -> dict[str, Any]:
+    """Latency percentiles (ms), throughputs, goodput (requests/s meeting every SLO given)."""
+    done = [r for r in records if r.ok]
+    output_tokens = sum(r.output_tokens for r in done)
+    summary: dict[str, Any] = {
+        "completed": len(done),
+        "failed": len(records) - len(done),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "duration_s": elapsed_s,
+        "output_tokens": output_tokens,
+        "request_throughput": len(done) / elapsed_s,
+        "output_throughput": output_tokens / elapsed_s,
+        "total_token_throughput": (output_tokens + sum(r.prompt_tokens for r in done)) / elapsed_s,
+    }
+    series: dict[str, Sequence[float | None]] = {
+        "ttft_ms": [r.ttft_s for r in done],
+        "tpot_ms": [r.tpot_s for r in done],
+        "itl_ms": [gap for r in done for gap in r.itl_s],
+        "e2el_ms": [r.latency_s for r in done],
+    }
+    for name, values in series.items():
+        summary[name] = _stats([1000 * v for v in values if v is not None])
+    good = [r for r in done if _meets(r, slo_ttft_ms, slo_tpot_ms)]
+    summary["goodput"] = len(good) / elapsed_s
+    summary["slo"] = {"ttft_ms": slo_ttft_ms, "tpot_ms": slo_tpot_ms, "met": len(good)}
+    return summary
+
+
+def _meets(record: RequestRecord, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
+    if slo_ttft_ms is not None and (record.ttft_s is None or 1000 * record.ttft_s > slo_ttft_ms):
+        return False
+    tpot = record.tpot_s
+    return slo_tpot_ms is None or tpot is None or 1000 * tpot <= slo_tpot_ms
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:  # nearest-rank on the sorted values, linearly interpolated
+        pos = q * (len(ordered) - 1)
+        low = int(pos)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+    return {"mean": sum(ordered) / len(ordered), "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99)}
