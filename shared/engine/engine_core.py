@@ -7,13 +7,14 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from baton.shared.config import EngineConfig
-from baton.shared.engine.attention import get_attention_backend, resolve_backend_name
+from baton.shared.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
@@ -99,6 +100,11 @@ class EngineCore:
                 cdiv(self.max_model_len, config.block_size),
                 self.device,
             )
+        if self.device.type == "cuda" and self.attention_backend == "triton":
+            self._warm_up()
+        self._compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.layer_kv_sink: LayerKVSink | None = None
         """Prefill worker: where each layer of a finished prompt's KV goes (see LayerKVSink)."""
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
@@ -223,9 +229,36 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        sampled = self.runner.execute(sched, self._layer_exporter(sched))
+        with self._on_compute_stream():
+            sampled = self.runner.execute(sched, self._layer_exporter(sched))
         changed = self.scheduler.update(sched, sampled)
         return [self._output(r, sampled[r.request_id]) for r in changed]
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile the kernel variants steps need before serving (a first request would otherwise wait
+        seconds for Triton's JIT): a full-budget prefill chunk, then decodes beside a chunk that has a
+        cached prefix, then the block copies of a KV transfer. Nothing lands in the KV cache: every
+        slot is -1 and the copied block is written back unchanged."""
+        bs, longest = self.config.block_size, self.max_model_len
+        n = min(self.config.max_num_batched_tokens, longest)
+        shapes = [([n], [0]), ([1, 1, min(n, longest - 3 * bs - 1) // 2], [3 * bs + 5, 7, 3 * bs])]
+        for query_lens, prefix_lens in shapes:
+            input_ids, positions, meta = _dummy_batch(query_lens, prefix_lens, bs, self.device)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            self.model.compute_logits(hidden[-1:])
+        k_cache, v_cache = self.kv_caches[0]
+        block = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._scatter_blocks(self._gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block)
+        torch.cuda.synchronize(self.device)
+
+    def _on_compute_stream(self) -> AbstractContextManager[object]:
+        """Steps run on the engine's own CUDA stream, so that other threads (the KV receiver writing
+        pushed layers, a sender checksumming them) can wait for their own work on the default stream
+        without waiting for the model step in flight."""
+        if self._compute_stream is None:
+            return nullcontext()
+        return torch.cuda.stream(self._compute_stream)
 
     def _layer_exporter(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         """A per-layer hook copying out the prompt KV of prefill-only requests whose prompt ends in
@@ -346,6 +379,32 @@ class EngineCore:
                 f"{needed}, or lower max_model_len"
             )
         return num_blocks
+
+
+def _dummy_batch(
+    query_lens: list[int], prefix_lens: list[int], block_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """A batch of sequences (decodes first) whose tokens are all 0, whose keys all live in block 0 and
+    whose new K/V are dropped (slot -1): for warming kernels up."""
+    seq_lens = [p + q for p, q in zip(prefix_lens, query_lens, strict=True)]
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    positions = torch.cat([torch.arange(p, p + q) for p, q in zip(prefix_lens, query_lens, strict=True)])
+    width = cdiv(max(seq_lens), block_size)
+    meta = AttentionMetadata(
+        slot_mapping=torch.full((starts[-1],), -1, dtype=torch.long, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.zeros((len(seq_lens), width), dtype=torch.int32, device=device),
+        num_decodes=sum(1 for q in query_lens if q == 1),
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_host=tuple(starts),
+        seq_lens_host=tuple(seq_lens),
+    )
+    input_ids = torch.zeros(starts[-1], dtype=torch.long, device=device)
+    return input_ids, positions.to(device), meta
 
 
 def _final_output(
