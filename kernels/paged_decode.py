@@ -97,7 +97,7 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q)
     common = dict(
-        DIRECT=num_splits == 1, BLOCK_SIZE=block_size, TILE=tile, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
+        NUM_SPLITS=num_splits, BLOCK_SIZE=block_size, TILE=tile, GROUP_PAD=group_pad, DIM_PAD=dim_pad,
         WINDOW=sliding_window or 0, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         NATIVE=NATIVE_DOT and q.dtype != torch.float32 and q.device.type == "cuda", num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -121,8 +121,8 @@ def paged_decode_attention(
         STAGES=NUM_STAGES, **common,
     )  # fmt: skip
     _combine_kernel[(num_seqs, num_kv_heads)](
-        part_out, part_max, part_sum, out, group, head_dim, *out.stride(), num_splits,
-        SPLITS_PAD=triton.next_power_of_2(num_splits), GROUP_PAD=group_pad,
+        part_out, part_max, part_sum, out, group, head_dim, *out.stride(),
+        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits), GROUP_PAD=group_pad,
         DIM_PAD=dim_pad,
     )  # fmt: skip
     return out
@@ -151,11 +151,13 @@ def _check(
 
 def _default_splits(device: torch.device, num_programs: int, num_tiles: int) -> int:
     """Enough programs for WAVES waves over the device's multiprocessors, each split at least
-    MIN_TILES_PER_SPLIT tiles long."""
+    MIN_TILES_PER_SPLIT tiles long, rounded down to a power of two: the split count is a compile-time
+    constant (a runtime one cost B=32 x 1k a third of its speed on an H100), so few variants exist."""
     if device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(num_tiles // MIN_TILES_PER_SPLIT, -(-WAVES * sms // max(num_programs, 1))))
+    wanted = max(1, min(num_tiles // MIN_TILES_PER_SPLIT, -(-WAVES * sms // max(num_programs, 1))))
+    return 1 << (wanted.bit_length() - 1)
 
 
 @functools.cache
@@ -169,17 +171,15 @@ def _split_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
     scale, group, head_dim,
     q_s0, q_s1, q_s2, k_s0, k_s1, k_s2, k_s3, v_s0, v_s1, v_s2, v_s3, table_s0, o_s0, o_s1, o_s2,
-    DIRECT: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, GROUP_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, GROUP_PAD: tl.constexpr,
     DIM_PAD: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, NATIVE: tl.constexpr,
     STAGES: tl.constexpr,
 ):  # fmt: skip
     """One (sequence, KV head, split): online softmax over tiles of TILE tokens (whole pages). With
-    DIRECT (one split) it writes the normalized result to out; otherwise its partials for the combine.
-    The split count is the grid's third dimension, not a constant: one compiled kernel serves them all."""
+    NUM_SPLITS 1 it writes the normalized result to out; otherwise its partials for the combine."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    num_splits = tl.num_programs(2)
     seq_len = tl.load(lens_ptr + seq)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
@@ -194,18 +194,18 @@ def _split_kernel(
     m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
     s = tl.zeros((GROUP_PAD,), tl.float32)
     acc = tl.zeros((GROUP_PAD, DIM_PAD), tl.float32)
-    # this split's tiles are split, split + num_splits, ...: interleaved, so every sequence spreads over
+    # this split's tiles are split, split + NUM_SPLITS, ...: interleaved, so every sequence spreads over
     # all splits whatever the block table's width (a CUDA graph's tables are as wide as the longest
     # possible sequence); tiles wholly before a sliding window are skipped
     num_seq_tiles = (seq_len + TILE - 1) // TILE
-    end = (tl.maximum(num_seq_tiles - split, 0) + num_splits - 1) // num_splits
+    end = (tl.maximum(num_seq_tiles - split, 0) + NUM_SPLITS - 1) // NUM_SPLITS
     first_visible = 0
     begin = 0
     if WINDOW > 0:
         first_visible = tl.maximum(seq_len - WINDOW, 0)
-        begin = (tl.maximum(first_visible // TILE - split, 0) + num_splits - 1) // num_splits
+        begin = (tl.maximum(first_visible // TILE - split, 0) + NUM_SPLITS - 1) // NUM_SPLITS
     for i in tl.range(begin, end, num_stages=STAGES):
-        pos = (split + i * num_splits) * TILE + tok
+        pos = (split + i * NUM_SPLITS) * TILE + tok
         ok = (pos < seq_len) & (pos >= first_visible)
         block = tl.load(table_ptr + seq * table_s0 + pos // BLOCK_SIZE, mask=ok, other=0)
         slot = pos % BLOCK_SIZE
@@ -232,12 +232,12 @@ def _split_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
         m = m_new
-    if DIRECT:
+    if NUM_SPLITS == 1:
         mask = (g < group)[:, None] & d_ok[None, :]
         out_ptrs = out_ptr + seq * o_s0 + heads[:, None] * o_s1 + d[None, :] * o_s2
         tl.store(out_ptrs, (acc / s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        base = ((seq * tl.num_programs(1) + kv_head) * num_splits + split) * GROUP_PAD
+        base = ((seq * tl.num_programs(1) + kv_head) * NUM_SPLITS + split) * GROUP_PAD
         tl.store(part_out_ptr + (base + g)[:, None] * DIM_PAD + d[None, :], acc)
         tl.store(part_max_ptr + base + g, m)
         tl.store(part_sum_ptr + base + g, s)
@@ -246,15 +246,15 @@ def _split_kernel(
 @triton.jit
 def _combine_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, group, head_dim, o_s0, o_s1, o_s2,
-    num_splits, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
 ):  # fmt: skip
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_PAD)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
-    sp_ok = sp < num_splits
-    base = (seq * tl.num_programs(1) + kv_head) * num_splits
+    sp_ok = sp < NUM_SPLITS
+    base = (seq * tl.num_programs(1) + kv_head) * NUM_SPLITS
     rows = (base + sp)[:, None] * GROUP_PAD + g[None, :]  # [SPLITS_PAD, GROUP_PAD]
     m = tl.load(part_max_ptr + rows, mask=sp_ok[:, None], other=float("-inf"))
     s = tl.load(part_sum_ptr + rows, mask=sp_ok[:, None], other=0.0)
