@@ -242,7 +242,10 @@ class EngineCore:
         slot is -1 and the copied block is written back unchanged."""
         bs, longest = self.config.block_size, self.max_model_len
         n = min(self.config.max_num_batched_tokens, longest)
-        shapes = [([n], [0]), ([1, 1, min(n, longest - 3 * bs - 1) // 2], [3 * bs + 5, 7, 3 * bs])]
+        shapes = [([n], [0])]
+        mixed = min(n, longest - 3 * bs - 6) // 2  # a chunk after a 3-block prefix, within max_model_len
+        if mixed >= 1:
+            shapes.append(([1, 1, mixed], [3 * bs + 5, 7, 3 * bs]))
         for query_lens, prefix_lens in shapes:
             input_ids, positions, meta = _dummy_batch(query_lens, prefix_lens, bs, self.device)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -250,7 +253,8 @@ class EngineCore:
         k_cache, v_cache = self.kv_caches[0]
         block = torch.zeros(1, dtype=torch.long, device=self.device)
         self._scatter_blocks(self._gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _on_compute_stream(self) -> AbstractContextManager[object]:
         """Steps run on the engine's own CUDA stream, so that other threads (the KV receiver writing

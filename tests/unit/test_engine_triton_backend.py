@@ -50,3 +50,12 @@ def test_triton_off_cuda_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_backend_name("triton", torch.device("cpu"))
+
+
+def test_warm_up_runs_every_path_and_writes_nothing(model_dirs: dict[str, Path]) -> None:
+    llm = LLM(str(model_dirs["mistral"]), attention_backend="triton", device="cpu", max_num_batched_tokens=24)
+    before = [(k.clone(), v.clone()) for k, v in llm.engine.kv_caches]
+    llm.engine._warm_up()  # runs at start on CUDA; here in the interpreter
+    for (k, v), (k0, v0) in zip(llm.engine.kv_caches, before, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    llm.engine.assert_no_leaks()
