@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_cases import paged_kv_cache
 
 from baton.kernels import (
     apply_rotary,
@@ -36,27 +37,8 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def paged_case(
     seq_lens: list[int], kv_heads: int, head_dim: int, block: int, dtype: torch.dtype, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Caches with each sequence's pages shuffled; every slot past a length and every spare page is NaN."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    pages = [-(-n // block) for n in seq_lens]
-    num_blocks = sum(pages) + 8
-    shape = (num_blocks, block, kv_heads, head_dim)
-    k = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
-    v = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
-    order = torch.randperm(num_blocks, device="cuda", generator=gen)
-    tables = torch.full((len(seq_lens), max(pages) + 1), int(order[-1]), device="cuda", dtype=torch.int32)
-    used = 0
-    for i, (n, p) in enumerate(zip(seq_lens, pages, strict=True)):
-        ids = order[used : used + p]
-        used += p
-        tables[i, :p] = ids
-        flat_k = torch.randn(p * block, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-        flat_v = torch.randn(p * block, kv_heads, head_dim, device="cuda", generator=gen).to(dtype)
-        flat_k[n:] = float("nan")
-        flat_v[n:] = float("nan")
-        k[ids] = flat_k.view(p, block, kv_heads, head_dim)
-        v[ids] = flat_v.view(p, block, kv_heads, head_dim)
-    return k, v, tables
+    return paged_kv_cache(seq_lens, kv_heads, head_dim, block, dtype, gen)
 
 
 @pytest.mark.parametrize(

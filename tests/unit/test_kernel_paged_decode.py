@@ -9,6 +9,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from paged_cases import paged_kv_cache  # noqa: E402
+
 from baton.kernels import paged_decode_attention, paged_decode_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -19,25 +21,9 @@ def make_case(
     seed: int, seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Disjoint shuffled pages per sequence; slots past each length and unused pages hold NaN."""
+    """Disjoint shuffled pages per sequence; slots no sequence may read hold NaN (see paged_cases)."""
     gen = torch.Generator().manual_seed(seed)
-    pages = [-(-n // block_size) for n in seq_lens]
-    max_blocks = max(pages) + 1  # one padding column
-    num_blocks = sum(pages) + 3
-    order = torch.randperm(num_blocks, generator=gen)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    used = 0
-    for i, (n, p) in enumerate(zip(seq_lens, pages, strict=True)):
-        ids = order[used : used + p]
-        used += p
-        tables[i, :p] = ids
-        for j, block in enumerate(ids.tolist()):
-            valid = min(block_size, n - j * block_size)
-            k_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
-            v_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache, v_cache, tables = paged_kv_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     return tuple(t.to(DEVICE) for t in (q, k_cache, v_cache, tables, lens))

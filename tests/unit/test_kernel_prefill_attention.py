@@ -10,6 +10,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from paged_cases import paged_kv_cache  # noqa: E402
+
 from baton.kernels import paged_prefill_attention, paged_prefill_attention_reference  # noqa: E402
 from baton.shared.engine.attention import AttentionLayerSpec, AttentionMetadata  # noqa: E402
 from baton.shared.engine.attention.torch_backend import TorchAttentionBackend  # noqa: E402
@@ -26,23 +28,7 @@ def make_case(
     each length, unused pages and the table's padding (pointing at an unused page) hold NaN."""
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [context + new for context, new in seqs]
-    pages = [-(-n // block_size) for n in seq_lens]
-    max_blocks = max(pages) + 1  # one padding column
-    num_blocks = sum(pages) + 3
-    order = torch.randperm(num_blocks, generator=gen)
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    tables = torch.full((len(seqs), max_blocks), int(order[-1]), dtype=torch.int32)  # a NaN page
-    used = 0
-    for i, (n, p) in enumerate(zip(seq_lens, pages, strict=True)):
-        ids = order[used : used + p]
-        used += p
-        tables[i, :p] = ids
-        for j, block in enumerate(ids.tolist()):
-            valid = min(block_size, n - j * block_size)
-            k_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
-            v_cache[block, :valid] = torch.randn(valid, num_kv_heads, head_dim, generator=gen).to(dtype)
+    k_cache, v_cache, tables = paged_kv_cache(seq_lens, num_kv_heads, head_dim, block_size, dtype, gen)
     starts = torch.tensor([0] + [new for _, new in seqs]).cumsum(0).to(torch.int32)
     q = torch.randn(int(starts[-1]), num_q_heads, head_dim, generator=gen).to(dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
