@@ -67,14 +67,13 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype, self.model_config)
         self.max_model_len = _resolve_max_model_len(config, self.model_config)
         self.eos_token_ids = frozenset(_eos_token_ids(self.model_dir, self.model_config))
-        self.attention_backend = resolve_backend_name(config.attention_backend, self.device)
-        backend = get_attention_backend(self.attention_backend)
+        self.attention = get_attention_backend(resolve_backend_name(config.attention_backend, self.device))
         self.model = load_model(
             self.model_dir,
             self.model_config,
             self.dtype,
             self.device,
-            backend,
+            self.attention,
             self.max_model_len,
             config.load_format,
         )
@@ -120,6 +119,11 @@ class EngineCore:
             config.block_size,
             self.max_model_len,
         )
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention backend in use: `torch` or `triton`."""
+        return self.attention.name
 
     # -- requests --------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -201,7 +205,7 @@ class EngineCore:
                     f"expected {expected} {k_cache.dtype}"
                 )
             index = torch.tensor(block_ids, device=self.device)
-            self._scatter_blocks(kv.to(self.device, non_blocking=True), k_cache, v_cache, index)
+            self.attention.scatter_blocks(kv.to(self.device, non_blocking=True), k_cache, v_cache, index)
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # the caller reuses `kv` next
 
@@ -252,7 +256,9 @@ class EngineCore:
             self.model.compute_logits(hidden[-1:])
         k_cache, v_cache = self.kv_caches[0]
         block = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._scatter_blocks(self._gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block)
+        self.attention.scatter_blocks(
+            self.attention.gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block
+        )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -282,7 +288,7 @@ class EngineCore:
             k_cache, v_cache = self.kv_caches[layer]
             for request_id, block_ids in index_tensors:
                 # kv: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                kv = self._gather_blocks(k_cache, v_cache, block_ids)
+                kv = self.attention.gather_blocks(k_cache, v_cache, block_ids)
                 ready = None
                 if self.device.type == "cuda":
                     ready = torch.cuda.Event()
@@ -290,26 +296,6 @@ class EngineCore:
                 sink(request_id, layer, kv, ready)
 
         return export
-
-    def _gather_blocks(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
-    ) -> torch.Tensor:  # [2, len(block_ids), block_size, num_kv_heads, head_dim]
-        if self.attention_backend == "triton":
-            from baton.kernels import gather_kv_blocks
-
-            return gather_kv_blocks(k_cache, v_cache, block_ids)
-        return torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
-
-    def _scatter_blocks(
-        self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
-    ) -> None:
-        if self.attention_backend == "triton":
-            from baton.kernels import scatter_kv_blocks
-
-            scatter_kv_blocks(kv.contiguous(), k_cache, v_cache, block_ids)
-            return
-        k_cache.index_copy_(0, block_ids, kv[0])
-        v_cache.index_copy_(0, block_ids, kv[1])
 
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         logprobs = None

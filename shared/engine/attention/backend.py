@@ -58,6 +58,18 @@ class AttentionBackend(ABC):
     ) -> None: ...
 
     @abstractmethod
+    def gather_blocks(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> torch.Tensor:  # [2, len(block_ids), block_size, num_kv_heads, head_dim], K then V
+        """Copy whole blocks out of the cache (a prefill worker's KV push)."""
+
+    @abstractmethod
+    def scatter_blocks(
+        self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> None:
+        """Copy gather_blocks' layout back into the cache (a decode worker receiving a push)."""
+
+    @abstractmethod
     def attend(
         self,
         layer: AttentionLayerSpec,

@@ -26,6 +26,17 @@ class TorchAttentionBackend(AttentionBackend):
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
+    def gather_blocks(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
+
+    def scatter_blocks(
+        self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> None:
+        k_cache.index_copy_(0, block_ids, kv[0])
+        v_cache.index_copy_(0, block_ids, kv[1])
+
     def attend(
         self,
         layer: AttentionLayerSpec,

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from baton.kernels import paged_decode_attention, paged_prefill_attention, store_kv
+from baton.kernels import (
+    gather_kv_blocks,
+    paged_decode_attention,
+    paged_prefill_attention,
+    scatter_kv_blocks,
+    store_kv,
+)
 from baton.shared.engine.attention.backend import AttentionBackend, AttentionLayerSpec
 from baton.shared.engine.attention.metadata import AttentionMetadata
 
@@ -27,6 +33,16 @@ class TritonAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor,
     ) -> None:
         store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+    def gather_blocks(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return gather_kv_blocks(k_cache, v_cache, block_ids)
+
+    def scatter_blocks(
+        self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+    ) -> None:
+        scatter_kv_blocks(kv.contiguous(), k_cache, v_cache, block_ids)
 
     def attend(
         self,
