@@ -79,6 +79,17 @@ def test_default_tiles() -> None:
     assert relative_error(got, paged_prefill_attention_reference(*batch)) < TOLERANCE[torch.float16]
 
 
+def test_offsets_index_rows_after_other_rows() -> None:
+    """A batch's prefill chunks after its decode rows: offsets start past 0, the rows before are untouched."""
+    q, k_cache, v_cache, tables, starts, lens = make_case(2, [(9, 6), (0, 11)], 4, 2, 32, 8, torch.float32)
+    q = torch.cat((torch.randn(3, *q.shape[1:]).to(q), q))  # 3 rows of no sequence first
+    batch = (q, k_cache, v_cache, tables, starts + 3, lens, 0.25, 11)
+    out = torch.full_like(q, float("nan"))
+    got = paged_prefill_attention(*batch, out=out, block_m=16, block_n=16)
+    assert torch.isnan(got[:3]).all() and not torch.isnan(got[3:]).any()
+    assert relative_error(got[3:], paged_prefill_attention_reference(*batch)[3:]) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("window", [None, 6])
 def test_reference_agrees_with_the_torch_backend(window: int | None) -> None:
     seqs = [(0, 7), (13, 5), (4, 1)]

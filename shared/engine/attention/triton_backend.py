@@ -60,9 +60,9 @@ class TritonAttentionBackend(AttentionBackend):
                 out=out[:nd], sliding_window=layer.sliding_window,
             )  # fmt: skip
         if nd < meta.num_seqs:
+            # the offsets index q's rows as they are (the decode rows before them are left alone)
             paged_prefill_attention(
-                q[nd:], k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
-                meta.seq_lens[nd:], layer.scale, meta.max_query_len, out=out[nd:],
-                sliding_window=layer.sliding_window,
+                q, k_cache, v_cache, meta.block_tables[nd:], meta.query_start_loc[nd:], meta.seq_lens[nd:],
+                layer.scale, meta.max_query_len, out=out, sliding_window=layer.sliding_window,
             )  # fmt: skip
         return out
