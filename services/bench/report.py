@@ -18,17 +18,19 @@ from baton.shared.tokenizer import Tokenizer
 
 
 def build_requests(
-    args: argparse.Namespace, model: str, max_len: int
+    args: argparse.Namespace, model: str, max_model_len: int | None = None
 ) -> tuple[list[BenchRequest], dict[str, Any]]:
-    """The request set the flags describe, and a description of it for the JSON."""
+    """The request set the flags describe, and a description of it for the JSON. ShareGPT pairs must
+    fit `max_model_len` (default: the model's context length)."""
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    config = ModelConfig.from_dir(model)
     if args.dataset == "random":
         inputs, outputs = (
             parse_range(args.input_len, "--input-len"),
             parse_range(args.output_len, "--output-len"),
         )
-        vocab = ModelConfig.from_dir(model).vocab_size
+        vocab = config.vocab_size
         requests = random_requests(args.num_prompts, inputs, outputs, vocab, args.dataset_seed)
         return requests, {
             "dataset": "random",
@@ -39,6 +41,7 @@ def build_requests(
     tokenizer = Tokenizer.from_dir(model)
     if tokenizer is None:
         raise ValueError(f"a ShareGPT dataset needs the model's tokenizer, and {model} has none")
+    max_len = max_model_len or config.max_position_embeddings
     requests = sharegpt_requests(Path(args.dataset), args.num_prompts, tokenizer, args.dataset_seed, max_len)
     return requests, {"dataset": str(args.dataset), "seed": args.dataset_seed}
 
@@ -48,8 +51,7 @@ def run_throughput_benchmark(args: argparse.Namespace, engine: EngineConfig) -> 
 
     if args.baseline == "hf" and not torch.cuda.is_available():
         raise ValueError("--baseline hf runs on a CUDA device; none is visible")
-    max_len = engine.max_model_len or ModelConfig.from_dir(engine.model).max_position_embeddings
-    requests, workload = build_requests(args, engine.model, max_len)
+    requests, workload = build_requests(args, engine.model, engine.max_model_len)
     settings = engine.model_dump(exclude={"model"}, exclude_defaults=True)
     results = [run_baton(engine.model, requests, settings)]
     if args.baseline == "hf":
@@ -97,8 +99,7 @@ def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, A
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
-    max_len = ModelConfig.from_dir(model_dir).max_position_embeddings
-    requests, workload = build_requests(args, model_dir, max_len)
+    requests, workload = build_requests(args, model_dir)
     config = LoadConfig(
         url=args.url.rstrip("/"),
         model=args.served_model_name,

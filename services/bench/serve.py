@@ -57,7 +57,7 @@ async def run_load(config: LoadConfig, requests: list[BenchRequest]) -> tuple[li
     model = config.model or await _served_model(config)
     limit = asyncio.Semaphore(config.max_concurrency or len(requests))
     progress = _Progress(len(requests), config.progress)
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    headers = _headers(config)
     gaps = _arrival_gaps(len(requests), config.request_rate, config.seed)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(
@@ -75,11 +75,14 @@ async def run_load(config: LoadConfig, requests: list[BenchRequest]) -> tuple[li
 
 
 async def _served_model(config: LoadConfig) -> str:
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    async with httpx.AsyncClient(base_url=config.url, headers=headers, timeout=30) as client:
+    async with httpx.AsyncClient(base_url=config.url, headers=_headers(config), timeout=30) as client:
         response = await client.get("/v1/models")
         response.raise_for_status()
         return str(response.json()["data"][0]["id"])
+
+
+def _headers(config: LoadConfig) -> dict[str, str]:
+    return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
 def _arrival_gaps(num: int, rate: float, seed: int) -> list[float]:
