@@ -61,27 +61,22 @@ class KVCacheManager:
         `prefix`, for a request not yet holding blocks). Returns the newly allocated block ids, or
         None when they don't fit, in which case nothing changed."""
         held = self._blocks.get(request.request_id)
-        if held is not None and not prefix.block_ids:  # the common case: a running request grows
-            num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(held)
-            if num_needed <= 0:
-                return []
-            if num_needed > self.pool.num_free_blocks:
-                return None
-            new_blocks = self.pool.allocate(num_needed) or []
-            held.extend(new_blocks)
-            return new_blocks
-        held = held or []
         if prefix.block_ids and held:
             raise IntegrityError(f"request {request.request_id} already holds blocks; no prefix to add")
         num_computed = max(request.num_computed_tokens, prefix.num_tokens)
-        num_needed = cdiv(num_computed + num_new_tokens, self.block_size) - len(held) - len(prefix.block_ids)
+        num_held = len(held) if held is not None else 0
+        num_blocks = cdiv(num_computed + num_new_tokens, self.block_size)
+        num_needed = max(num_blocks - num_held - len(prefix.block_ids), 0)
         num_revived = sum(1 for b in prefix.block_ids if self.pool.is_evictable(b))
-        if max(num_needed, 0) + num_revived > self.pool.num_free_blocks:
+        if num_needed + num_revived > self.pool.num_free_blocks:
             return None
         self.pool.touch(prefix.block_ids)  # before allocating, so they cannot be evicted for ourselves
-        new_blocks = self.pool.allocate(max(num_needed, 0)) or []
-        self._blocks[request.request_id] = held + prefix.block_ids + new_blocks
-        self._num_published.setdefault(request.request_id, len(prefix.block_ids))
+        new_blocks = self.pool.allocate(num_needed) or []
+        if held is None or prefix.block_ids:  # (a request holding blocks brings no prefix: checked above)
+            self._blocks[request.request_id] = [*(held or ()), *prefix.block_ids, *new_blocks]
+            self._num_published.setdefault(request.request_id, len(prefix.block_ids))
+        else:  # the hot path: a running request grows in place
+            held.extend(new_blocks)
         return new_blocks
 
     def publish_computed_blocks(self, request: Request) -> None:
