@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
-from baton.shared.engine.outputs import EngineOutput
+from baton.shared.engine.outputs import EngineOutput, merge_outputs
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken
 
@@ -173,10 +173,19 @@ class AsyncEngine:
         return await asyncio.wrap_future(reply)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncGenerator[EngineOutput, None]:
+        """The request's outputs; a consumer that fell behind gets what queued up meanwhile merged into
+        one output (as vLLM's output collector does), so a slow stream costs one message per visit, not
+        one per engine step."""
         finished = False
         try:
             while not finished:
                 item = await stream.queue.get()
+                while isinstance(item, EngineOutput) and not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        stream.queue.put_nowait(following)  # raised on the next visit, after this output
+                        break
+                    item = merge_outputs(item, following)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -275,8 +284,17 @@ class AsyncEngine:
             self._send(command.request_id, exc, last=True)
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
-        for out in outputs:
-            self._send(out.request_id, out, last=out.finished)
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per request."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], EngineOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                rid = out.request_id
+                stream = self._streams.pop(rid, None) if out.finished else self._streams.get(rid)
+                if stream is not None:
+                    batches.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, batch in batches.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, batch)
 
     def _send(self, request_id: str, item: EngineOutput | BaseException, last: bool) -> None:
         with self._lock:
@@ -290,3 +308,8 @@ class AsyncEngine:
         for stream in streams.values():
             if not stream.loop.is_closed():
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Any], EngineOutput]]) -> None:
+    for stream_queue, out in batch:
+        stream_queue.put_nowait(out)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,18 @@ class EngineOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
+    """One output carrying both steps' tokens (`first` must not be finished); the end state is `then`'s."""
+    if first.finished or first.request_id != then.request_id:
+        raise ValueError(
+            f"cannot merge {then.request_id!r} into {first.request_id!r} (finished: {first.finished})"
+        )
+    logprobs = None
+    if first.new_logprobs is not None or then.new_logprobs is not None:
+        logprobs = [*(first.new_logprobs or []), *(then.new_logprobs or [])]
+    return replace(then, new_token_ids=[*first.new_token_ids, *then.new_token_ids], new_logprobs=logprobs)
 
 
 @dataclass

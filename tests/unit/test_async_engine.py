@@ -126,3 +126,38 @@ def test_fatal_engine_error_reaches_every_stream(llama_dir: Path) -> None:
                 pass
 
     run(main())
+
+
+def test_a_consumer_that_falls_behind_gets_the_steps_merged(
+    llama_dir: Path, expected: list[list[int]]
+) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+
+    async def main() -> list:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            outputs = []
+            async for out in engine.generate(PROMPTS[2], params):
+                outputs.append(out)
+                if len(outputs) == 1:
+                    while engine.core.has_unfinished():  # let every other step queue up meanwhile
+                        await asyncio.sleep(0.01)
+            return outputs
+
+    outputs = run(main())
+    assert len(outputs) == 2  # the first token, then the other eleven in one merged output
+    assert [t for out in outputs for t in out.new_token_ids] == expected[2]
+    assert [len(out.new_logprobs) for out in outputs] == [1, 11]
+    assert all(
+        out.new_token_ids[i] in out.new_logprobs[i] for out in outputs for i in range(len(out.new_token_ids))
+    )
+    assert [out.finish_reason for out in outputs] == [None, "length"]
+
+
+def test_merge_outputs_refuses_a_finished_first_output() -> None:
+    from baton.shared.engine.outputs import EngineOutput, merge_outputs
+
+    done = EngineOutput("r", [1], finish_reason="stop")
+    with pytest.raises(ValueError, match="cannot merge"):
+        merge_outputs(done, EngineOutput("r", [2]))
+    merged = merge_outputs(EngineOutput("r", [1]), EngineOutput("r", [2, 3], finish_reason="length"))
+    assert merged.new_token_ids == [1, 2, 3] and merged.finish_reason == "length"
