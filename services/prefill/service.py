@@ -28,6 +28,9 @@ from baton.shared.worker_runtime import TransferCounters, request_record, stats_
 logger = logging.getLogger(__name__)
 
 _LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]
+PUSH_MESSAGE_BYTES = 16 << 20
+"""Layers are pushed in messages of at least this size (or the whole prompt, if smaller): UCX moves
+messages of a few MiB at a fraction of its bandwidth (see benchmarks/NOTES.md)."""
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -108,6 +111,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             session = await self.sender.open(
                 request.transfer_address, rid, list(request.block_ids), self.num_layers
             )
+            opened_ns = time.monotonic_ns()
             self._layers[rid] = asyncio.Queue()
             outputs = self.engine.add(rid, prompt, params, prefill_only=True)
             pushed = asyncio.create_task(self._push_layers(session, self._layers[rid]))
@@ -130,8 +134,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.num_finished += 1
         self.counters.transfer_bytes += nbytes
         logger.info(
-            "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s",
+            "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s "
+            "(%.0f ms for a transfer slot, %.0f ms to compute and push)",
             rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,
+            (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6,
         )  # fmt: skip
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],
@@ -150,16 +156,23 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             logger.warning("registry unreachable, prefilling %s without recording it: %s", rid, exc)
 
     async def _push_layers(self, session: KVPushSession, queue: asyncio.Queue[_LayerItem]) -> int:
-        """Send each layer as the engine copies it out; returns the bytes sent."""
-        nbytes = 0
+        """Send the layers as the engine copies them out, consecutive ones together until a message
+        holds PUSH_MESSAGE_BYTES (each message costs the transport a round trip, so small prompts go
+        in one or two messages while a long prompt's layers still leave as they are computed).
+        Returns the bytes sent."""
+        nbytes, first = 0, 0
         for expected in range(self.num_layers):
-            layer, kv, ready = await queue.get()
+            layer, kv, ready = await queue.get()  # kv: [num_layers, 2, blocks, block_size, heads, dim]
             if layer != expected:
                 raise RuntimeError(f"layer {layer} arrived when layer {expected} was due")
-            if ready is not None:
+            run_bytes = (layer + 1 - first) * kv[0].numel() * kv.element_size()
+            if run_bytes < PUSH_MESSAGE_BYTES and layer + 1 < self.num_layers:
+                continue
+            if ready is not None and not ready.query():  # fires after every earlier layer's copy too
                 await asyncio.to_thread(ready.synchronize)
-            await session.send_layer(layer, kv)
-            nbytes += kv.numel() * kv.element_size()
+            await session.send_layers(first, kv[first : layer + 1])
+            nbytes += run_bytes
+            first = layer + 1
         return nbytes
 
     async def _undo(self, rid: str, session: KVPushSession | None, exc: BaseException) -> None:

@@ -31,9 +31,10 @@ from baton.shared.models.model_config import read_json
 logger = logging.getLogger(__name__)
 
 LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None]
-"""Receives (request_id, layer, kv [2, num_prompt_blocks, block_size, kv_heads, head_dim], ready):
-one layer of a prefill-only request's prompt KV, copied out right after the layer computed it. On CUDA
-`ready` is an event the consumer must wait for before reading `kv`."""
+"""Receives (request_id, layer, kv, ready) once per layer of a prefill-only request, right after the
+layer computed its prompt KV: kv is the request's whole copy-out buffer
+[num_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim], in which layers 0..layer are
+written (on CUDA, once the event `ready` has fired), so consecutive layers can leave as one slice."""
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ class EngineCore:
     def write_reserved_kv(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
         """Copy one pushed layer into the request's reserved blocks. Thread-safe against aborts;
         raises KeyError if the request no longer holds a reservation, ValueError on a wrong shape.
+        On a GPU the copy is queued on the default stream (the caller must not overwrite `kv` before
+        that work ran); `commit_reserved` orders the engine's steps after it.
 
         kv: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V, blocks in prompt order."""
         with self._reservation_lock:
@@ -204,10 +207,14 @@ class EngineCore:
                     f"layer {layer} KV has shape {tuple(kv.shape)} {kv.dtype}, "
                     f"expected {expected} {k_cache.dtype}"
                 )
-            index = torch.tensor(block_ids, device=self.device)
-            self.attention.scatter_blocks(kv.to(self.device, non_blocking=True), k_cache, v_cache, index)
             if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # the caller reuses `kv` next
+                with torch.cuda.stream(torch.cuda.default_stream(self.device)):
+                    # pinned, so neither copy waits for the stream (a pageable one would)
+                    index = torch.tensor(block_ids).pin_memory().to(self.device, non_blocking=True)
+                    self.attention.scatter_blocks(kv.to(self.device), k_cache, v_cache, index)
+            else:
+                index = torch.tensor(block_ids)
+                self.attention.scatter_blocks(kv, k_cache, v_cache, index)
 
     def commit_reserved(
         self, request_id: str, first_token: SampledToken, num_cached_tokens: int
@@ -218,6 +225,8 @@ class EngineCore:
             if request_id not in self.scheduler.reserved:
                 raise KeyError(f"request {request_id!r} holds no reservation")
             request = self.scheduler.commit_reserved(request_id, first_token, num_cached_tokens)
+        if self._compute_stream is not None:  # steps read the pushed KV only after its copy ran
+            self._compute_stream.wait_stream(torch.cuda.default_stream(self.device))
         return self._output(request, first_token)
 
     def has_unfinished(self) -> bool:
@@ -284,11 +293,17 @@ class EngineCore:
         ]
         index_tensors = [(rid, torch.tensor(blocks, device=self.device)) for rid, blocks in index]
 
+        buffers: dict[str, torch.Tensor] = {}
+
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
             for request_id, block_ids in index_tensors:
-                # kv: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                kv = self.attention.gather_blocks(k_cache, v_cache, block_ids)
+                if layer == 0:  # allocated here, on the stream that writes it
+                    # buffers[rid]: [num_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]
+                    shape = (len(self.kv_caches), 2, block_ids.numel(), *k_cache.shape[1:])
+                    buffers[request_id] = torch.empty(shape, dtype=k_cache.dtype, device=self.device)
+                kv = buffers[request_id]
+                self.attention.gather_blocks(k_cache, v_cache, block_ids, out=kv[layer])
                 ready = None
                 if self.device.type == "cuda":
                     ready = torch.cuda.Event()

@@ -2,7 +2,7 @@
 
     sender = make_sender(layout)                       # or UcxKVSender / LoopbackKVSender
     session = await sender.open(address, request_id, block_ids, num_layers)
-    for layer in range(num_layers):
+    for layer in range(num_layers):                    # or runs of layers: send_layers(first, kv[a:b])
         await session.send_layer(layer, kv)            # kv: [2, n_blocks, block_size, kv_heads, head_dim]
     ack = await session.finish(trailer)                # TransferError on nack / timeout / disconnect
 
@@ -19,6 +19,7 @@ from baton.shared.transfer.base import (
     KVReceiveHandler,
     KVReceiver,
     KVSender,
+    PendingChecksum,
     TransferError,
     TransferRefused,
     kv_checksum,
@@ -36,6 +37,7 @@ __all__ = [
     "KVSender",
     "LoopbackKVReceiver",
     "LoopbackKVSender",
+    "PendingChecksum",
     "TransferError",
     "TransferRefused",
     "UcxKVReceiver",

@@ -4,7 +4,7 @@ A prefill worker (P) pushes a prompt's KV cache, layer by layer, into blocks a d
 reserved:
 
     P: sender.open(D.address, request_id, block_ids, num_layers) -> session     (handshake, begin)
-       for layer in range(num_layers): session.send_layer(layer, kv)            (header + payload)
+       session.send_layers(first, kv) for runs of layers, in order               (header + payload)
        ack = session.finish(trailer)                                             (D verified all)
     D: handler.begin(...); handler.write_layer(...) per layer; handler.complete(...) -> ack
        or handler.fail(request_id, reason) when anything breaks
@@ -133,27 +133,66 @@ def kv_checksum(t: torch.Tensor) -> int:
     with overwhelming probability. Cost: one pass over the bytes (an int64 dot product per 8 MiB
     chunk; ~50 ms per 64 MiB on a small CPU) and one device sync. Not a cryptographic hash.
     """
-    if not t.is_contiguous():
-        raise ValueError("kv_checksum needs a contiguous tensor")
-    data = t.reshape(-1).view(torch.uint8)  # data: [nbytes]
-    nbytes = data.numel()
-    if nbytes % 8 != 0 or data.storage_offset() % 8 != 0:
-        padded = torch.zeros(-(-nbytes // 8) * 8, dtype=torch.uint8, device=data.device)
-        padded[:nbytes] = data
-        data = padded
-    words = data.view(torch.int64)  # words: [ceil(nbytes / 8)]
-    weights = _word_weights(words.device)
-    partials = []
-    for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = words[start : start + _CHUNK_WORDS]
-        w = weights[: chunk.numel()]
-        # torch.dot is fast for int64 on CPU; other devices reduce the product (both wrap mod 2^64)
-        partials.append(torch.dot(chunk, w) if chunk.device.type == "cpu" else (chunk * w).sum())
-    sums = torch.stack(partials).tolist() if partials else []
-    total = nbytes * 0x9E3779B97F4A7C15
-    for index, partial in enumerate(sums):
-        total += _chunk_multiplier(index) * partial
-    return total & _MASK64
+    return PendingChecksum.start(t).value()
+
+
+class PendingChecksum:
+    """`kv_checksum` split in two: `start` launches the reduction (on a GPU, asynchronously, on the
+    current stream), `value()` / `values()` wait for it. A transfer checksums every layer as it goes
+    and waits once per request instead of once per layer."""
+
+    def __init__(self, nbytes: int, partials: torch.Tensor) -> None:
+        self._nbytes = nbytes
+        self._partials = partials  # partials: [num_chunks] int64, on the tensor's device
+
+    @classmethod
+    def start(cls, t: torch.Tensor) -> PendingChecksum:
+        if not t.is_contiguous():
+            raise ValueError("kv_checksum needs a contiguous tensor")
+        data = t.reshape(-1).view(torch.uint8)  # data: [nbytes]
+        nbytes = data.numel()
+        if data.device.type == "cuda":
+            data.record_stream(torch.cuda.current_stream(data.device))  # read after the caller lets go
+        if nbytes % 8 != 0 or data.storage_offset() % 8 != 0:
+            padded = torch.zeros(-(-nbytes // 8) * 8, dtype=torch.uint8, device=data.device)
+            padded[:nbytes] = data
+            data = padded
+        words = data.view(torch.int64)  # words: [ceil(nbytes / 8)]
+        weights = _word_weights(words.device)
+        partials = []
+        for start in range(0, words.numel(), _CHUNK_WORDS):
+            chunk = words[start : start + _CHUNK_WORDS]
+            w = weights[: chunk.numel()]
+            # torch.dot is fast for int64 on CPU; other devices reduce the product (both wrap mod 2^64)
+            partials.append(torch.dot(chunk, w) if chunk.device.type == "cpu" else (chunk * w).sum())
+        empty = torch.zeros(0, dtype=torch.int64, device=data.device)
+        return cls(nbytes, torch.stack(partials) if partials else empty)
+
+    @property
+    def on_cuda(self) -> bool:
+        return self._partials.device.type == "cuda"
+
+    def value(self) -> int:
+        return self._finish(self._partials.tolist())
+
+    @staticmethod
+    def values(pending: list[PendingChecksum]) -> list[int]:
+        """Every checksum (all started on one device), waiting for the device once."""
+        if not pending:
+            return []
+        sums = torch.cat([p._partials for p in pending]).tolist()
+        out, at = [], 0
+        for p in pending:
+            n = p._partials.numel()
+            out.append(p._finish(sums[at : at + n]))
+            at += n
+        return out
+
+    def _finish(self, sums: list[int]) -> int:
+        total = self._nbytes * 0x9E3779B97F4A7C15
+        for index, partial in enumerate(sums):
+            total += _chunk_multiplier(index) * partial
+        return total & _MASK64
 
 
 # -- interfaces ----------------------------------------------------------------------------------
@@ -196,10 +235,16 @@ class KVPushSession(ABC):
     """One request's push to one receiver. Not safe for concurrent use except `abort()`."""
 
     @abstractmethod
+    async def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
+        """Send consecutive layers as one message. kv: contiguous [count, 2, n_blocks, bs, h, d] on CPU
+        or CUDA (the caller guarantees it is ready), layers first_layer.. first_layer+count-1; layers
+        go in order 0..num_layers-1. Returns once the transport no longer reads kv. Wrong shapes or
+        order raise ValueError; a broken connection raises TransferError. Small layers travel better
+        together: each message costs a round of the transport's protocol."""
+
     async def send_layer(self, layer: int, kv: torch.Tensor) -> None:
-        """Send one layer. kv: contiguous [2, n_blocks, bs, h, d] on CPU or CUDA (the caller guarantees
-        it is ready); layers go in order 0..num_layers-1. Returns once the transport no longer reads
-        kv. Wrong shapes or order raise ValueError; a broken connection raises TransferError."""
+        """Send one layer. kv: contiguous [2, n_blocks, bs, h, d]; see `send_layers`."""
+        await self.send_layers(layer, kv.unsqueeze(0))
 
     @abstractmethod
     async def finish(self, trailer: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:

@@ -7,16 +7,19 @@ A connection (a `Channel`) carries small JSON messages and raw byte payloads, in
                                           <-        welcome | refused {reason}        connection
     begin {request_id, block_ids, num_layers} ->
                                           <-        ready | error {reason}            per request
-    layer {layer, nbytes, checksum}       ->        then `nbytes` raw bytes           per layer
-    finish {trailer}                      ->
+    layer {layer, count, nbytes}          ->        then `nbytes` raw bytes           per run of
+                                                                                      layers
+    finish {trailer, checksums}           ->
                                           <-        ack {payload} | nack {reason}
     abort {reason}                        ->        (no reply; instead of finish)
 
 A connection carries one request at a time and then the next. Between begin's reply and finish the
 receiver never replies: a request that failed (bad checksum, missing layer...) is drained, its
 remaining payloads received and dropped, so the connection stays in step; the reason travels back
-in the nack. Anything that leaves the stream out of step (a timeout, a cancelled send, a protocol
-violation) closes the connection instead, and the peer sees a disconnect.
+in the nack. Each message's checksum travels in finish, so that both ends launch the reduction as a
+message goes by and wait for the device once per request, not once per message. Anything that leaves
+the stream out of step (a timeout, a cancelled send, a protocol violation) closes the connection
+instead, and the peer sees a disconnect.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,15 +39,15 @@ from baton.shared.transfer.base import (
     KVLayout,
     KVPushSession,
     KVReceiveHandler,
+    PendingChecksum,
     TransferError,
     TransferRefused,
-    kv_checksum,
 )
 from baton.shared.transfer.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class ChannelClosed(TransferError):
@@ -77,8 +80,10 @@ class Channel(ABC):
 
     @abstractmethod
     async def recv_payload(self, nbytes: int, timeout_s: float | None = None) -> torch.Tensor | None:
-        """The next payload as [n] uint8 (n <= nbytes; valid until the next call), or None if it was
-        larger than nbytes (it is consumed and dropped). Raises like `recv_message`."""
+        """The next payload as [n] uint8 (n <= nbytes), or None if it was larger than nbytes (it is
+        consumed and dropped). Valid until the call after next: before reusing a GPU buffer, the
+        transport waits for the reads of it the caller queued on the current stream. Raises like
+        `recv_message`."""
 
     @abstractmethod
     def close(self, reason: str) -> None:
@@ -164,6 +169,7 @@ class PushSession(KVPushSession):
         self._busy = False  # a message exchange is in progress
         self._ended: str | None = None  # why the session can no longer be used
         self._finished = False  # ended by an ack (later use is a caller bug, not a transfer failure)
+        self._checksums: list[PendingChecksum] = []  # of the layer messages sent, in order
 
     @classmethod
     async def open(
@@ -196,25 +202,33 @@ class PushSession(KVPushSession):
         session._end(f"{peer} answered begin with {reply['type']!r}", in_step=False)
         raise ProtocolError(session._what_failed())
 
-    async def send_layer(self, layer: int, kv: torch.Tensor) -> None:
+    async def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
         self._check_usable()
-        if layer != self._next_layer:
-            raise ValueError(f"layer {layer} sent out of order: expected layer {self._next_layer}")
-        shape = self._layout.layer_shape(self._num_blocks)
-        if tuple(kv.shape) != shape or kv.dtype != self._layout.torch_dtype or not kv.is_contiguous():
+        if first_layer != self._next_layer:
+            raise ValueError(f"layer {first_layer} sent out of order: expected layer {self._next_layer}")
+        count = kv.shape[0] if kv.dim() else 0
+        layer_shape = self._layout.layer_shape(self._num_blocks)
+        left = self._layout.num_layers - first_layer
+        if (
+            tuple(kv.shape[1:]) != layer_shape
+            or not 1 <= count <= left
+            or kv.dtype != self._layout.torch_dtype
+            or not kv.is_contiguous()
+        ):
             raise ValueError(
-                f"layer {layer}: kv must be a contiguous {self._layout.dtype} tensor of shape {shape}, got "
+                f"layers from {first_layer}: kv must be a contiguous {self._layout.dtype} tensor of shape "
+                f"(count, {', '.join(map(str, layer_shape))}) with 1 <= count <= {left}, got "
                 f"{tuple(kv.shape)} {kv.dtype} (contiguous={kv.is_contiguous()})"
             )
         await self._faults.delay()
         self._check_usable()
-        self._next_layer += 1
+        self._next_layer += count
         if self._faults.should_drop():
             return
-        checksum = kv_checksum(kv)
+        self._checksums.append(PendingChecksum.start(kv))
         payload = self._faults.maybe_corrupt(kv.reshape(-1).view(torch.uint8))  # payload: [nbytes]
-        header = {"type": "layer", "layer": layer, "nbytes": payload.numel(), "checksum": checksum}
-        async with self._exchange(f"sending layer {layer}"):
+        header = {"type": "layer", "layer": first_layer, "count": count, "nbytes": payload.numel()}
+        async with self._exchange(f"sending layer {first_layer}"):
             await self._channel.send_message(header)
             await self._channel.send_payload(payload)
 
@@ -224,7 +238,8 @@ class PushSession(KVPushSession):
             raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
         encode_message(trailer)  # not JSON-able: TypeError/ValueError before anything is sent
         async with self._exchange("waiting for the receiver's ack"):
-            await self._channel.send_message({"type": "finish", "trailer": trailer})
+            checksums = await resolve_checksums(self._checksums)
+            await self._channel.send_message({"type": "finish", "trailer": trailer, "checksums": checksums})
             reply = await self._channel.recv_message(timeout_s)
         payload = reply.get("payload")
         if reply["type"] == "ack" and isinstance(payload, dict):
@@ -305,6 +320,8 @@ class _Inbound:
     layer_nbytes: int
     next_layer: int = 0
     failure: str | None = None  # set once failed: later payloads are drained, finish is nacked
+    checksums: list[PendingChecksum] = field(default_factory=list)  # of the layer messages, in order
+    messages: list[tuple[int, int]] = field(default_factory=list)  # (first layer, count) of each
 
 
 class InboundConnection:
@@ -406,47 +423,56 @@ class InboundConnection:
         if request is None:
             raise ProtocolError("layer message outside a request")
         layer, nbytes = _field(msg, "layer", int), _field(msg, "nbytes", int)
-        checksum = _field(msg, "checksum", int)
-        payload = await channel.recv_payload(request.layer_nbytes, idle_timeout_s)  # payload: [nbytes]
+        count = _field(msg, "count", int)
+        problem = self._check_header(request, layer, count, nbytes)
+        # post the size the header announces (a transport may hand back the whole posted buffer), or
+        # what is left of the request if the header is wrong (the payload is then drained)
+        posted = (
+            nbytes
+            if problem is None
+            else request.layer_nbytes * max(1, request.num_layers - request.next_layer)
+        )
+        payload = await channel.recv_payload(posted, idle_timeout_s)  # payload: [<= posted]
         if request.failure is not None:
             return  # drained
-        if payload is None:
-            self._fail(request, f"layer {layer}: payload is larger than {request.layer_nbytes} bytes")
+        if problem is None and payload is None:
+            problem = f"layer {layer}: payload is larger than the {nbytes} bytes announced"
+        elif problem is None and payload is not None and payload.numel() != nbytes:
+            problem = f"layer {layer}: payload is {payload.numel()} bytes, {nbytes} announced"
+        if problem is not None or payload is None:
+            self._fail(request, problem or "no payload")
             return
-        problem = self._check_layer(request, layer, nbytes, payload, checksum)
-        if problem is not None:
-            self._fail(request, problem)
-            return
-        kv = payload.view(self._layout.torch_dtype).view(request.layer_shape)
-        try:
-            self._handler.write_layer(request.request_id, layer, kv)
-        except TransferError as e:
-            self._fail(request, f"layer {layer}: {e}")
-            return
-        except Exception as e:
-            logger.exception("KV receive handler write_layer(%r, %d) raised", request.request_id, layer)
-            self._fail(request, f"layer {layer}: receiver error: {e!r}")
-            return
-        request.next_layer += 1
+        request.checksums.append(PendingChecksum.start(payload))
+        request.messages.append((layer, count))
+        # kv: [count, 2, num_blocks, block_size, kv_heads, head_dim]
+        kv = payload.view(self._layout.torch_dtype).view(count, *request.layer_shape)
+        for i in range(count):
+            try:
+                self._handler.write_layer(request.request_id, layer + i, kv[i])
+            except TransferError as e:
+                self._fail(request, f"layer {layer + i}: {e}")
+                return
+            except Exception as e:
+                logger.exception(
+                    "KV receive handler write_layer(%r, %d) raised", request.request_id, layer + i
+                )
+                self._fail(request, f"layer {layer + i}: receiver error: {e!r}")
+                return
+        request.next_layer += count
 
     @staticmethod
-    def _check_layer(
-        request: _Inbound, layer: int, nbytes: int, payload: torch.Tensor, checksum: int
-    ) -> str | None:
-        expected = request.next_layer
-        if layer >= request.num_layers:
-            return f"layer {layer} out of range (the request has {request.num_layers} layers)"
+    def _check_header(request: _Inbound, layer: int, count: int, nbytes: int) -> str | None:
+        expected, total = request.next_layer, request.num_layers
+        if layer >= total:
+            return f"layer {layer} out of range (the request has {total} layers)"
+        if count < 1 or layer + count > total:
+            return f"layers {layer} to {layer + count - 1} out of range (the request has {total} layers)"
         if layer > expected:
             return f"layer {expected} missing: layer {layer} arrived instead"
         if layer < expected:
             return f"layer {layer} arrived again or out of order (expected layer {expected})"
-        if nbytes != request.layer_nbytes:
-            return f"layer {layer}: header says {nbytes} bytes, expected {request.layer_nbytes}"
-        if payload.numel() != request.layer_nbytes:
-            return f"layer {layer}: payload is {payload.numel()} bytes, expected {request.layer_nbytes}"
-        actual = kv_checksum(payload)
-        if actual != checksum:
-            return f"layer {layer}: checksum mismatch (sent {checksum:#018x}, received {actual:#018x})"
+        if nbytes != count * request.layer_nbytes:
+            return f"layer {layer}: header says {nbytes} bytes, expected {count * request.layer_nbytes}"
         return None
 
     async def on_finish(self, msg: dict[str, Any]) -> dict[str, Any]:
@@ -456,6 +482,7 @@ class InboundConnection:
         if request.failure is not None:
             return {"type": "nack", "reason": request.failure}
         try:
+            await self._verify_checksums(request, msg.get("checksums"))
             payload = await self._complete(request, msg.get("trailer"))
         except TransferError as e:
             self._fail(request, str(e))
@@ -463,11 +490,25 @@ class InboundConnection:
         self._active_ids.discard(request.request_id)
         return {"type": "ack", "payload": payload}
 
-    async def _complete(self, request: _Inbound, trailer: Any) -> dict[str, Any]:
-        """Check the request is whole and let the handler complete it; every failure is a TransferError."""
+    @staticmethod
+    async def _verify_checksums(request: _Inbound, sent: Any) -> None:
+        """The sender's per-layer checksums against what arrived; TransferError naming the first bad layer."""
         if request.next_layer < request.num_layers:
             n, total = request.next_layer, request.num_layers
             raise TransferError(f"finish after {n} of {total} layers: layer {n} missing")
+        wanted = len(request.checksums)
+        if not isinstance(sent, list) or len(sent) != wanted:
+            raise TransferError(
+                f"finish must carry {wanted} checksums (one a message), got {str(sent)[:100]}"
+            )
+        received = await resolve_checksums(request.checksums)
+        for (first, _), theirs, ours in zip(request.messages, sent, received, strict=True):
+            if theirs != ours:
+                shown = f"{theirs:#018x}" if isinstance(theirs, int) else repr(theirs)[:40]
+                raise TransferError(f"layer {first}: checksum mismatch (sent {shown}, received {ours:#018x})")
+
+    async def _complete(self, request: _Inbound, trailer: Any) -> dict[str, Any]:
+        """Let the handler complete a verified request; every failure is a TransferError."""
         if not isinstance(trailer, dict):
             raise TransferError(f"trailer must be a dict, got {type(trailer).__name__}")
         try:
@@ -505,3 +546,10 @@ class InboundConnection:
 
 def _refused(reason: str) -> dict[str, Any]:
     return {"type": "refused", "reason": reason}
+
+
+async def resolve_checksums(pending: list[PendingChecksum]) -> list[int]:
+    """The checksums' values; a GPU's are awaited off the event loop (the device may be busy for a while)."""
+    if pending and pending[0].on_cuda:
+        return await asyncio.to_thread(PendingChecksum.values, pending)
+    return PendingChecksum.values(pending)

@@ -3,11 +3,14 @@ finds them. Speaks the protocol of `protocol.py`.
 
 - Control messages travel as `send_obj`/`recv_obj`; a layer's payload as one tagged message
   straight from the sender's tensor (CPU via a NumPy view, CUDA via `__cuda_array_interface__`)
-  into a per-connection staging buffer on the receiver's `device`, grown to the largest layer seen
-  and reused across layers and requests.
-- A sender keeps up to `max_idle_per_address` idle endpoints per receiver; concurrent requests to the
-  same receiver each take their own endpoint (one request at a time per endpoint keeps its
-  messages in order).
+  into one of two per-connection staging buffers on the receiver's `device`, used in turn, each
+  grown to the largest layer seen and reused across layers and requests. On a GPU, the work the
+  receiver queued on a buffer (checksum, scatter into the cache) is only waited for when that buffer
+  comes round again, so nothing waits for the device per layer.
+- A sender runs at most `max_sessions_per_address` pushes to one receiver at once, each on its own
+  endpoint (one request at a time per endpoint keeps its messages in order); more wait for a free
+  one. Endpoints are kept and reused: a burst of requests does not pay for a burst of connections,
+  and the receiver's staging memory stays bounded by the endpoints it serves.
 - `ucxx` is imported on first use: importing this module is cheap and leaves UCX's environment alone.
   ucxx listens on all interfaces; `host`/`advertise_host` only decide the published address.
 """
@@ -90,6 +93,12 @@ class _UcxContext:
             _ucxx().stop_notifier_thread()
 
 
+def ucx_for_this_loop() -> ModuleType:
+    """The `ucxx` module, initialized for the running event loop as this module uses it (Python
+    futures, no busy polling); for tools that speak raw UCX beside Baton's transfer."""
+    return _UcxContext.ready()
+
+
 def stop_ucx() -> None:
     """Stop UCX's notifier thread; call before the event loop that used UCX closes (after every
     receiver and sender closed). The next use starts UCX afresh."""
@@ -108,7 +117,7 @@ def format_ucx_address(host: str, port: int) -> str:
     return f"{SCHEME}[{host}]:{port}" if ":" in host else f"{SCHEME}{host}:{port}"
 
 
-def _as_ucx_buffer(t: torch.Tensor) -> Any:
+def as_ucx_buffer(t: torch.Tensor) -> Any:
     """What ucxx reads or writes: a NumPy view of a CPU tensor, a CUDA tensor as is (it exposes
     `__cuda_array_interface__`). t: [nbytes] uint8, contiguous."""
     if t.device.type == "cpu":
@@ -128,7 +137,9 @@ class _UcxChannel(Channel):
     def __init__(self, ep: Any, device: torch.device) -> None:
         self._ep = ep
         self._device = device
-        self._staging: torch.Tensor | None = None  # staging: [capacity] uint8 on `device`
+        self._staging: list[torch.Tensor | None] = [None, None]  # each: [capacity] uint8 on `device`
+        self._read: list[torch.cuda.Event | None] = [None, None]  # the queued reads of each buffer
+        self._turn = 0  # the buffer the next payload goes into
         self._closed_reason: str | None = None
 
     @property
@@ -146,15 +157,30 @@ class _UcxChannel(Channel):
         return decode_message(data)
 
     async def send_payload(self, payload: torch.Tensor) -> None:
-        await self._io(self._ep.send(_as_ucx_buffer(payload)))
+        await self._io(self._ep.send(as_ucx_buffer(payload)))
 
     async def recv_payload(self, nbytes: int, timeout_s: float | None = None) -> torch.Tensor | None:
-        if self._staging is None or self._staging.numel() < nbytes:
-            self._staging = None  # free the old buffer before allocating the larger one
-            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
-        buffer = self._staging[:nbytes]
+        """The payload lies in a staging buffer that the call after next overwrites; on a GPU the caller's
+        work on it must be queued on the current stream before the next call (that call marks it)."""
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._device.type == "cuda":
+            previous = torch.cuda.Event()
+            previous.record()  # the reads queued on the buffer the last payload went into
+            self._read[1 - turn] = previous
+            pending = self._read[turn]
+            if pending is not None and not pending.query():
+                await asyncio.to_thread(pending.synchronize)
+        staging = self._staging[turn]
+        if staging is None or staging.numel() < nbytes:
+            self._staging[turn] = None  # free the old buffer before allocating the larger one
+            staging = self._staging[turn] = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
+            if self._device.type == "cuda":
+                # The allocator may hand out memory that kernels still queued on this stream use (it
+                # counts on stream order); UCX writes outside that order, so let them finish first.
+                await asyncio.to_thread(torch.cuda.current_stream(self._device).synchronize)
+        buffer = staging[:nbytes]
         try:
-            await self._io(self._ep.recv(_as_ucx_buffer(buffer)), timeout_s)
+            await self._io(self._ep.recv(as_ucx_buffer(buffer)), timeout_s)
         except _Truncated:
             return None
         return buffer
@@ -262,13 +288,16 @@ class UcxKVSender(KVSender):
         faults: FaultConfig | None = None,
         connect_timeout_s: float = 5.0,
         reply_timeout_s: float = 10.0,
-        max_idle_per_address: int = 4,
+        max_sessions_per_address: int = 32,
     ) -> None:
+        if max_sessions_per_address < 1:
+            raise ValueError(f"max_sessions_per_address must be >= 1, got {max_sessions_per_address}")
         self.layout = layout
         self._faults = FaultInjector(faults)
         self._connect_timeout_s = connect_timeout_s
         self._reply_timeout_s = reply_timeout_s
-        self._max_idle = max_idle_per_address
+        self._max_sessions = max_sessions_per_address
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._idle: dict[str, list[Channel]] = {}
         self._channels: set[Channel] = set()  # every live endpoint, idle or in a session
         self._closed = False
@@ -282,11 +311,22 @@ class UcxKVSender(KVSender):
         if self._closed:
             raise RuntimeError("UcxKVSender is closed")
         host, port = parse_ucx_address(address)
-        while (idle := self._take_idle(address)) is not None:
-            with contextlib.suppress(ChannelClosed):  # went stale while idle (receiver restarted?)
-                return await self._begin(idle, address, request_id, block_ids)
-        channel = await self._connect(address, host, port)
-        return await self._begin(channel, address, request_id, block_ids)
+        slots = self._slots.setdefault(address, asyncio.Semaphore(self._max_sessions))
+        while True:
+            await slots.acquire()
+            slot = _Slot(slots)
+            idle = self._take_idle(address)
+            try:
+                channel = idle if idle is not None else await self._connect(address, host, port)
+                return await self._begin(channel, address, slot, request_id, block_ids)
+            except ChannelClosed:
+                slot.release()  # no session holds it
+                if idle is None:
+                    raise
+                # the idle endpoint went stale (the receiver restarted?): try the next one
+            except BaseException:
+                slot.release()
+                raise
 
     async def close(self) -> None:
         self._closed = True
@@ -315,13 +355,13 @@ class UcxKVSender(KVSender):
             shook_hands = True
         finally:
             if not shook_hands:  # refused, failed or cancelled
-                self._release(address, channel, False)
+                self._drop(channel, "sender dropped the connection")
         return channel
 
     async def _begin(
-        self, channel: Channel, address: str, request_id: str, block_ids: list[int]
+        self, channel: Channel, address: str, slot: _Slot, request_id: str, block_ids: list[int]
     ) -> PushSession:
-        release = functools.partial(self._release, address)
+        release = functools.partial(self._release, address, slot)
         return await PushSession.open(
             channel, self.layout, address, request_id, block_ids, self._faults, release, self._reply_timeout_s
         )
@@ -335,10 +375,28 @@ class UcxKVSender(KVSender):
             self._channels.discard(channel)
         return None
 
-    def _release(self, address: str, channel: Channel, in_step: bool) -> None:
+    def _release(self, address: str, slot: _Slot, channel: Channel, in_step: bool) -> None:
+        """A session ended: its endpoint goes back to the pool (or is closed) and its slot is freed."""
+        slot.release()
         idle = self._idle.setdefault(address, [])
-        if in_step and not self._closed and not channel.closed and len(idle) < self._max_idle:
+        if in_step and not self._closed and not channel.closed and len(idle) < self._max_sessions:
             idle.append(channel)
             return
-        channel.close("sender has enough idle connections" if in_step else "sender dropped the connection")
+        reason = "sender has enough idle connections" if in_step else "sender dropped the connection"
+        self._drop(channel, reason)
+
+    def _drop(self, channel: Channel, reason: str) -> None:
+        channel.close(reason)
         self._channels.discard(channel)
+
+
+class _Slot:
+    """One of a receiver's session slots, released exactly once."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots: asyncio.Semaphore | None = slots
+
+    def release(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None

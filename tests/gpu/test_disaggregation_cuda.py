@@ -77,7 +77,7 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
                 session = await sender.open(receiver.address, f"r{i}", block_ids, mc.num_layers)
                 for layer, kv, ready in layers:
                     ready.synchronize()
-                    await session.send_layer(layer, kv)
+                    await session.send_layer(layer, kv[layer])
                 await session.finish({"token_id": first.new_token_ids[0]})
                 tokens = list(
                     decode.commit_reserved(f"r{i}", SampledToken(first.new_token_ids[0]), 0).new_token_ids
@@ -126,3 +126,76 @@ def test_one_prefill_one_decode_cluster_on_the_gpu(llama_dir: Path) -> None:
         assert_no_leaks(cluster)
     finally:
         cluster.stop()
+
+
+class AsyncScatter:
+    """Receive handler that queues each layer's scatter on the GPU and returns at once (as the decode
+    worker does), so a staging buffer reused too early would show up as a wrong cache."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int) -> None:
+        # cache: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        shape = (layout.num_layers, *layout.layer_shape(num_blocks))
+        self.cache = torch.zeros(shape, dtype=layout.torch_dtype, device="cuda")
+        self.blocks: dict[str, torch.Tensor] = {}
+        self.failed: dict[str, str] = {}
+
+    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+        self.blocks[request_id] = torch.tensor(block_ids, device="cuda")
+
+    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        torch.cuda._sleep(1_000_000)  # a busy device: the scatter runs well after this returns
+        self.cache[layer].index_copy_(1, self.blocks[request_id], kv)
+
+    async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def fail(self, request_id: str, reason: str) -> None:
+        self.failed[request_id] = reason
+
+
+def test_concurrent_cuda_pushes_land_intact_while_the_receiver_queues_its_copies() -> None:
+    """Rounds of concurrent pushes of growing size: connections are reused, their staging buffers grow
+    while other connections' checksums and copies are still queued on the device."""
+    layout = KVLayout("stress", 8, 16, 8, 128, "bfloat16")
+    sizes = [[4, 9, 16, 25, 6, 12], [20, 33, 8, 40, 27, 48], [64, 5, 50, 71, 36, 80]]  # blocks per request
+    offsets = [0]
+    for size in (b for round_ in sizes for b in round_):
+        offsets.append(offsets[-1] + size)
+    handler = AsyncScatter(layout, offsets[-1])
+    # layers[i]: [num_layers, 2, blocks, 16, 8, 128] of request i
+    layers = [
+        torch.randn((layout.num_layers, *layout.layer_shape(b)), device="cuda").to(torch.bfloat16)
+        for round_ in sizes
+        for b in round_
+    ]
+
+    async def push(sender: UcxKVSender, address: str, i: int) -> None:
+        session = await sender.open(
+            address, f"r{i}", list(range(offsets[i], offsets[i + 1])), layout.num_layers
+        )
+        for layer in range(layout.num_layers):
+            await session.send_layer(layer, layers[i][layer])
+        await session.finish({})
+
+    async def main() -> None:
+        receiver = UcxKVReceiver(layout, handler, device=torch.device("cuda"))
+        await receiver.start()
+        sender = UcxKVSender(layout)
+        try:
+            first = 0
+            for round_ in sizes:
+                await asyncio.gather(
+                    *(push(sender, receiver.address, i) for i in range(first, first + len(round_)))
+                )
+                first += len(round_)
+        finally:
+            await sender.close()
+            await receiver.close()
+            stop_ucx()
+
+    asyncio.run(main())
+    torch.cuda.synchronize()
+    assert handler.failed == {}
+    for i in range(len(layers)):
+        got = handler.cache[:, :, offsets[i] : offsets[i + 1]]
+        assert torch.equal(got, layers[i]), f"request {i} arrived damaged"

@@ -20,7 +20,7 @@ PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(100, 180))]
 
 def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], params: SamplingParams):
     layers: dict[int, torch.Tensor] = {}
-    prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.__setitem__(layer, kv.clone())
+    prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.__setitem__(layer, kv[layer].clone())
     prefill.add_request(request_id, prompt, params, prefill_only=True)
     outputs = []
     while prefill.has_unfinished():

@@ -21,7 +21,7 @@ from baton.shared.transfer import (
     make_sender,
 )
 from baton.shared.transfer.loopback import _LoopbackChannel
-from baton.shared.transfer.protocol import ChannelClosed, InboundConnection
+from baton.shared.transfer.protocol import PROTOCOL_VERSION, ChannelClosed, InboundConnection
 
 T = TypeVar("T")
 LAYOUT = KVLayout(
@@ -183,9 +183,10 @@ def test_corrupt_layer_fails_with_checksum_reason_and_receiver_keeps_serving() -
 
     run(main())
     assert "layer 0: checksum mismatch" in handler.failed["bad"]
-    assert handler.layers["bad"] == []  # nothing after the bad layer reached the handler
+    # checksums are compared at finish: the corrupt layers reached the handler, which then failed the
+    # request instead of completing it (a decode worker frees those blocks unread)
+    assert "bad" not in handler.completed
     assert "good" in handler.completed and "good" not in handler.failed
-    assert not handler.cache[:, :, [0, 1]].any()
     assert torch.equal(handler.cache[2][:, [2, 3]], layers[2])
     assert layers[0].ne(0).any()  # the sender's tensors were not corrupted in place
 
@@ -334,8 +335,13 @@ def test_sender_rejects_caller_mistakes_locally() -> None:
             await session.send_layer(0, kv[0][:, :1].contiguous())
         with pytest.raises(ValueError, match="contiguous=False"):
             await session.send_layer(0, kv[0].transpose(3, 4).contiguous().transpose(3, 4))
-        for layer in range(3):
-            await session.send_layer(layer, kv[layer])
+        stacked = torch.stack(kv)  # [3, 2, 2, block_size, heads, head_dim]
+        with pytest.raises(ValueError, match="1 <= count <= 3"):
+            await session.send_layers(0, torch.cat([stacked, stacked[:1]]))
+        await session.send_layers(0, stacked[:2])  # layers 0 and 1 in one message
+        with pytest.raises(ValueError, match="1 <= count <= 1"):
+            await session.send_layers(2, stacked[1:])
+        await session.send_layer(2, kv[2])
         await session.finish({})
         with pytest.raises(RuntimeError, match="already finished"):
             await session.finish({})
@@ -343,6 +349,8 @@ def test_sender_rejects_caller_mistakes_locally() -> None:
 
     run(main())
     assert handler.failed == {} and list(handler.completed) == ["req"]
+    assert handler.layers["req"] == [0, 1, 2]
+    assert torch.equal(handler.cache[1][:, [0, 1]], random_layers(LAYOUT, 2, 0)[1])
 
 
 def test_receiver_validates_raw_protocol_messages() -> None:
@@ -367,21 +375,23 @@ def test_receiver_validates_raw_protocol_messages() -> None:
             await serving
         return replies
 
-    hello = {"type": "hello", "protocol": 1, "layout": LAYOUT.to_dict()}
+    hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "layout": LAYOUT.to_dict()}
 
     def begin(request_id: str, num_layers: int = 3) -> dict[str, Any]:
         return {"type": "begin", "request_id": request_id, "block_ids": [0], "num_layers": num_layers}
 
-    def header(layer: int, size: int, payload: torch.Tensor) -> dict[str, Any]:
-        return {"type": "layer", "layer": layer, "nbytes": size, "checksum": kv_checksum(payload)}
+    def header(layer: int, size: int, payload: torch.Tensor, count: int = 1) -> dict[str, Any]:
+        return {"type": "layer", "layer": layer, "count": count, "nbytes": size}
 
     payload = torch.randint(1, 256, (nbytes,), dtype=torch.uint8)
-    oversized = torch.randint(1, 256, (nbytes + 2,), dtype=torch.uint8)
+    oversized = torch.randint(1, 256, (3 * nbytes + 2,), dtype=torch.uint8)  # more than all 3 layers
     finish = {"type": "finish", "trailer": {}}
 
     async def main() -> None:
-        replies = await exchange([{**hello, "protocol": 2}])
-        assert replies == [{"type": "refused", "reason": "protocol version 2, receiver speaks 1"}]
+        replies = await exchange([{**hello, "protocol": 1}])
+        assert replies == [
+            {"type": "refused", "reason": f"protocol version 1, receiver speaks {PROTOCOL_VERSION}"}
+        ]
         replies = await exchange([hello, begin("few", num_layers=2)])
         assert replies[1]["type"] == "error" and "num_layers is 2" in replies[1]["reason"]
         replies = await exchange([hello, begin("size"), header(0, nbytes - 2, payload), payload, finish])
@@ -389,16 +399,62 @@ def test_receiver_validates_raw_protocol_messages() -> None:
             "type": "nack",
             "reason": f"layer 0: header says {nbytes - 2} bytes, expected {nbytes}",
         }
-        replies = await exchange([hello, begin("big"), header(0, nbytes + 2, oversized), oversized, finish])
-        assert replies[2]["reason"] == f"layer 0: payload is larger than {nbytes} bytes"
+        replies = await exchange(
+            [hello, begin("big"), header(0, 3 * nbytes + 2, oversized), oversized, finish]
+        )
+        assert replies[2]["reason"] == f"layer 0: header says {3 * nbytes + 2} bytes, expected {nbytes}"
+        replies = await exchange(
+            [hello, begin("long"), header(0, nbytes, payload), oversized[: nbytes + 2], finish]
+        )
+        assert replies[2]["reason"] == f"layer 0: payload is larger than the {nbytes} bytes announced"
+        replies = await exchange([hello, begin("brief"), header(0, nbytes, payload), payload[:-2], finish])
+        assert replies[2]["reason"] == f"layer 0: payload is {nbytes - 2} bytes, {nbytes} announced"
+        replies = await exchange([hello, begin("over"), header(1, nbytes, payload, count=3), payload, finish])
+        assert replies[2]["reason"] == "layers 1 to 3 out of range (the request has 3 layers)"
+        two = torch.cat([payload, payload])
+        replies = await exchange(
+            [hello, begin("short"), header(0, nbytes, payload, count=2), payload, finish]
+        )
+        assert replies[2]["reason"] == f"layer 0: header says {nbytes} bytes, expected {2 * nbytes}"
+        grouped = [header(0, 2 * nbytes, two, count=2), two, header(2, nbytes, payload), payload]
+        good2 = kv_checksum(two)
         replies = await exchange([hello, begin("range"), header(5, nbytes, payload), payload, finish])
         assert replies[2]["reason"] == "layer 5 out of range (the request has 3 layers)"
+        layers = [item for i in range(3) for item in (header(i, nbytes, payload), payload)]
+        good = kv_checksum(payload)
+        replies = await exchange(
+            [hello, begin("sums"), *layers, {**finish, "checksums": [good, good + 1, good]}]
+        )
+        assert replies[2]["type"] == "nack" and replies[2]["reason"].startswith("layer 1: checksum mismatch")
+        replies = await exchange([hello, begin("nosums"), *layers, finish])
+        assert replies[2] == {
+            "type": "nack",
+            "reason": "finish must carry 3 checksums (one a message), got None",
+        }
+        replies = await exchange([hello, begin("ok"), *layers, {**finish, "checksums": [good] * 3}])
+        assert replies[2]["type"] == "ack"
+        replies = await exchange([hello, begin("ok2"), *grouped, {**finish, "checksums": [good2, good]}])
+        assert replies[2]["type"] == "ack"
+        replies = await exchange([hello, begin("bad2"), *grouped, {**finish, "checksums": [good2, good2]}])
+        assert replies[2]["reason"].startswith("layer 2: checksum mismatch")
         # a layer outside any request puts the stream out of step: the receiver hangs up
         with pytest.raises(ChannelClosed):
             await exchange([hello, header(0, nbytes, payload), payload, begin("late")])
 
     run(main())
-    assert set(handler.failed) == {"size", "big", "range"} and handler.completed == {}
+    assert set(handler.failed) == {
+        "size",
+        "big",
+        "long",
+        "brief",
+        "range",
+        "over",
+        "short",
+        "sums",
+        "nosums",
+        "bad2",
+    }
+    assert list(handler.completed) == ["ok", "ok2"]
 
 
 def test_fault_config_parse() -> None:

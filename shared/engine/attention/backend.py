@@ -59,9 +59,14 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def gather_blocks(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [2, len(block_ids), block_size, num_kv_heads, head_dim], K then V
-        """Copy whole blocks out of the cache (a prefill worker's KV push)."""
+        """Copy whole blocks out of the cache (a prefill worker's KV push), into `out` if given
+        (contiguous, of the result's shape and dtype)."""
 
     @abstractmethod
     def scatter_blocks(

@@ -27,9 +27,14 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
     def gather_blocks(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
+        pair = (k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids))
+        return torch.stack(pair) if out is None else torch.stack(pair, out=out)
 
     def scatter_blocks(
         self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor

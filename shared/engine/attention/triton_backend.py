@@ -35,9 +35,13 @@ class TritonAttentionBackend(AttentionBackend):
         store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def gather_blocks(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_ids: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return gather_kv_blocks(k_cache, v_cache, block_ids)
+        return gather_kv_blocks(k_cache, v_cache, block_ids, out)
 
     def scatter_blocks(
         self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
