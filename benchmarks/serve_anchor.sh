@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The anchor workload through `baton serve` (gateway, router, one prefill and one decode worker sharing
 # one GPU), then the same requests offline, on the same machine. Results go to $1 (default: .).
-#     bash benchmarks/serve_anchor.sh OUT_DIR
+#     bash benchmarks/serve_anchor.sh OUT_DIR [--served-only]
 set -euo pipefail
 out=${1:-.}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,4 +20,5 @@ python3 -m baton.services.cli bench serve --url http://127.0.0.1:8000 --model "$
   --out "$out/serve_anchor.json"
 kill -TERM $server; wait $server || true
 trap - EXIT
+[ "${2:-}" = --served-only ] && exit 0
 python3 -m baton.services.cli bench throughput "${engine[@]}" --out "$out/offline_anchor.json"

@@ -250,8 +250,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         gateway_args=["--max-pending-requests", str(args.max_pending_requests)],
         log_level=args.log_level,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
+        gpus=_parse_gpus(args.gpus),
     )
     return serve_forever(spec)
+
+
+def _parse_gpus(text: str) -> list[str]:
+    """ "0,1" -> ["0", "1"]; "" -> [] (every process sees every GPU)."""
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not all(g.isdigit() for g in gpus):
+        raise ValueError(f"--gpus takes GPU indices separated by commas, e.g. 0,1; got {text!r}")
+    return gpus
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -435,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _flag(serve, "--prefill-workers", "prefill worker processes", type=int, default=1)
     _flag(serve, "--decode-workers", "decode worker processes", type=int, default=1)
+    _flag(
+        serve,
+        "--gpus",
+        "GPU indices dealt round-robin to the engine processes, decode workers first (e.g. 0,1); "
+        "empty: all processes see all GPUs",
+        default="",
+    )
     _add_service_flags(serve, default_port=8000, port_help="the gateway's HTTP port (0: any free port)")
     _flag(serve, "--router-port", "the Router's gRPC port (0: any free port)", type=int, default=50051)
     _add_gateway_flags(serve)
@@ -524,7 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench = bench_sub.add_parser(
         "serve", help="load-test a running gateway: TTFT, TPOT, ITL, latency, throughput, goodput"
     )
-    serve_bench.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway's base URL")
+    serve_bench.add_argument(
+        "--url",
+        default="http://127.0.0.1:8000",
+        help="the gateway's base URL, or grpc://HOST:PORT to load the Router's gRPC API directly",
+    )
     serve_bench.add_argument(
         "--model", help="model directory: vocabulary and tokenizer (default: the demo model)"
     )

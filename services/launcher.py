@@ -56,6 +56,9 @@ class ClusterSpec:
     threads: int | None = None
     """Torch threads per engine process; None: the machine's cores shared between them."""
     env: dict[str, str] = field(default_factory=dict)
+    gpus: Sequence[str] = ()
+    """GPUs dealt round-robin to the engine processes (decode workers, then prefill workers; the
+    router when colocated) through CUDA_VISIBLE_DEVICES; empty: every process sees every GPU."""
 
 
 class LocalCluster:
@@ -82,12 +85,12 @@ class LocalCluster:
                     self._start_redis(deadline)
                 workers = [f"decode-{i}" for i in range(self.spec.num_decode)]
                 workers += [f"prefill-{i}" for i in range(self.spec.num_prefill)]
-                for name in workers:
-                    self._spawn(name, self._worker_argv(name))
+                for index, name in enumerate(workers):
+                    self._spawn(name, self._worker_argv(name), self._gpu_env(index))
                 self._wait_registered(set(workers), deadline)
             port = self.spec.router_port or _free_port()
             self.router_address = f"{self.spec.host}:{port}"
-            self._spawn("router", self._router_argv(port))
+            self._spawn("router", self._router_argv(port), self._gpu_env(0) if self.spec.colocated else {})
             self._wait_serving(deadline)
             if self.spec.http_port is not None:
                 http_port = self.spec.http_port or _free_port()
@@ -166,10 +169,15 @@ class LocalCluster:
             *self.spec.gateway_args,
         ]  # fmt: skip
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _gpu_env(self, engine_index: int) -> dict[str, str]:
+        gpus = self.spec.gpus
+        return {"CUDA_VISIBLE_DEVICES": gpus[engine_index % len(gpus)]} if gpus else {}
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
         if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
+        env.update(extra_env or {})
         # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
         # order; the parent-death signal stops them if the launcher itself is killed.
         process = subprocess.Popen(

@@ -1,18 +1,21 @@
-"""`baton bench serve`: a load generator against a running OpenAI-compatible gateway. Requests go out
-as streamed completions of token-id prompts, at Poisson arrivals (or all at once) under an optional
-concurrency cap; each stream's chunk arrival times give TTFT, inter-token latencies and TPOT."""
+"""`baton bench serve`: a load generator against a running OpenAI-compatible gateway, or straight
+against the Router's gRPC API. Requests go out as streamed completions of token-id prompts, at Poisson
+arrivals (or all at once) under an optional concurrency cap; each stream's chunk arrival times give
+TTFT, inter-token latencies and TPOT."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
+import grpc
 import httpx
 
 from baton.services.bench.datasets import BenchRequest
@@ -21,7 +24,7 @@ from baton.services.bench.datasets import BenchRequest
 @dataclass(frozen=True)
 class LoadConfig:
     url: str
-    """The gateway's base URL, e.g. http://127.0.0.1:8000."""
+    """The gateway's base URL, e.g. http://127.0.0.1:8000, or grpc://HOST:PORT for the Router."""
     model: str | None = None
     request_rate: float = float("inf")
     """Mean requests per second of the Poisson arrivals; inf sends every request at once."""
@@ -52,33 +55,61 @@ class RequestRecord:
         return (self.latency_s - self.ttft_s) / (self.output_tokens - 1)
 
 
+GRPC_SCHEME = "grpc://"
+
+
+class _Chunk(NamedTuple):
+    """One streamed piece of a completion, as the load generator sees it."""
+
+    has_tokens: bool
+    completion_tokens: int | None = None
+    """The usage count, where the piece carries one."""
+    error: str | None = None
+
+
+_Stream = Callable[[BenchRequest], AsyncIterator[_Chunk]]
+
+
 async def run_load(config: LoadConfig, requests: list[BenchRequest]) -> tuple[list[RequestRecord], float]:
     """Send every request; returns the records (in request order) and the wall time of the run."""
-    model = config.model or await _served_model(config)
     limit = asyncio.Semaphore(config.max_concurrency or len(requests))
     progress = _Progress(len(requests), config.progress)
-    headers = _headers(config)
     gaps = _arrival_gaps(len(requests), config.request_rate, config.seed)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(
-        base_url=config.url, headers=headers, timeout=config.timeout_s, limits=limits
-    ) as client:
+    async with _client(config) as stream:
         start = time.perf_counter()
         tasks = []
         for request, gap in zip(requests, gaps, strict=True):
             await asyncio.sleep(gap)
-            tasks.append(asyncio.create_task(_one(client, model, request, limit, progress)))
+            tasks.append(asyncio.create_task(_one(stream, request, limit, progress)))
         records = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
     progress.close()
     return list(records), elapsed
 
 
-async def _served_model(config: LoadConfig) -> str:
-    async with httpx.AsyncClient(base_url=config.url, headers=_headers(config), timeout=30) as client:
-        response = await client.get("/v1/models")
-        response.raise_for_status()
-        return str(response.json()["data"][0]["id"])
+@contextlib.asynccontextmanager
+async def _client(config: LoadConfig) -> AsyncIterator[_Stream]:
+    """A function streaming one request's chunks from the gateway (HTTP) or the Router (gRPC)."""
+    if config.url.startswith(GRPC_SCHEME):
+        from baton.shared.rpc import router_pb2_grpc
+
+        async with grpc.aio.insecure_channel(config.url.removeprefix(GRPC_SCHEME)) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            model = config.model or ""  # empty: the Router's only model
+            yield lambda request: _grpc_chunks(stub, model, request, config.timeout_s)
+        return
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(
+        base_url=config.url, headers=_headers(config), timeout=config.timeout_s, limits=limits
+    ) as client:
+        model = config.model or await _served_model(client)
+        yield lambda request: _http_chunks(client, model, request)
+
+
+async def _served_model(client: httpx.AsyncClient) -> str:
+    response = await client.get("/v1/models")
+    response.raise_for_status()
+    return str(response.json()["data"][0]["id"])
 
 
 def _headers(config: LoadConfig) -> dict[str, str]:
@@ -94,48 +125,69 @@ def _arrival_gaps(num: int, rate: float, seed: int) -> list[float]:
 
 
 async def _one(
-    client: httpx.AsyncClient,
-    model: str,
-    request: BenchRequest,
-    limit: asyncio.Semaphore,
-    progress: _Progress,
+    stream: _Stream, request: BenchRequest, limit: asyncio.Semaphore, progress: _Progress
 ) -> RequestRecord:
     record = RequestRecord(len(request.prompt_token_ids), request.output_len)
-    body = {
-        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }  # fmt: skip
     async with limit:
         sent = time.perf_counter()
         last = sent
         try:
-            async with client.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    record.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+            async for chunk in stream(request):
+                if chunk.error is not None:
+                    record.error = chunk.error[:200]
                     return record
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if "error" in chunk:
-                        record.error = str(chunk["error"].get("message"))[:200]
-                        return record
-                    if chunk.get("usage"):
-                        record.output_tokens = int(chunk["usage"]["completion_tokens"])
-                    if chunk.get("choices"):
-                        now = time.perf_counter()
-                        if record.ttft_s is None:
-                            record.ttft_s = now - sent
-                        else:
-                            record.itl_s.append(now - last)
-                        last = now
+                if chunk.completion_tokens is not None:
+                    record.output_tokens = chunk.completion_tokens
+                if chunk.has_tokens:
+                    now = time.perf_counter()
+                    if record.ttft_s is None:
+                        record.ttft_s = now - sent
+                    else:
+                        record.itl_s.append(now - last)
+                    last = now
             record.latency_s = time.perf_counter() - sent
             record.ok = record.ttft_s is not None
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, grpc.aio.AioRpcError, ValueError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
             progress.advance()
     return record
+
+
+async def _http_chunks(client: httpx.AsyncClient, model: str, request: BenchRequest) -> AsyncIterator[_Chunk]:
+    body = {
+        "model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            yield _Chunk(False, error=f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if "error" in data:
+                yield _Chunk(False, error=str(data["error"].get("message")))
+                return
+            usage = data.get("usage")
+            yield _Chunk(bool(data.get("choices")), int(usage["completion_tokens"]) if usage else None)
+
+
+async def _grpc_chunks(
+    stub: Any, model: str, request: BenchRequest, timeout_s: float
+) -> AsyncIterator[_Chunk]:
+    from baton.shared.rpc import common_pb2, router_pb2
+
+    sampling = common_pb2.SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=True)
+    message = router_pb2.GenerateRequest(
+        token_ids=router_pb2.TokenIds(ids=request.prompt_token_ids), sampling=sampling, model=model
+    )
+    async for response in stub.Generate(message, timeout=timeout_s):
+        if response.error:
+            yield _Chunk(False, error=response.error)
+            return
+        yield _Chunk(bool(response.token_ids), response.usage.completion_tokens)
 
 
 class _Progress:

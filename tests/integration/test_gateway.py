@@ -434,11 +434,15 @@ def test_requests_beyond_the_pending_bound_get_503_at_once(guarded: str) -> None
 
 
 # -- baton bench serve against this gateway -------------------------------------------------------
-def test_bench_serve_measures_every_request(cluster: LocalCluster, llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["gateway", "router"])
+def test_bench_serve_measures_every_request(
+    cluster: LocalCluster, llama_dir: Path, tmp_path: Path, target: str
+) -> None:
     from baton.services.cli import main
 
     out = tmp_path / "serve.json"
-    argv = ["bench", "serve", "--url", cluster.gateway_url, "--model", str(llama_dir), "--num-prompts", "12"]
+    url = cluster.gateway_url if target == "gateway" else f"grpc://{cluster.router_address}"
+    argv = ["bench", "serve", "--url", url, "--model", str(llama_dir), "--num-prompts", "12"]
     argv += ["--input-len", "8,40", "--output-len", "4,12", "--request-rate", "20", "--max-concurrency", "4"]
     assert main([*argv, "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out)]) == 0
     summary = json.loads(out.read_text())["summary"]
