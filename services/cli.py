@@ -181,6 +181,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         transfer_port=args.transfer_port,
         reservation_timeout_s=args.reservation_timeout_s,
         kv_faults=args.kv_faults,
+        max_pushes_per_receiver=args.max_pushes_per_receiver,
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
     )
@@ -487,6 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
             worker, "--reservation-timeout-s", "release reserved blocks after this", type=float, default=30.0
         )
         _flag(worker, "--kv-faults", "fault injection on pushes, e.g. drop=0.1,corrupt=0.05", default="")
+        _flag(
+            worker,
+            "--max-pushes-per-receiver",
+            "prefill only: KV pushes in flight to one decode worker (more wait)",
+            type=int,
+            default=32,
+        )
         _flag(
             worker,
             "--drain-timeout-s",

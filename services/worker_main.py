@@ -51,7 +51,11 @@ async def run_worker(config: WorkerConfig) -> None:
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server, service, "baton.worker.v1.DecodeWorker"
         )
     else:
-        sender = UcxKVSender(layout, FaultConfig.parse(config.kv_faults))
+        sender = UcxKVSender(
+            layout,
+            FaultConfig.parse(config.kv_faults),
+            max_sessions_per_address=config.max_pushes_per_receiver,
+        )
         service = PrefillService(config, engine, registry, sender, worker_id, layout.num_layers)
         binding = ServiceBinding(
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"

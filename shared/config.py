@@ -86,6 +86,12 @@ class WorkerConfig(BaseModel):
     kv_faults: str = Field(
         "", description="Prefill: fault injection on KV pushes, e.g. 'drop=0.1,delay_ms=5,corrupt=0.05'."
     )
+    max_pushes_per_receiver: int = Field(
+        32,
+        ge=1,
+        description="Prefill: KV pushes in flight to one decode worker (each holds a connection, and the "
+        "decode worker two staging buffers for it); more wait.",
+    )
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
     drain_timeout_s: float = Field(
         15.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are aborted."

@@ -61,6 +61,12 @@ class KVCacheManager:
         `prefix`, for a request not yet holding blocks). Returns the newly allocated block ids, or
         None when they don't fit, in which case nothing changed."""
         held = self._blocks.get(request.request_id)
+        if (
+            held
+            and not prefix.block_ids
+            and request.num_computed_tokens + num_new_tokens <= len(held) * self.block_size
+        ):
+            return []  # most decode steps: the last block still has room
         if prefix.block_ids and held:
             raise IntegrityError(f"request {request.request_id} already holds blocks; no prefix to add")
         num_computed = max(request.num_computed_tokens, prefix.num_tokens)

@@ -123,10 +123,14 @@ class ModelRunner:
 
 
 def _sampling_row(chunk: ScheduledChunk) -> SamplingRow:
+    """The row holds the request's token lists themselves (they grow in place), so once min_tokens is
+    reached nothing in it changes and it is built once."""
     request = chunk.request
     params = request.sampling_params
-    banned: frozenset[int] = frozenset()
     if request.num_output_tokens < params.min_tokens:
         eos = frozenset() if params.ignore_eos else request.eos_token_ids
         banned = eos | frozenset(params.stop_token_ids)
-    return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, banned)
+        return SamplingRow(params, request.prompt_token_ids, request.output_token_ids, banned)
+    if request.sampling_row is None:
+        request.sampling_row = SamplingRow(params, request.prompt_token_ids, request.output_token_ids)
+    return request.sampling_row

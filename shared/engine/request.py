@@ -5,9 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from baton.shared.engine.block_hash import BlockHash, hash_full_blocks
 from baton.shared.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from baton.shared.engine.sampler import SamplingRow
 
 
 class RequestStatus(enum.Enum):
@@ -54,6 +58,8 @@ class Request:
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self._block_hashes: list[BlockHash] = []
+        self.sampling_row: SamplingRow | None = None
+        """The model runner's per-request sampling inputs, kept across steps once they stop changing."""
 
     @property
     def num_prompt_tokens(self) -> int:

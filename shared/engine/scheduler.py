@@ -150,8 +150,13 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled: set[str] = set()
-        decodes = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
-        prefills = [r for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        decodes, prefills = [], []
+        for r in self.running:
+            remaining = r.num_tokens - r.num_computed_tokens
+            if remaining == 1:
+                decodes.append(r)
+            elif remaining > 1:
+                prefills.append(r)
         for request in decodes + prefills:
             if budget == 0:
                 break
