@@ -27,10 +27,11 @@ from baton.shared.worker_runtime import TransferCounters, request_record, stats_
 
 logger = logging.getLogger(__name__)
 
-_LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]
+_LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]  # (first layer, run, ready)
 PUSH_MESSAGE_BYTES = 16 << 20
-"""Layers are pushed in messages of at least this size (or the whole prompt, if smaller): UCX moves
-messages of a few MiB at a fraction of its bandwidth (see benchmarks/NOTES.md)."""
+"""KV is pushed in runs of layers of about this size (a short prompt in one message, a long one layer
+by layer): UCX moves messages of a few MiB at a fraction of its bandwidth (see benchmarks/NOTES.md),
+and the copied-out KV waiting to leave stays bounded."""
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -56,6 +57,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters = TransferCounters()
         self.draining = False
         engine.core.layer_kv_sink = self._on_layer  # called on the engine thread
+        engine.core.layer_kv_run_bytes = PUSH_MESSAGE_BYTES
 
     @property
     def request_ids(self) -> list[str]:
@@ -71,11 +73,11 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         ]
 
     def _on_layer(
-        self, request_id: str, layer: int, kv: torch.Tensor, ready: torch.cuda.Event | None
+        self, request_id: str, first_layer: int, kv: torch.Tensor, ready: torch.cuda.Event | None
     ) -> None:
         queue = self._layers.get(request_id)
         if queue is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(queue.put_nowait, (layer, kv, ready))
+            self._loop.call_soon_threadsafe(queue.put_nowait, (first_layer, kv, ready))
 
     # -- gRPC ------------------------------------------------------------------------------------
     async def Prefill(
@@ -156,23 +158,17 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             logger.warning("registry unreachable, prefilling %s without recording it: %s", rid, exc)
 
     async def _push_layers(self, session: KVPushSession, queue: asyncio.Queue[_LayerItem]) -> int:
-        """Send the layers as the engine copies them out, consecutive ones together until a message
-        holds PUSH_MESSAGE_BYTES (each message costs the transport a round trip, so small prompts go
-        in one or two messages while a long prompt's layers still leave as they are computed).
-        Returns the bytes sent."""
-        nbytes, first = 0, 0
-        for expected in range(self.num_layers):
-            layer, kv, ready = await queue.get()  # kv: [num_layers, 2, blocks, block_size, heads, dim]
-            if layer != expected:
-                raise RuntimeError(f"layer {layer} arrived when layer {expected} was due")
-            run_bytes = (layer + 1 - first) * kv[0].numel() * kv.element_size()
-            if run_bytes < PUSH_MESSAGE_BYTES and layer + 1 < self.num_layers:
-                continue
-            if ready is not None and not ready.query():  # fires after every earlier layer's copy too
+        """Send each run of layers as the engine copies it out; returns the bytes sent."""
+        nbytes, expected = 0, 0
+        while expected < self.num_layers:
+            first, kv, ready = await queue.get()  # kv: [run_layers, 2, blocks, block_size, heads, dim]
+            if first != expected:
+                raise RuntimeError(f"layer {first} arrived when layer {expected} was due")
+            if ready is not None and not ready.query():
                 await asyncio.to_thread(ready.synchronize)
-            await session.send_layers(first, kv[first : layer + 1])
-            nbytes += run_bytes
-            first = layer + 1
+            await session.send_layers(first, kv)
+            nbytes += kv.numel() * kv.element_size()
+            expected = first + kv.shape[0]
         return nbytes
 
     async def _undo(self, rid: str, session: KVPushSession | None, exc: BaseException) -> None:

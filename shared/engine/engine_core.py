@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -31,10 +32,11 @@ from baton.shared.models.model_config import read_json
 logger = logging.getLogger(__name__)
 
 LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None]
-"""Receives (request_id, layer, kv, ready) once per layer of a prefill-only request, right after the
-layer computed its prompt KV: kv is the request's whole copy-out buffer
-[num_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim], in which layers 0..layer are
-written (on CUDA, once the event `ready` has fired), so consecutive layers can leave as one slice."""
+"""Receives (request_id, first_layer, kv, ready): a run of consecutive layers of a prefill-only
+request's prompt KV, copied out as soon as the run's last layer computed it,
+kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
+from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
+travels in one message and a long one layer by layer. On CUDA, read kv only after the event `ready`."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class EngineCore:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.layer_kv_sink: LayerKVSink | None = None
-        """Prefill worker: where each layer of a finished prompt's KV goes (see LayerKVSink)."""
+        """Prefill worker: where a finished prompt's KV goes, in runs of layers (see LayerKVSink)."""
+        self.layer_kv_run_bytes = 16 << 20
+        """Prefill worker: how much KV a run handed to `layer_kv_sink` holds (at least one layer)."""
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
         # being freed (and its blocks handed to another request) while a layer is being written.
         self._reservation_lock = threading.Lock()
@@ -293,22 +297,30 @@ class EngineCore:
         ]
         index_tensors = [(rid, torch.tensor(blocks, device=self.device)) for rid, blocks in index]
 
-        buffers: dict[str, torch.Tensor] = {}
+        num_layers = len(self.kv_caches)
+        runs: dict[str, torch.Tensor] = {}  # the run each request is filling
 
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
             for request_id, block_ids in index_tensors:
-                if layer == 0:  # allocated here, on the stream that writes it
-                    # buffers[rid]: [num_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                    shape = (len(self.kv_caches), 2, block_ids.numel(), *k_cache.shape[1:])
-                    buffers[request_id] = torch.empty(shape, dtype=k_cache.dtype, device=self.device)
-                kv = buffers[request_id]
-                self.attention.gather_blocks(k_cache, v_cache, block_ids, out=kv[layer])
+                # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
+                layer_shape = (2, block_ids.numel(), *k_cache.shape[1:])
+                run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
+                first = layer - layer % run_len
+                if layer == first:  # allocated here, on the stream that writes it
+                    count = min(run_len, num_layers - first)
+                    runs[request_id] = torch.empty(
+                        (count, *layer_shape), dtype=k_cache.dtype, device=self.device
+                    )
+                run = runs[request_id]  # run: [count, 2, num_prompt_blocks, block_size, kv_heads, head_dim]
+                self.attention.gather_blocks(k_cache, v_cache, block_ids, out=run[layer - first])
+                if layer - first + 1 < run.shape[0]:
+                    continue
                 ready = None
                 if self.device.type == "cuda":
                     ready = torch.cuda.Event()
                     ready.record()
-                sink(request_id, layer, kv, ready)
+                sink(request_id, first, runs.pop(request_id), ready)
 
         return export
 

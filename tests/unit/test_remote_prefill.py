@@ -5,6 +5,7 @@ as one engine doing everything."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,7 +21,12 @@ PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(100, 180))]
 
 def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], params: SamplingParams):
     layers: dict[int, torch.Tensor] = {}
-    prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.__setitem__(layer, kv[layer].clone())
+    prefill.layer_kv_run_bytes = 1  # a run per layer here; test_exported_runs covers longer ones
+
+    def sink(rid: str, first: int, kv: torch.Tensor, ready: Any) -> None:
+        layers.update({first + i: kv[i].clone() for i in range(kv.shape[0])})
+
+    prefill.layer_kv_sink = sink
     prefill.add_request(request_id, prompt, params, prefill_only=True)
     outputs = []
     while prefill.has_unfinished():
@@ -96,3 +102,19 @@ def test_first_token_that_ends_the_request_finishes_it_at_commit(llama_dir: Path
     out = decode.commit_reserved("r", SampledToken(42), 0)
     assert out.finish_reason == "length" and out.new_token_ids == [42]
     decode.assert_no_leaks()
+
+
+def test_exported_runs_cover_every_layer_once_in_runs_of_the_asked_size(llama_dir: Path) -> None:
+    prompt = list(range(3, 40))  # 37 tokens: 3 blocks of 16
+    per_layer, _ = shipped_prefill(EngineCore(EngineConfig(model=str(llama_dir))), "a", prompt, GREEDY)
+    engine = EngineCore(EngineConfig(model=str(llama_dir)))
+    layer_bytes = per_layer[0].numel() * per_layer[0].element_size()
+    engine.layer_kv_run_bytes = 3 * layer_bytes  # 4 layers: a run of 3, then the last one alone
+    runs: list[tuple[int, torch.Tensor]] = []
+    engine.layer_kv_sink = lambda rid, first, kv, ready: runs.append((first, kv.clone()))
+    engine.add_request("b", prompt, GREEDY, prefill_only=True)
+    while engine.has_unfinished():
+        engine.step()
+    assert [(first, kv.shape[0]) for first, kv in runs] == [(0, 3), (3, 1)]
+    assert torch.equal(torch.cat([kv for _, kv in runs]), torch.stack([per_layer[i] for i in range(4)]))
+    engine.assert_no_leaks()
