@@ -112,6 +112,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--enforce-eager", "CUDA: no CUDA graphs for decode steps", action="store_true")
     _flag(
         group,
+        "--stream-interval",
+        "served requests: tokens per streamed output after the first (1: every step)",
+        type=int,
+        default=1,
+    )
+    _flag(
+        group,
         "--load-format",
         "auto (read the checkpoint) or dummy (seeded random weights: config.json suffices)",
         default="auto",
@@ -159,6 +166,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         enforce_eager=args.enforce_eager,
+        stream_interval=args.stream_interval,
     )
 
 
@@ -283,6 +291,7 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-prefix-caching")
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    argv += ["--stream-interval", str(args.stream_interval)]
     return argv
 
 

@@ -42,6 +42,12 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = Field(
         False, description="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs."
     )
+    stream_interval: int = Field(
+        1,
+        ge=1,
+        description="Served requests: tokens gathered per streamed output after the first (1: every step). "
+        "Fewer, larger messages relieve the event loops of the workers, router and gateway.",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         "auto",
         description="auto: read the checkpoint; dummy: seeded random weights (needs only config.json).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +184,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise TransferError(f"request {request_id!r} is no longer reserved here")
         first_token, num_cached = first_token_from_dict(trailer)
         prefill_worker = str(trailer.get("prefill_worker", ""))
+        start_ns = time.monotonic_ns()
         try:
             await self.registry.commit_handoff(request_id, prefill_worker, self.worker_id)
         except RegistryError as exc:
@@ -196,6 +198,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             tracked.timeout.cancel()
         self.engine.commit(request_id, first_token, num_cached)
         self.counters.num_transfers += 1
+        logger.info(
+            "request %s: KV from %s complete (handoff recorded in %.1f ms)",
+            request_id, prefill_worker, (time.monotonic_ns() - start_ns) / 1e6,
+        )  # fmt: skip
         return {"ok": True, "decode_worker": self.worker_id}
 
     def fail(self, request_id: str, reason: str) -> None:

@@ -126,6 +126,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             computed_ns = time.monotonic_ns()
             trailer = {**first_token_to_dict(first), "prefill_worker": self.worker_id}
             await session.finish(trailer, timeout_s=self.config.transfer_timeout_s)
+            acked_ns = time.monotonic_ns()
         except BaseException as exc:
             self.counters.num_transfer_failures += 1
             if pushed is not None:
@@ -137,9 +138,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.transfer_bytes += nbytes
         logger.info(
             "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s "
-            "(%.0f ms for a transfer slot, %.0f ms to compute and push)",
+            "(%.0f ms for a transfer slot, %.0f ms to compute and push, %.0f ms for the ack)",
             rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,
-            (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6,
+            (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6, (acked_ns - computed_ns) / 1e6,
         )  # fmt: skip
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],

@@ -75,6 +75,7 @@ class AsyncEngine:
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
+        self.stream_interval = core.config.stream_interval
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -175,8 +176,10 @@ class AsyncEngine:
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncGenerator[EngineOutput, None]:
         """The request's outputs; a consumer that fell behind gets what queued up meanwhile merged into
         one output (as vLLM's output collector does), so a slow stream costs one message per visit, not
-        one per engine step."""
-        finished = False
+        one per engine step. After the first output, one carries at least `stream_interval` tokens
+        (or the end)."""
+        finished, first = False, True
+        held: EngineOutput | None = None  # tokens not yet handed out
         try:
             while not finished:
                 item = await stream.queue.get()
@@ -187,9 +190,17 @@ class AsyncEngine:
                         break
                     item = merge_outputs(item, following)
                 if isinstance(item, BaseException):
+                    if held is not None:
+                        stream.queue.put_nowait(item)  # raised on the next visit, after what was held
+                        out, held = held, None
+                        yield out
+                        continue
                     raise item
-                finished = item.finished
-                yield item
+                held = item if held is None else merge_outputs(held, item)
+                finished = held.finished
+                if finished or first or len(held.new_token_ids) >= self.stream_interval:
+                    item, held, first = held, None, False
+                    yield item
         finally:
             if not finished:
                 self.abort(request_id)

@@ -138,12 +138,14 @@ def kv_checksum(t: torch.Tensor) -> int:
 
 class PendingChecksum:
     """`kv_checksum` split in two: `start` launches the reduction (on a GPU, asynchronously, on the
-    current stream), `value()` / `values()` wait for it. A transfer checksums every layer as it goes
-    and waits once per request instead of once per layer."""
+    current stream, with the partial sums copied into pinned host memory behind it), `values()`
+    reads them. A transfer checksums every message as it goes; by the time it finishes the sums
+    have usually landed, so reading them waits for nothing."""
 
-    def __init__(self, nbytes: int, partials: torch.Tensor) -> None:
+    def __init__(self, nbytes: int, partials: torch.Tensor, landed: torch.cuda.Event | None = None) -> None:
         self._nbytes = nbytes
-        self._partials = partials  # partials: [num_chunks] int64, on the tensor's device
+        self._partials = partials  # partials: [num_chunks] int64, on the CPU (pinned, for a GPU's)
+        self._landed = landed  # a GPU's: recorded after the copy of the partial sums to the host
 
     @classmethod
     def start(cls, t: torch.Tensor) -> PendingChecksum:
@@ -165,28 +167,38 @@ class PendingChecksum:
             w = weights[: chunk.numel()]
             # torch.dot is fast for int64 on CPU; other devices reduce the product (both wrap mod 2^64)
             partials.append(torch.dot(chunk, w) if chunk.device.type == "cpu" else (chunk * w).sum())
-        empty = torch.zeros(0, dtype=torch.int64, device=data.device)
-        return cls(nbytes, torch.stack(partials) if partials else empty)
+        sums = torch.stack(partials) if partials else torch.zeros(0, dtype=torch.int64, device=data.device)
+        if sums.device.type != "cuda":
+            return cls(nbytes, sums)
+        host = torch.empty(sums.shape, dtype=torch.int64, pin_memory=True)
+        host.copy_(sums, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+        return cls(nbytes, host, landed)
 
     @property
-    def on_cuda(self) -> bool:
-        return self._partials.device.type == "cuda"
+    def landed(self) -> bool:
+        """Whether `values()` can read this checksum without waiting for the device."""
+        return self._landed is None or self._landed.query()
+
+    def wait(self) -> None:
+        if self._landed is not None:
+            self._landed.synchronize()
 
     def value(self) -> int:
-        return self._finish(self._partials.tolist())
+        return PendingChecksum.values([self])[0]
+
+    @staticmethod
+    def wait_all(pending: list[PendingChecksum]) -> None:
+        for p in pending:
+            p.wait()
 
     @staticmethod
     def values(pending: list[PendingChecksum]) -> list[int]:
-        """Every checksum (all started on one device), waiting for the device once."""
-        if not pending:
-            return []
-        sums = torch.cat([p._partials for p in pending]).tolist()
-        out, at = [], 0
+        """Every checksum, waiting for the device where a sum has not landed yet."""
         for p in pending:
-            n = p._partials.numel()
-            out.append(p._finish(sums[at : at + n]))
-            at += n
-        return out
+            p.wait()
+        return [p._finish(p._partials.tolist()) for p in pending]
 
     def _finish(self, sums: list[int]) -> int:
         total = self._nbytes * 0x9E3779B97F4A7C15

@@ -549,7 +549,8 @@ def _refused(reason: str) -> dict[str, Any]:
 
 
 async def resolve_checksums(pending: list[PendingChecksum]) -> list[int]:
-    """The checksums' values; a GPU's are awaited off the event loop (the device may be busy for a while)."""
-    if pending and pending[0].on_cuda:
-        return await asyncio.to_thread(PendingChecksum.values, pending)
+    """The checksums' values; if a GPU's sums have not landed yet, they are awaited off the event loop
+    (the device may be busy for a while)."""
+    if not all(p.landed for p in pending):
+        await asyncio.to_thread(PendingChecksum.wait_all, pending)
     return PendingChecksum.values(pending)

@@ -161,3 +161,45 @@ def test_merge_outputs_refuses_a_finished_first_output() -> None:
         merge_outputs(done, EngineOutput("r", [2]))
     merged = merge_outputs(EngineOutput("r", [1]), EngineOutput("r", [2, 3], finish_reason="length"))
     assert merged.new_token_ids == [1, 2, 3] and merged.finish_reason == "length"
+
+
+def test_stream_interval_gathers_tokens_after_the_first(llama_dir: Path, expected: list[list[int]]) -> None:
+    async def main() -> list:
+        config = EngineConfig(model=str(llama_dir), stream_interval=5)
+        async with AsyncEngine.from_config(config) as engine:
+            return [out async for out in engine.generate(PROMPTS[2], GREEDY)]
+
+    outputs = run(main())
+    # 12 tokens: the first at once, then runs of at least 5, the end whenever it comes
+    assert [len(out.new_token_ids) for out in outputs][0] == 1
+    assert all(len(out.new_token_ids) >= 5 for out in outputs[1:-1])
+    assert [t for out in outputs for t in out.new_token_ids] == expected[2]
+    assert outputs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outputs[:-1])
+
+
+def test_tokens_held_for_the_stream_interval_go_out_before_a_fatal_error(
+    llama_dir: Path, expected: list[list[int]]
+) -> None:
+    async def main() -> tuple[list[int], BaseException | None]:
+        engine = AsyncEngine.from_config(EngineConfig(model=str(llama_dir), stream_interval=100))
+        real_step, calls = engine.core.step, [0]
+
+        def failing_step() -> list:
+            calls[0] += 1
+            if calls[0] == 5:
+                raise RuntimeError("device lost")
+            return real_step()
+
+        engine.core.step = failing_step  # type: ignore[method-assign]
+        engine.start()
+        tokens, error = [], None
+        try:
+            async for out in engine.generate(PROMPTS[2], GREEDY):
+                tokens += out.new_token_ids
+        except EngineDeadError as exc:
+            error = exc
+        return tokens, error
+
+    tokens, error = run(main())
+    assert "device lost" in str(error)
+    assert tokens == expected[2][:4]  # the first token, then the three held ones, then the error
