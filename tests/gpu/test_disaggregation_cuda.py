@@ -75,9 +75,9 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
                 (first,) = outputs
                 block_ids = decode.reserve(f"r{i}", prompt, GREEDY)
                 session = await sender.open(receiver.address, f"r{i}", block_ids, mc.num_layers)
-                for first, kv, ready in layers:  # runs of layers (a short prompt: one run)
+                for start, kv, ready in layers:  # runs of layers (a short prompt: one run)
                     ready.synchronize()
-                    await session.send_layers(first, kv)
+                    await session.send_layers(start, kv)
                 await session.finish({"token_id": first.new_token_ids[0]})
                 tokens = list(
                     decode.commit_reserved(f"r{i}", SampledToken(first.new_token_ids[0]), 0).new_token_ids
