@@ -105,6 +105,8 @@ class EngineCore:
         if self.device.type == "cuda" and self.attention_backend == "triton":
             self._warm_up()
         self._compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._overlap_steps = self.device.type == "cuda"  # on a CPU a queued step is a computed one
+        self._in_flight: tuple[SchedulerOutput, Callable[[], dict[str, SampledToken]]] | None = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.layer_kv_sink: LayerKVSink | None = None
@@ -212,6 +214,10 @@ class EngineCore:
                     f"expected {expected} {k_cache.dtype}"
                 )
             if self.device.type == "cuda":
+                # after the steps queued so far: one in flight may still write a block that an
+                # aborted request just gave up and this reservation received
+                assert self._compute_stream is not None
+                torch.cuda.default_stream(self.device).wait_stream(self._compute_stream)
                 with torch.cuda.stream(torch.cuda.default_stream(self.device)):
                     # pinned, so neither copy waits for the stream (a pageable one would)
                     index = torch.tensor(block_ids).pin_memory().to(self.device, non_blocking=True)
@@ -238,18 +244,33 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Something to compute (reserved requests wait for their KV, not for a step)."""
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight)
 
     # -- stepping --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
-        """Schedule, run the model once, sample; outputs for requests that got a token or ended."""
+        """Run the model once and sample: outputs for requests that got a token or ended.
+
+        On a GPU the next step is queued before this one's outputs are built: the device computes
+        step N+1 while the host builds step N's outputs and the caller handles them. Requests added,
+        aborted or committed between calls are seen by the next schedule, as before; a request
+        aborted while a step ran is skipped when that step's tokens arrive."""
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                return []
+        (sched, result), self._in_flight = self._in_flight, None
+        sampled = result()  # waits for the device
+        changed = self.scheduler.update(sched, sampled)
+        if self._overlap_steps:
+            self._in_flight = self._launch()
+        return [self._output(r, sampled[r.request_id]) for r in changed]
+
+    def _launch(self) -> tuple[SchedulerOutput, Callable[[], dict[str, SampledToken]]] | None:
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return None
         with self._on_compute_stream():
-            sampled = self.runner.execute(sched, self._layer_exporter(sched))
-        changed = self.scheduler.update(sched, sampled)
-        return [self._output(r, sampled[r.request_id]) for r in changed]
+            return sched, self.runner.launch(sched, self._layer_exporter(sched))
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

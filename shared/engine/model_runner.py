@@ -44,10 +44,17 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
-    @torch.inference_mode()
     def execute(
         self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
     ) -> dict[str, SampledToken]:
+        return self.launch(sched, on_layer_done)()
+
+    @torch.inference_mode()
+    def launch(
+        self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
+    ) -> Callable[[], dict[str, SampledToken]]:
+        """Queue the step on the device; the returned function waits for it and gives the sampled
+        tokens by request id."""
         inputs = self.prepare_inputs(sched.chunks)
         meta = inputs.meta
         graphs = self.graphs
@@ -61,19 +68,26 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, on_layer_done)
         if not inputs.sampling_chunks:
-            return {}
+            return lambda: {}
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [_sampling_row(chunk) for chunk in inputs.sampling_chunks]
-        out = self.sampler(logits, rows)
-        sampled = {}
-        for i, chunk in enumerate(inputs.sampling_chunks):
-            sampled[chunk.request.request_id] = SampledToken(
-                token_id=out.token_ids[i],
-                logprob=out.logprobs[i] if out.logprobs is not None else None,
-                rank=out.ranks[i] if out.ranks is not None else None,
-                top_logprobs=out.top_logprobs[i] if out.top_logprobs is not None else None,
-            )
-        return sampled
+        sampling = self.sampler.launch(logits, rows)
+        request_ids = [chunk.request.request_id for chunk in inputs.sampling_chunks]
+
+        @torch.inference_mode()
+        def result() -> dict[str, SampledToken]:
+            out = sampling()
+            return {
+                rid: SampledToken(
+                    token_id=out.token_ids[i],
+                    logprob=out.logprobs[i] if out.logprobs is not None else None,
+                    rank=out.ranks[i] if out.ranks is not None else None,
+                    top_logprobs=out.top_logprobs[i] if out.top_logprobs is not None else None,
+                )
+                for i, rid in enumerate(request_ids)
+            }
+
+        return result
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> ModelInputs:
         """Chunks arrive decodes first (the scheduler's order), which the metadata relies on."""

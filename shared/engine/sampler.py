@@ -8,6 +8,7 @@ depend only on its own logits: not on batch composition, preemption, or which wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """logits: [num_rows, vocab] float32, one row per request that samples this step."""
+        return self.launch(logits, rows)()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> Callable[[], SamplerOutput]:
+        """Queue the sampling on the device; the returned function waits for it and reads the result
+        (so the host can do other work meanwhile). Non-greedy filters may still wait for the device."""
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if wants_logprobs else None
         logits = logits.clone()
@@ -64,8 +70,8 @@ class Sampler:
             greedy = torch.tensor([r.params.is_greedy for r in rows], device=self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
-            return SamplerOutput(chosen.tolist())
-        return _with_logprobs(raw_logprobs, rows, chosen)
+            return lambda: SamplerOutput(chosen.tolist())
+        return lambda: _with_logprobs(raw_logprobs, rows, chosen)
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:  # -> [num_rows]
         temps = torch.tensor(
