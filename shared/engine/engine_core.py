@@ -259,7 +259,8 @@ class EngineCore:
             if self._in_flight is None:
                 return []
         (sched, result), self._in_flight = self._in_flight, None
-        sampled = result()  # waits for the device
+        with self._on_compute_stream():  # the copy of the sampled ids queues behind the step
+            sampled = result()  # waits for the device
         changed = self.scheduler.update(sched, sampled)
         if self._overlap_steps:
             self._in_flight = self._launch()
