@@ -124,7 +124,9 @@ def main() -> None:
     results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
     (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
     print(
-        json.dumps({k: results[k] for k in ("goodput_ratio", "decode_tpot_p99_ms", "decode_tpot_p99_ratio")})
+        json.dumps(
+            {k: results[k] for k in ("goodput_ratio", "decode_tpot_p99_ms_by_rate", "decode_tpot_p99_ratio")}
+        )
     )
     for name in LAYOUTS:
         print(f"{name}: goodput {results['layouts'][name]['goodput_rps']} req/s")
