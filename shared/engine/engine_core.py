@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,6 +38,13 @@ request's prompt KV, copied out as soon as the run's last layer computed it,
 kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
 from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
 travels in one message and a long one layer by layer. On CUDA, read kv only after the event `ready`."""
+
+
+class _QueuedStep(NamedTuple):
+    """A step queued on the device: what was scheduled, and the function that waits for its tokens."""
+
+    sched: SchedulerOutput
+    result: Callable[[], dict[str, SampledToken]]
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ class EngineCore:
             self._warm_up()
         self._compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._overlap_steps = self.device.type == "cuda"  # on a CPU a queued step is a computed one
-        self._in_flight: tuple[SchedulerOutput, Callable[[], dict[str, SampledToken]]] | None = None
+        self._in_flight: _QueuedStep | None = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.layer_kv_sink: LayerKVSink | None = None
@@ -258,7 +266,7 @@ class EngineCore:
             self._in_flight = self._launch()
             if self._in_flight is None:
                 return []
-        (sched, result), self._in_flight = self._in_flight, None
+        (sched, result), self._in_flight = self._in_flight, None  # cleared first: a failure leaves none
         with self._on_compute_stream():  # the copy of the sampled ids queues behind the step
             sampled = result()  # waits for the device
         changed = self.scheduler.update(sched, sampled)
@@ -266,12 +274,12 @@ class EngineCore:
             self._in_flight = self._launch()
         return [self._output(r, sampled[r.request_id]) for r in changed]
 
-    def _launch(self) -> tuple[SchedulerOutput, Callable[[], dict[str, SampledToken]]] | None:
+    def _launch(self) -> _QueuedStep | None:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
         with self._on_compute_stream():
-            return sched, self.runner.launch(sched, self._layer_exporter(sched))
+            return _QueuedStep(sched, self.runner.launch(sched, self._layer_exporter(sched)))
 
     @torch.inference_mode()
     def _warm_up(self) -> None:
