@@ -28,10 +28,6 @@ from baton.shared.worker_runtime import TransferCounters, request_record, stats_
 logger = logging.getLogger(__name__)
 
 _LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]  # (first layer, run, ready)
-PUSH_MESSAGE_BYTES = 16 << 20
-"""KV is pushed in runs of layers of about this size (a short prompt in one message, a long one layer
-by layer): UCX moves messages of a few MiB at a fraction of its bandwidth (see benchmarks/NOTES.md),
-and the copied-out KV waiting to leave stays bounded."""
 
 
 class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
@@ -56,8 +52,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.counters = TransferCounters()
         self.draining = False
-        engine.core.layer_kv_sink = self._on_layer  # called on the engine thread
-        engine.core.layer_kv_run_bytes = PUSH_MESSAGE_BYTES
+        engine.core.layer_kv_sink = self._on_layer  # called on the engine thread, a run of layers at a time
 
     @property
     def request_ids(self) -> list[str]:

@@ -120,7 +120,9 @@ class EngineCore:
         self.layer_kv_sink: LayerKVSink | None = None
         """Prefill worker: where a finished prompt's KV goes, in runs of layers (see LayerKVSink)."""
         self.layer_kv_run_bytes = 16 << 20
-        """Prefill worker: how much KV a run handed to `layer_kv_sink` holds (at least one layer)."""
+        """Prefill worker: how much KV a run handed to `layer_kv_sink` holds (at least one layer). UCX
+        moves messages of a few MiB at a fraction of its bandwidth (benchmarks/NOTES.md), and the
+        copied-out KV waiting to leave stays bounded."""
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
         # being freed (and its blocks handed to another request) while a layer is being written.
         self._reservation_lock = threading.Lock()
@@ -325,17 +327,19 @@ class EngineCore:
             (r.request_id, self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)])
             for r in shipping
         ]
-        index_tensors = [(rid, torch.tensor(blocks, device=self.device)) for rid, blocks in index]
-
         num_layers = len(self.kv_caches)
+        k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
+        shipments = []  # (request id, its block ids, one layer's shape, layers per run)
+        for rid, blocks in index:
+            # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
+            layer_shape = (2, len(blocks), *k_cache.shape[1:])
+            run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
+            shipments.append((rid, torch.tensor(blocks, device=self.device), layer_shape, run_len))
         runs: dict[str, torch.Tensor] = {}  # the run each request is filling
 
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
-            for request_id, block_ids in index_tensors:
-                # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                layer_shape = (2, block_ids.numel(), *k_cache.shape[1:])
-                run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
+            for request_id, block_ids, layer_shape, run_len in shipments:
                 first = layer - layer % run_len
                 if layer == first:  # allocated here, on the stream that writes it
                     count = min(run_len, num_layers - first)

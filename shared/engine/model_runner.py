@@ -44,11 +44,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
-    def execute(
-        self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
-    ) -> dict[str, SampledToken]:
-        return self.launch(sched, on_layer_done)()
-
     @torch.inference_mode()
     def launch(
         self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None

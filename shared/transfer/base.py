@@ -196,8 +196,7 @@ class PendingChecksum:
     @staticmethod
     def values(pending: list[PendingChecksum]) -> list[int]:
         """Every checksum, waiting for the device where a sum has not landed yet."""
-        for p in pending:
-            p.wait()
+        PendingChecksum.wait_all(pending)
         return [p._finish(p._partials.tolist()) for p in pending]
 
     def _finish(self, sums: list[int]) -> int:

@@ -321,7 +321,7 @@ class _Inbound:
     next_layer: int = 0
     failure: str | None = None  # set once failed: later payloads are drained, finish is nacked
     checksums: list[PendingChecksum] = field(default_factory=list)  # of the layer messages, in order
-    messages: list[tuple[int, int]] = field(default_factory=list)  # (first layer, count) of each
+    message_layers: list[int] = field(default_factory=list)  # the first layer of each message
 
 
 class InboundConnection:
@@ -443,7 +443,7 @@ class InboundConnection:
             self._fail(request, problem or "no payload")
             return
         request.checksums.append(PendingChecksum.start(payload))
-        request.messages.append((layer, count))
+        request.message_layers.append(layer)
         # kv: [count, 2, num_blocks, block_size, kv_heads, head_dim]
         kv = payload.view(self._layout.torch_dtype).view(count, *request.layer_shape)
         for i in range(count):
@@ -492,7 +492,8 @@ class InboundConnection:
 
     @staticmethod
     async def _verify_checksums(request: _Inbound, sent: Any) -> None:
-        """The sender's per-layer checksums against what arrived; TransferError naming the first bad layer."""
+        """The sender's per-message checksums against what arrived; TransferError naming the first bad
+        message by its first layer."""
         if request.next_layer < request.num_layers:
             n, total = request.next_layer, request.num_layers
             raise TransferError(f"finish after {n} of {total} layers: layer {n} missing")
@@ -502,7 +503,7 @@ class InboundConnection:
                 f"finish must carry {wanted} checksums (one a message), got {str(sent)[:100]}"
             )
         received = await resolve_checksums(request.checksums)
-        for (first, _), theirs, ours in zip(request.messages, sent, received, strict=True):
+        for first, theirs, ours in zip(request.message_layers, sent, received, strict=True):
             if theirs != ours:
                 shown = f"{theirs:#018x}" if isinstance(theirs, int) else repr(theirs)[:40]
                 raise TransferError(f"layer {first}: checksum mismatch (sent {shown}, received {ours:#018x})")

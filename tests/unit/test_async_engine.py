@@ -171,7 +171,7 @@ def test_stream_interval_gathers_tokens_after_the_first(llama_dir: Path, expecte
 
     outputs = run(main())
     # 12 tokens: the first at once, then runs of at least 5, the end whenever it comes
-    assert [len(out.new_token_ids) for out in outputs][0] == 1
+    assert len(outputs[0].new_token_ids) == 1
     assert all(len(out.new_token_ids) >= 5 for out in outputs[1:-1])
     assert [t for out in outputs for t in out.new_token_ids] == expected[2]
     assert outputs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outputs[:-1])
