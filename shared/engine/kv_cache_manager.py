@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
+
 from baton.shared.engine.block_pool import BlockPool, IntegrityError
 from baton.shared.engine.request import Request
 
@@ -32,6 +34,11 @@ class KVCacheManager:
         self.block_size = block_size
         self._blocks: dict[str, list[int]] = {}
         self._num_published: dict[str, int] = {}
+        self.block_table = np.zeros((0, 0), dtype=np.int32)
+        """[rows, widest table]: each request's block ids in its own row, kept as blocks are added, so
+        a step gathers its batch's tables with one indexing operation instead of per request."""
+        self._rows: dict[str, int] = {}  # request id -> its row in block_table
+        self._free_rows: list[int] = []
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found cached
 
@@ -79,11 +86,34 @@ class KVCacheManager:
         self.pool.touch(prefix.block_ids)  # before allocating, so they cannot be evicted for ourselves
         new_blocks = self.pool.allocate(num_needed) or []
         if held is None or prefix.block_ids:  # (a request holding blocks brings no prefix: checked above)
-            self._blocks[request.request_id] = [*(held or ()), *prefix.block_ids, *new_blocks]
+            blocks = self._blocks[request.request_id] = [*(held or ()), *prefix.block_ids, *new_blocks]
             self._num_published.setdefault(request.request_id, len(prefix.block_ids))
+            self._write_row(request.request_id, 0, blocks)
         else:  # the hot path: a running request grows in place
+            self._write_row(request.request_id, len(held), new_blocks)
             held.extend(new_blocks)
         return new_blocks
+
+    def row_of(self, request_id: str) -> int:
+        """The request's row in `block_table` (KeyError if it holds no blocks)."""
+        return self._rows[request_id]
+
+    def _write_row(self, request_id: str, start: int, block_ids: list[int]) -> None:
+        row = self._rows.get(request_id)
+        if row is None:
+            if not self._free_rows:
+                self._grow_table(rows=max(8, 2 * self.block_table.shape[0]), cols=self.block_table.shape[1])
+            row = self._rows[request_id] = self._free_rows.pop()
+        end = start + len(block_ids)
+        if end > self.block_table.shape[1]:
+            self._grow_table(rows=self.block_table.shape[0], cols=max(end, 2 * self.block_table.shape[1]))
+        self.block_table[row, start:end] = block_ids
+
+    def _grow_table(self, rows: int, cols: int) -> None:
+        old = self.block_table
+        self.block_table = np.zeros((rows, cols), dtype=np.int32)
+        self.block_table[: old.shape[0], : old.shape[1]] = old
+        self._free_rows.extend(reversed(range(old.shape[0], rows)))
 
     def publish_computed_blocks(self, request: Request) -> None:
         """Enter the request's full, computed blocks into the prefix cache (call after the step that
@@ -104,6 +134,10 @@ class KVCacheManager:
         """Release every block the request holds (tail first, see BlockPool.free)."""
         blocks = self._blocks.pop(request.request_id, [])
         self._num_published.pop(request.request_id, None)
+        row = self._rows.pop(request.request_id, None)
+        if row is not None:
+            self.block_table[row, : len(blocks)] = 0
+            self._free_rows.append(row)
         self.pool.free(reversed(blocks))
 
     @property
@@ -129,3 +163,23 @@ class KVCacheManager:
         for request_id, blocks in self._blocks.items():
             if len(set(blocks)) != len(blocks):
                 raise IntegrityError(f"request {request_id} holds a block twice: {blocks}")
+        self._check_block_table()
+
+    def _check_block_table(self) -> None:
+        """Each holder's row lists its blocks then zeros; rows are its own; free rows are all zeros."""
+        if set(self._rows) != set(self._blocks):
+            raise IntegrityError(f"block table rows for {sorted(self._rows)}, holders {sorted(self._blocks)}")
+        rows = list(self._rows.values())
+        if (
+            len(set(rows) | set(self._free_rows)) != len(rows) + len(self._free_rows)
+            or len(rows) + len(self._free_rows) != self.block_table.shape[0]
+        ):
+            raise IntegrityError(f"block table rows are shared or lost: held {rows}, free {self._free_rows}")
+        for request_id, row in self._rows.items():
+            blocks = self._blocks[request_id]
+            expected = np.zeros(self.block_table.shape[1], dtype=np.int32)
+            expected[: len(blocks)] = blocks
+            if not np.array_equal(self.block_table[row], expected):
+                raise IntegrityError(f"request {request_id}: block table row {row} does not list {blocks}")
+        if self._free_rows and self.block_table[self._free_rows].any():
+            raise IntegrityError("a free block table row is not cleared")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,31 +86,46 @@ class ModelRunner:
         return result
 
     def prepare_inputs(self, chunks: list[ScheduledChunk]) -> ModelInputs:
-        """Chunks arrive decodes first (the scheduler's order), which the metadata relies on."""
-        bs = self.block_size
-        query_lens = np.array([c.num_new_tokens for c in chunks], dtype=np.int64)
-        starts = np.array([c.start for c in chunks], dtype=np.int64)
+        """Chunks arrive decodes first (the scheduler's order), which the metadata relies on. Built
+        with one pass of Python per request and NumPy for the rest: this runs every step."""
+        bs, n = self.block_size, len(chunks)
+        query_lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n)
+        starts = np.fromiter((c.start for c in chunks), np.int64, n)
         seq_lens = starts + query_lens
-        cu = np.zeros(len(chunks) + 1, dtype=np.int64)
+        cu = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(query_lens, out=cu[1:])
+        num_tokens = int(cu[-1])
         # positions: for each token, its chunk's start plus its offset inside the chunk
-        seq_of_token = np.repeat(np.arange(len(chunks)), query_lens)
-        positions = starts[seq_of_token] + np.arange(cu[-1]) - cu[seq_of_token]
+        seq_of_token = np.repeat(np.arange(n), query_lens)
+        positions = starts[seq_of_token] + np.arange(num_tokens) - cu[seq_of_token]
         max_blocks = int(-(-seq_lens.max() // bs))
-        block_tables = np.zeros((len(chunks), max_blocks), dtype=np.int32)
-        input_ids = np.empty(cu[-1], dtype=np.int64)
-        for i, chunk in enumerate(chunks):
-            blocks = self.kv.block_ids(chunk.request.request_id)[:max_blocks]
-            block_tables[i, : len(blocks)] = blocks
-            input_ids[cu[i] : cu[i + 1]] = chunk.request.all_token_ids[chunk.start : chunk.end]
+        # every scheduled request holds the blocks its tokens need, so max_blocks columns hold its table
+        rows = np.fromiter((self.kv.row_of(c.request.request_id) for c in chunks), np.int64, n)
+        block_tables = self.kv.block_table[rows, :max_blocks]
+        if num_tokens == n:  # decodes only: each request's last token
+            input_ids = np.array([c.request.all_token_ids[c.start] for c in chunks], dtype=np.int64)
+        else:
+            input_ids = np.fromiter(
+                itertools.chain.from_iterable(
+                    c.request.all_token_ids[c.start : c.start + c.num_new_tokens] for c in chunks
+                ),
+                np.int64,
+                num_tokens,
+            )
         slot_mapping = block_tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(chunks)
+        num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else n
         sampling = [i for i, c in enumerate(chunks) if c.samples]
+        logits_indices = cu[1:][sampling] - 1
+        # two host-to-device copies in all, one per dtype
+        slot_mapping_d, input_ids_d, positions_d, logits_indices_d = self._to_device(
+            [slot_mapping, input_ids, positions, logits_indices], np.int64
+        )
+        cu_d, seq_lens_d, block_tables_d = self._to_device([cu, seq_lens, block_tables], np.int32)
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            query_start_loc=self._to_device(cu.astype(np.int32)),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(block_tables),
+            slot_mapping=slot_mapping_d,
+            query_start_loc=cu_d,
+            seq_lens=seq_lens_d,
+            block_tables=block_tables_d,
             num_decodes=num_decodes,
             max_query_len=int(query_lens.max()),
             max_seq_len=int(seq_lens.max()),
@@ -117,18 +133,27 @@ class ModelRunner:
             seq_lens_host=tuple(seq_lens.tolist()),
         )
         return ModelInputs(
-            input_ids=self._to_device(input_ids),
-            positions=self._to_device(positions),
+            input_ids=input_ids_d,
+            positions=positions_d,
             meta=meta,
-            logits_indices=self._to_device(cu[1:][sampling] - 1),
+            logits_indices=logits_indices_d,
             sampling_chunks=[chunks[i] for i in sampling],
         )
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    def _to_device(self, arrays: list[np.ndarray], dtype: type[np.generic]) -> list[torch.Tensor]:
+        """The arrays as `dtype` tensors on the device, with their shapes, moved in one copy. Each
+        starts 64-byte aligned, as a tensor of its own would (Triton specializes on alignment)."""
+        padded = [-(-a.size // 16) * 16 for a in arrays]
+        offsets = np.cumsum([0, *padded])
+        packed = np.zeros(int(offsets[-1]), dtype=dtype)
+        for array, offset in zip(arrays, offsets, strict=False):
+            packed[offset : offset + array.size] = array.reshape(-1)
+        tensor = torch.from_numpy(packed)
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return [
+            tensor[offset : offset + a.size].view(a.shape) for a, offset in zip(arrays, offsets, strict=False)
+        ]
 
 
 def _sampling_row(chunk: ScheduledChunk) -> SamplingRow:

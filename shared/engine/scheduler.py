@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from baton.shared.engine.kv_cache_manager import NO_MATCH, KVCacheManager, PrefixMatch
 from baton.shared.engine.request import FinishReason, Request, RequestStatus
@@ -27,9 +28,9 @@ class SchedulerConfig:
     """Context length: a request ends (finish_reason "length") when it reaches it."""
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """`num_new_tokens` tokens of `request`, starting at position `start`, computed this step."""
+class ScheduledChunk(NamedTuple):
+    """`num_new_tokens` tokens of `request`, starting at position `start`, computed this step.
+    (A tuple: a step makes one per running request, so it must be cheap to build.)"""
 
     request: Request
     start: int
@@ -39,7 +40,7 @@ class ScheduledChunk:
 
     @classmethod
     def of(cls, request: Request, start: int, num_new_tokens: int) -> ScheduledChunk:
-        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
+        return cls(request, start, num_new_tokens, start + num_new_tokens == len(request.all_token_ids))
 
     @property
     def end(self) -> int:
@@ -61,8 +62,7 @@ class SchedulerOutput:
         return not self.chunks
 
 
-@dataclass(frozen=True)
-class SampledToken:
+class SampledToken(NamedTuple):
     """What the model runner produced for one request in one step."""
 
     token_id: int
@@ -152,20 +152,23 @@ class Scheduler:
         scheduled: set[str] = set()
         decodes, prefills = [], []
         for r in self.running:
-            remaining = r.num_tokens - r.num_computed_tokens
+            remaining = len(r.all_token_ids) - r.num_computed_tokens
             if remaining == 1:
                 decodes.append(r)
             elif remaining > 1:
                 prefills.append(r)
+        chunks = out.chunks
         for request in decodes + prefills:
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            start = request.num_computed_tokens
+            remaining = len(request.all_token_ids) - start
+            num_new = min(remaining, budget)
             if not self._make_room(request, num_new, scheduled, out):
                 continue
-            out.chunks.append(ScheduledChunk.of(request, request.num_computed_tokens, num_new))
+            chunks.append(ScheduledChunk(request, start, num_new, num_new == remaining))
             scheduled.add(request.request_id)
             budget -= num_new
         if not out.preempted:
@@ -218,12 +221,13 @@ class Scheduler:
         and finish requests that hit a stop condition. Returns the requests that changed
         (got a token or finished)."""
         changed = []
-        for chunk in out.chunks:
-            request = chunk.request
-            if request.is_finished:
+        bs = self.kv.block_size
+        for request, start, num_new, _ in out.chunks:
+            if request.status is RequestStatus.FINISHED:
                 continue  # aborted while the step ran
-            request.num_computed_tokens = chunk.end
-            self.kv.publish_computed_blocks(request)
+            request.num_computed_tokens = end = start + num_new
+            if end // bs > start // bs:  # the chunk filled a block (most decode steps fill none)
+                self.kv.publish_computed_blocks(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
@@ -241,12 +245,13 @@ class Scheduler:
 
     def _stop_condition(self, request: Request, token_id: int) -> tuple[FinishReason | None, int | None]:
         params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
+        num_output = len(request.output_token_ids)
+        if num_output >= params.min_tokens:
             if token_id in request.eos_token_ids and not params.ignore_eos:
                 return FinishReason.STOP, None
             if token_id in params.stop_token_ids:
                 return FinishReason.STOP, token_id
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        if num_output >= params.max_tokens or len(request.all_token_ids) >= self.config.max_model_len:
             return FinishReason.LENGTH, None
         return None, None
 
