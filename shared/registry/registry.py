@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
+from redis.asyncio.connection import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -74,6 +75,7 @@ class Registry:
         reservation_ttl_s: float = 30.0,
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 2.0,
+        max_connections: int = 32,
     ) -> None:
         if not namespace:
             raise ValueError("namespace must not be empty")
@@ -88,13 +90,18 @@ class Registry:
         self.reservation_ttl_s = reservation_ttl_s
         # Retry once, on connection errors only (a pooled connection that died with a Redis restart):
         # a timed-out transition may have run, and running it twice would be refused.
-        self._redis = redis.Redis.from_url(
+        # A bounded pool whose callers queue for a connection: a decode worker ends hundreds of records
+        # in one step, beyond redis-py's default pool, which fails the excess with "Too many connections".
+        pool = BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=connect_timeout_s + socket_timeout_s,
             decode_responses=True,
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (RedisConnectionError,)),
         )
+        self._redis = redis.Redis.from_pool(pool)
         self._header = [
             namespace,
             _ms(lease_ttl_s),

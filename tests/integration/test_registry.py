@@ -294,6 +294,21 @@ def test_concurrent_reserve_of_one_id_exactly_one_wins(redis_url: str) -> None:
     run(main())
 
 
+def test_a_burst_wider_than_the_connection_pool_waits_for_connections(redis_url: str) -> None:
+    """A decode worker ends hundreds of records in one step: each call waits for a pooled connection
+    instead of failing with redis-py's "Too many connections" (its default pool holds 100)."""
+
+    async def main() -> None:
+        async with Registry(redis_url) as reg:
+            ids = [f"burst{i}" for i in range(400)]
+            await asyncio.gather(*(reg.reserve(rid, "d1", 1, local_prefill=True) for rid in ids))
+            ended = await asyncio.gather(*(reg.end_request(rid, "d1") for rid in ids))
+            assert all(ended)
+            assert [await reg.get_request(rid) for rid in ids[:5]] == [None] * 5
+
+    run(main())
+
+
 # -- prefix index ------------------------------------------------------------------------------------
 
 
