@@ -2,13 +2,14 @@
 # The anchor workload through `baton serve` (gateway, router, one prefill and one decode worker sharing
 # one GPU), then the same requests offline, on the same machine. Results go to $1 (default: .).
 #     bash benchmarks/serve_anchor.sh OUT_DIR [--served-only]
+# SERVE_ARGS adds flags to `baton serve` (e.g. SERVE_ARGS="--gpus 0,1" to give each worker a GPU).
 set -euo pipefail
 out=${1:-.}
 here=$(cd "$(dirname "$0")" && pwd)
 model=$(mktemp -d)/anchor
 python3 "$here/bench_model_dir.py" "$here/models/llama-3.2-1b-shape" "$model" >/dev/null
 engine=(--model "$model" --load-format dummy --dtype bfloat16 --num-kv-blocks 30000)
-python3 -m baton.services.cli serve "${engine[@]}" --port 8000 --router-port 50051 >"$out/serve.log" 2>&1 &
+python3 -m baton.services.cli serve "${engine[@]}" ${SERVE_ARGS:-} --port 8000 --router-port 50051 >"$out/serve.log" 2>&1 &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 300); do

@@ -18,6 +18,7 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
+from baton.shared.loop_thread import LoopThread
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
 from baton.shared.transfer import FaultConfig, KVReceiver, UcxKVReceiver, UcxKVSender, stop_ucx
@@ -35,17 +36,27 @@ async def run_worker(config: WorkerConfig) -> None:
     layout = kv_layout(core)
     worker_id = config.worker_id or default_worker_id(config.role)
     reg = config.registry
-    registry = Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
+
+    def new_registry() -> Registry:
+        return Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
+
+    registry = new_registry()
     engine = AsyncEngine(core)
     engine.start()
     receiver: KVReceiver | None = None
+    receiver_loop: LoopThread | None = None
+    handoff_registry: Registry | None = None
     service: Any
     if config.role == "decode":
-        service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
+        # The KV receiver (and the Redis client recording its handoffs) runs on a loop of its own, so a
+        # handoff never waits behind the main loop's token streams.
+        receiver_loop = LoopThread("baton-kv-receiver")
+        handoff_registry = new_registry()
+        service = DecodeService(config, engine, registry, worker_id, layout.num_layers, handoff_registry)
         receiver = UcxKVReceiver(
             layout, service, config.host, config.transfer_port, core.device, config.advertise_host
         )
-        await receiver.start()
+        await receiver_loop.run(receiver.start())
         service.transfer_address = receiver.address
         binding = ServiceBinding(
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server, service, "baton.worker.v1.DecodeWorker"
@@ -95,11 +106,19 @@ async def run_worker(config: WorkerConfig) -> None:
     await presence.stop()
     await service.shutdown()
     await server.server.stop(grace=5)
-    if receiver is not None:
-        await receiver.close()
+    if receiver_loop is not None and receiver is not None and handoff_registry is not None:
+        await receiver_loop.run(_close_receiver(receiver, handoff_registry))
+        receiver_loop.stop()
     if config.role == "prefill":
         await sender.close()
-    stop_ucx()
+        stop_ucx()
     await asyncio.to_thread(engine.shutdown)
     await registry.close()
     logger.info("%s worker %s stopped", config.role, worker_id)
+
+
+async def _close_receiver(receiver: KVReceiver, handoff_registry: Registry) -> None:
+    """On the receiver's loop: close it, its Redis client and UCX (bound to that loop)."""
+    await receiver.close()
+    await handoff_registry.close()
+    stop_ucx()

@@ -49,11 +49,21 @@ class _Tracked:
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     def __init__(
-        self, config: WorkerConfig, engine: AsyncEngine, registry: Registry, worker_id: str, num_layers: int
+        self,
+        config: WorkerConfig,
+        engine: AsyncEngine,
+        registry: Registry,
+        worker_id: str,
+        num_layers: int,
+        handoff_registry: Registry | None = None,
     ) -> None:
+        """`handoff_registry`: the client `complete` records handoffs with, when the KV receiver runs on
+        another event loop than the gRPC servicer (a Redis client belongs to one loop)."""
         self.config = config
         self.engine = engine
         self.registry = registry
+        self.handoff_registry = handoff_registry if handoff_registry is not None else registry
+        self._loop: asyncio.AbstractEventLoop | None = None  # the servicer's loop, which owns the timers
         self.worker_id = worker_id
         self.num_layers = num_layers
         self.transfer_address = ""
@@ -72,6 +82,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if not rid:
             raise ValueError("request_id must not be empty")
         params = sampling_from_proto(request.sampling)
+        self._loop = asyncio.get_running_loop()
         if request.local_prefill:
             outputs = self.engine.add(rid, prompt, params)
             block_ids: list[int] = []
@@ -186,7 +197,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         prefill_worker = str(trailer.get("prefill_worker", ""))
         start_ns = time.monotonic_ns()
         try:
-            await self.registry.commit_handoff(request_id, prefill_worker, self.worker_id)
+            await self.handoff_registry.commit_handoff(request_id, prefill_worker, self.worker_id)
         except RegistryError as exc:
             raise TransferError(f"handoff of {request_id!r} refused by the registry: {exc}") from exc
         except RegistryUnavailable as exc:
@@ -195,7 +206,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
         tracked.committed = True
         if tracked.timeout is not None and tracked.streamed:
-            tracked.timeout.cancel()
+            self._on_servicer_loop(tracked.timeout.cancel)
         self.engine.commit(request_id, first_token, num_cached)
         self.counters.num_transfers += 1
         logger.info(
@@ -211,6 +222,18 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.counters.num_transfer_failures += 1
         logger.warning("KV transfer for %s failed: %s", request_id, reason)
         self.engine.fail(request_id, f"KV transfer failed: {reason}")
+
+    def _on_servicer_loop(self, fn: Any) -> None:
+        """Call `fn` on the servicer's loop: the KV handler may run on the receiver's own loop."""
+        loop = self._loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or loop is running:
+            fn()
+        else:
+            loop.call_soon_threadsafe(fn)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _expire(self, request_id: str, timeout_s: float) -> None:

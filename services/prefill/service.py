@@ -133,9 +133,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.transfer_bytes += nbytes
         logger.info(
             "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s "
-            "(%.0f ms for a transfer slot, %.0f ms to compute and push, %.0f ms for the ack)",
+            "(%.0f ms for a transfer slot, %.0f ms to compute and push, %.0f ms for the ack: %s)",
             rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,
             (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6, (acked_ns - computed_ns) / 1e6,
+            ", ".join(f"{k} {v:.0f}" for k, v in session.finish_timings.items()),
         )  # fmt: skip
         return worker_pb2.PrefillResponse(
             first_token_id=first.new_token_ids[0],

@@ -245,6 +245,9 @@ class KVReceiver(ABC):
 class KVPushSession(ABC):
     """One request's push to one receiver. Not safe for concurrent use except `abort()`."""
 
+    finish_timings: dict[str, float]
+    """After `finish`: where it spent its time, in ms (for logs; the keys depend on the transport)."""
+
     @abstractmethod
     async def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
         """Send consecutive layers as one message. kv: contiguous [count, 2, n_blocks, bs, h, d] on CPU

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -169,6 +170,9 @@ class PushSession(KVPushSession):
         self._busy = False  # a message exchange is in progress
         self._ended: str | None = None  # why the session can no longer be used
         self._finished = False  # ended by an ack (later use is a caller bug, not a transfer failure)
+        self.finish_timings: dict[str, float] = {}
+        """Where `finish` spent its time, in ms: waiting for this end's checksums, for the reply, and the
+        receiver's own share of that reply (verifying, completing the handoff), for logs."""
         self._checksums: list[PendingChecksum] = []  # of the layer messages sent, in order
 
     @classmethod
@@ -238,9 +242,16 @@ class PushSession(KVPushSession):
             raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
         encode_message(trailer)  # not JSON-able: TypeError/ValueError before anything is sent
         async with self._exchange("waiting for the receiver's ack"):
+            start = time.monotonic()
             checksums = await resolve_checksums(self._checksums)
+            summed = time.monotonic()
             await self._channel.send_message({"type": "finish", "trailer": trailer, "checksums": checksums})
             reply = await self._channel.recv_message(timeout_s)
+        self.finish_timings = {
+            "checksums_ms": (summed - start) * 1e3,
+            "reply_ms": (time.monotonic() - summed) * 1e3,
+            **{k: v for k, v in (reply.get("timings") or {}).items() if isinstance(v, (int, float))},
+        }
         payload = reply.get("payload")
         if reply["type"] == "ack" and isinstance(payload, dict):
             self._finished = True
@@ -481,14 +492,17 @@ class InboundConnection:
             return {"type": "nack", "reason": "finish without a request in progress"}
         if request.failure is not None:
             return {"type": "nack", "reason": request.failure}
+        start = time.monotonic()
         try:
             await self._verify_checksums(request, msg.get("checksums"))
+            verified = time.monotonic()
             payload = await self._complete(request, msg.get("trailer"))
         except TransferError as e:
             self._fail(request, str(e))
             return {"type": "nack", "reason": str(e)}
         self._active_ids.discard(request.request_id)
-        return {"type": "ack", "payload": payload}
+        timings = {"verify_ms": (verified - start) * 1e3, "complete_ms": (time.monotonic() - verified) * 1e3}
+        return {"type": "ack", "payload": payload, "timings": timings}
 
     @staticmethod
     async def _verify_checksums(request: _Inbound, sent: Any) -> None:
