@@ -334,7 +334,11 @@ class EngineCore:
             # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
             layer_shape = (2, len(blocks), *k_cache.shape[1:])
             run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
-            shipments.append((rid, torch.tensor(blocks, device=self.device), layer_shape, run_len))
+            # pinned and non-blocking: a pageable copy would wait here for the step still in flight
+            block_ids = torch.tensor(blocks)
+            if self.device.type == "cuda":
+                block_ids = block_ids.pin_memory().to(self.device, non_blocking=True)
+            shipments.append((rid, block_ids, layer_shape, run_len))
         runs: dict[str, torch.Tensor] = {}  # the run each request is filling
 
         def export(layer: int) -> None:

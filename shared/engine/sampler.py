@@ -8,7 +8,7 @@ depend only on its own logits: not on batch composition, preemption, or which wo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +64,10 @@ class Sampler:
         for i, row in enumerate(rows):
             _apply_penalties(logits[i], row)
             if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = float("-inf")
+                logits[i, _on_device(list(row.banned_token_ids), torch.long, logits.device)] = float("-inf")
         chosen = logits.argmax(dim=-1)  # [num_rows]
         if not all(r.params.is_greedy for r in rows):
-            greedy = torch.tensor([r.params.is_greedy for r in rows], device=self.device)
+            greedy = _on_device([r.params.is_greedy for r in rows], torch.bool, self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
             return lambda: SamplerOutput(chosen.tolist())
@@ -93,21 +93,30 @@ class Sampler:
         return gen
 
 
+def _on_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`. On a GPU the copy goes through pinned memory and
+    does not wait: a plain `torch.tensor(..., device=cuda)` copies synchronously, which stalls this
+    thread until the device finished the step still queued ahead of it."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:  # logits: [vocab], in place
     params = row.params
     if not params.has_penalties:
         return
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(
-            sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), device=logits.device
-        )
+        seen_ids = sorted(set(row.prompt_token_ids) | set(row.output_token_ids))
+        seen = _on_device(seen_ids, torch.long, logits.device)
         if seen.numel():
             values = logits[seen]
             logits[seen] = torch.where(
                 values > 0, values / params.repetition_penalty, values * params.repetition_penalty
             )
     if row.output_token_ids and (params.frequency_penalty or params.presence_penalty):
-        out = torch.tensor(row.output_token_ids, device=logits.device)
+        out = _on_device(row.output_token_ids, torch.long, logits.device)
         counts = torch.bincount(out, minlength=logits.shape[0]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -115,14 +124,15 @@ def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:  # logits:
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:  # [rows, vocab]
     """Mask (to -inf) what min_p, top_k and top_p exclude; each row's most likely token survives."""
     device, vocab = logits.device, logits.shape[-1]
-    min_p = torch.tensor([p.min_p for p in params], device=device)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):  # decided on the host: the device may still be computing
+        min_p = _on_device([p.min_p for p in params], logits.dtype, device)
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
-    top_k = torch.tensor([p.top_k if p.top_k_enabled else vocab for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    if not bool((top_k < vocab).any() or (top_p < 1).any()):
+    top_ks = [p.top_k if p.top_k_enabled else vocab for p in params]
+    if all(k >= vocab for k in top_ks) and all(p.top_p >= 1 for p in params):
         return logits
+    top_k = _on_device(top_ks, torch.long, device)
+    top_p = _on_device([p.top_p for p in params], logits.dtype, device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)

@@ -333,6 +333,8 @@ class _Inbound:
     failure: str | None = None  # set once failed: later payloads are drained, finish is nacked
     checksums: list[PendingChecksum] = field(default_factory=list)  # of the layer messages, in order
     message_layers: list[int] = field(default_factory=list)  # the first layer of each message
+    handled_at: float = 0.0  # time.monotonic() when the last message was handled (for the ack's timings)
+    handling_ms: float = 0.0  # how long handling the last message took once its payload arrived
 
 
 class InboundConnection:
@@ -444,6 +446,7 @@ class InboundConnection:
             else request.layer_nbytes * max(1, request.num_layers - request.next_layer)
         )
         payload = await channel.recv_payload(posted, idle_timeout_s)  # payload: [<= posted]
+        received = time.monotonic()
         if request.failure is not None:
             return  # drained
         if problem is None and payload is None:
@@ -470,6 +473,8 @@ class InboundConnection:
                 self._fail(request, f"layer {layer + i}: receiver error: {e!r}")
                 return
         request.next_layer += count
+        request.handled_at = time.monotonic()
+        request.handling_ms = (request.handled_at - received) * 1e3
 
     @staticmethod
     def _check_header(request: _Inbound, layer: int, count: int, nbytes: int) -> str | None:
@@ -501,7 +506,12 @@ class InboundConnection:
             self._fail(request, str(e))
             return {"type": "nack", "reason": str(e)}
         self._active_ids.discard(request.request_id)
-        timings = {"verify_ms": (verified - start) * 1e3, "complete_ms": (time.monotonic() - verified) * 1e3}
+        timings = {
+            "last_message_ms": request.handling_ms,  # handling the last payload, once it arrived
+            "finish_arrived_ms": (start - request.handled_at) * 1e3,  # then until the finish arrived
+            "verify_ms": (verified - start) * 1e3,
+            "complete_ms": (time.monotonic() - verified) * 1e3,
+        }
         return {"type": "ack", "payload": payload, "timings": timings}
 
     @staticmethod
