@@ -126,6 +126,7 @@ class EngineCore:
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
         # being freed (and its blocks handed to another request) while a layer is being written.
         self._reservation_lock = threading.Lock()
+        self._reserved_indexes: dict[str, torch.Tensor] = {}  # see _reserved_index
         logger.info(
             "engine ready: %s on %s (%s, %s attention), %d KV blocks of %d tokens, max_model_len %d",
             self.model_config.architecture,
@@ -185,11 +186,14 @@ class EngineCore:
 
     def abort_requests(self, request_ids: list[str]) -> list[EngineOutput]:
         with self._reservation_lock:
+            for request_id in request_ids:
+                self._reserved_indexes.pop(request_id, None)
             return [_final_output(r, []) for r in self.scheduler.abort(request_ids)]
 
     def fail_request(self, request_id: str, message: str) -> EngineOutput | None:
         """End one request with finish_reason 'error' (its blocks are freed); None if unknown."""
         with self._reservation_lock:
+            self._reserved_indexes.pop(request_id, None)
             request = self.scheduler.fail(request_id, message)
         return _final_output(request, []) if request is not None else None
 
@@ -229,12 +233,23 @@ class EngineCore:
                 assert self._compute_stream is not None
                 torch.cuda.default_stream(self.device).wait_stream(self._compute_stream)
                 with torch.cuda.stream(torch.cuda.default_stream(self.device)):
-                    # pinned, so neither copy waits for the stream (a pageable one would)
-                    index = torch.tensor(block_ids).pin_memory().to(self.device, non_blocking=True)
+                    index = self._reserved_index(request_id, block_ids)
                     self.attention.scatter_blocks(kv.to(self.device), k_cache, v_cache, index)
             else:
-                index = torch.tensor(block_ids)
+                index = self._reserved_index(request_id, block_ids)
                 self.attention.scatter_blocks(kv, k_cache, v_cache, index)
+
+    def _reserved_index(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
+        """The reservation's block ids on the device, made by its first pushed layer and kept for the
+        others (a prompt's 16+ layers share it) until the request leaves the reservation. On a GPU the
+        copy is pinned, so it does not wait for the stream (a pageable one would). Call under the lock."""
+        index = self._reserved_indexes.get(request_id)
+        if index is None:
+            index = torch.tensor(block_ids)
+            if self.device.type == "cuda":
+                index = index.pin_memory().to(self.device, non_blocking=True)
+            self._reserved_indexes[request_id] = index
+        return index
 
     def commit_reserved(
         self, request_id: str, first_token: SampledToken, num_cached_tokens: int
@@ -244,6 +259,7 @@ class EngineCore:
         with self._reservation_lock:
             if request_id not in self.scheduler.reserved:
                 raise KeyError(f"request {request_id!r} holds no reservation")
+            self._reserved_indexes.pop(request_id, None)
             request = self.scheduler.commit_reserved(request_id, first_token, num_cached_tokens)
         if self._compute_stream is not None:  # steps read the pushed KV only after its copy ran
             self._compute_stream.wait_stream(torch.cuda.default_stream(self.device))
@@ -410,6 +426,8 @@ class EngineCore:
             raise AssertionError(
                 f"leak: {self.scheduler.num_unfinished} unfinished requests, {usage.num_held} held blocks"
             )
+        if self._reserved_indexes:
+            raise AssertionError(f"leak: block indexes kept for {sorted(self._reserved_indexes)}")
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
