@@ -19,6 +19,7 @@ from baton.shared.config import EngineConfig
 from baton.shared.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.cuda_graphs import DecodeGraphs
+from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
 from baton.shared.engine.model_runner import ModelRunner
@@ -241,14 +242,11 @@ class EngineCore:
 
     def _reserved_index(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
         """The reservation's block ids on the device, made by its first pushed layer and kept for the
-        others (a prompt's 16+ layers share it) until the request leaves the reservation. On a GPU the
-        copy is pinned, so it does not wait for the stream (a pageable one would). Call under the lock."""
+        others (a prompt's 16+ layers share it) until the request leaves the reservation. Call under
+        the lock."""
         index = self._reserved_indexes.get(request_id)
         if index is None:
-            index = torch.tensor(block_ids)
-            if self.device.type == "cuda":
-                index = index.pin_memory().to(self.device, non_blocking=True)
-            self._reserved_indexes[request_id] = index
+            index = self._reserved_indexes[request_id] = host_to_device(block_ids, torch.long, self.device)
         return index
 
     def commit_reserved(
@@ -350,11 +348,7 @@ class EngineCore:
             # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
             layer_shape = (2, len(blocks), *k_cache.shape[1:])
             run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
-            # pinned and non-blocking: a pageable copy would wait here for the step still in flight
-            block_ids = torch.tensor(blocks)
-            if self.device.type == "cuda":
-                block_ids = block_ids.pin_memory().to(self.device, non_blocking=True)
-            shipments.append((rid, block_ids, layer_shape, run_len))
+            shipments.append((rid, host_to_device(blocks, torch.long, self.device), layer_shape, run_len))
         runs: dict[str, torch.Tensor] = {}  # the run each request is filling
 
         def export(layer: int) -> None:

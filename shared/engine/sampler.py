@@ -8,11 +8,12 @@ depend only on its own logits: not on batch composition, preemption, or which wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.sampling_params import SamplingParams
 
 _SEED_MIX = (
@@ -64,10 +65,11 @@ class Sampler:
         for i, row in enumerate(rows):
             _apply_penalties(logits[i], row)
             if row.banned_token_ids:
-                logits[i, _on_device(list(row.banned_token_ids), torch.long, logits.device)] = float("-inf")
+                banned = host_to_device(list(row.banned_token_ids), torch.long, logits.device)
+                logits[i, banned] = float("-inf")
         chosen = logits.argmax(dim=-1)  # [num_rows]
         if not all(r.params.is_greedy for r in rows):
-            greedy = _on_device([r.params.is_greedy for r in rows], torch.bool, self.device)
+            greedy = host_to_device([r.params.is_greedy for r in rows], torch.bool, self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
             return lambda: SamplerOutput(chosen.tolist())
@@ -93,30 +95,20 @@ class Sampler:
         return gen
 
 
-def _on_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`. On a GPU the copy goes through pinned memory and
-    does not wait: a plain `torch.tensor(..., device=cuda)` copies synchronously, which stalls this
-    thread until the device finished the step still queued ahead of it."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:  # logits: [vocab], in place
     params = row.params
     if not params.has_penalties:
         return
     if params.repetition_penalty != 1.0:
         seen_ids = sorted(set(row.prompt_token_ids) | set(row.output_token_ids))
-        seen = _on_device(seen_ids, torch.long, logits.device)
+        seen = host_to_device(seen_ids, torch.long, logits.device)
         if seen.numel():
             values = logits[seen]
             logits[seen] = torch.where(
                 values > 0, values / params.repetition_penalty, values * params.repetition_penalty
             )
     if row.output_token_ids and (params.frequency_penalty or params.presence_penalty):
-        out = _on_device(row.output_token_ids, torch.long, logits.device)
+        out = host_to_device(row.output_token_ids, torch.long, logits.device)
         counts = torch.bincount(out, minlength=logits.shape[0]).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
@@ -125,14 +117,14 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask (to -inf) what min_p, top_k and top_p exclude; each row's most likely token survives."""
     device, vocab = logits.device, logits.shape[-1]
     if any(p.min_p > 0 for p in params):  # decided on the host: the device may still be computing
-        min_p = _on_device([p.min_p for p in params], logits.dtype, device)
+        min_p = host_to_device([p.min_p for p in params], logits.dtype, device)
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), float("-inf"))
     top_ks = [p.top_k if p.top_k_enabled else vocab for p in params]
     if all(k >= vocab for k in top_ks) and all(p.top_p >= 1 for p in params):
         return logits
-    top_k = _on_device(top_ks, torch.long, device)
-    top_p = _on_device([p.top_p for p in params], logits.dtype, device)
+    top_k = host_to_device(top_ks, torch.long, device)
+    top_p = host_to_device([p.top_p for p in params], logits.dtype, device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
