@@ -190,6 +190,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         reservation_timeout_s=args.reservation_timeout_s,
         kv_faults=args.kv_faults,
         max_pushes_per_receiver=args.max_pushes_per_receiver,
+        kv_connections_per_receiver=args.kv_connections_per_receiver,
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
     )
@@ -502,7 +503,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--max-pushes-per-receiver",
             "prefill only: KV pushes in flight to one decode worker (more wait)",
             type=int,
-            default=32,
+            default=128,
+        )
+        _flag(
+            worker,
+            "--kv-connections-per-receiver",
+            "prefill only: UCX connections to one decode worker, pushes multiplexed over them",
+            type=int,
+            default=4,
         )
         _flag(
             worker,

@@ -65,7 +65,8 @@ async def run_worker(config: WorkerConfig) -> None:
         sender = UcxKVSender(
             layout,
             FaultConfig.parse(config.kv_faults),
-            max_sessions_per_address=config.max_pushes_per_receiver,
+            max_pushes_per_address=config.max_pushes_per_receiver,
+            connections_per_address=config.kv_connections_per_receiver,
         )
         service = PrefillService(config, engine, registry, sender, worker_id, layout.num_layers)
         binding = ServiceBinding(

@@ -93,10 +93,16 @@ class WorkerConfig(BaseModel):
         "", description="Prefill: fault injection on KV pushes, e.g. 'drop=0.1,delay_ms=5,corrupt=0.05'."
     )
     max_pushes_per_receiver: int = Field(
-        32,
+        128,
         ge=1,
-        description="Prefill: KV pushes in flight to one decode worker (each holds a connection, and the "
-        "decode worker two staging buffers for it); more wait.",
+        description="Prefill: KV pushes in flight to one decode worker (each holds its copied-out KV until "
+        "sent); more wait.",
+    )
+    kv_connections_per_receiver: int = Field(
+        4,
+        ge=1,
+        description="Prefill: UCX connections to one decode worker, pushes multiplexed over them (the "
+        "decode worker keeps two staging buffers per connection).",
     )
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
     drain_timeout_s: float = Field(

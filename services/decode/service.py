@@ -183,8 +183,11 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked.receiving = True
 
     def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+        self.write_layers(request_id, layer, kv.unsqueeze(0))
+
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
         try:
-            self.engine.write_kv(request_id, layer, kv)
+            self.engine.write_kv_run(request_id, first_layer, kv)
         except KeyError as exc:
             raise TransferError(f"request {request_id!r} was aborted while its KV arrived") from exc
         self.counters.transfer_bytes += kv.numel() * kv.element_size()

@@ -111,7 +111,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             opened_ns = time.monotonic_ns()
             self._layers[rid] = asyncio.Queue()
             outputs = self.engine.add(rid, prompt, params, prefill_only=True)
-            pushed = asyncio.create_task(self._push_layers(session, self._layers[rid]))
+            push_ms: dict[str, float] = {}
+            pushed = asyncio.create_task(self._push_layers(session, self._layers[rid], push_ms))
             first = await _only_output(outputs)
             if first.finish_reason in ("abort", "error"):
                 raise UnavailableError(
@@ -133,9 +134,10 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.transfer_bytes += nbytes
         logger.info(
             "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s "
-            "(%.0f ms for a transfer slot, %.0f ms to compute and push, %.0f ms for the ack: %s)",
+            "(%.0f ms for a transfer slot, %.0f ms to compute and push: %s; %.0f ms for the ack: %s)",
             rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,
-            (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6, (acked_ns - computed_ns) / 1e6,
+            (opened_ns - start_ns) / 1e6, (computed_ns - opened_ns) / 1e6,
+            ", ".join(f"{k} {v:.0f}" for k, v in push_ms.items()), (acked_ns - computed_ns) / 1e6,
             ", ".join(f"{k} {v:.0f}" for k, v in session.finish_timings.items()),
         )  # fmt: skip
         return worker_pb2.PrefillResponse(
@@ -154,18 +156,28 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         except RegistryUnavailable as exc:
             logger.warning("registry unreachable, prefilling %s without recording it: %s", rid, exc)
 
-    async def _push_layers(self, session: KVPushSession, queue: asyncio.Queue[_LayerItem]) -> int:
-        """Send each run of layers as the engine copies it out; returns the bytes sent."""
+    async def _push_layers(
+        self, session: KVPushSession, queue: asyncio.Queue[_LayerItem], timings: dict[str, float]
+    ) -> int:
+        """Send each run of layers as the engine copies it out; returns the bytes sent. `timings` gets
+        where the time went, in ms: waiting for the engine's runs, for them to be ready, sending them."""
         nbytes, expected = 0, 0
+        timings.update(engine_ms=0.0, ready_ms=0.0, send_ms=0.0)
         while expected < self.num_layers:
+            t0 = time.monotonic()
             first, kv, ready = await queue.get()  # kv: [run_layers, 2, blocks, block_size, heads, dim]
+            t1 = time.monotonic()
             if first != expected:
                 raise RuntimeError(f"layer {first} arrived when layer {expected} was due")
             if ready is not None and not ready.query():
                 await asyncio.to_thread(ready.synchronize)
+            t2 = time.monotonic()
             await session.send_layers(first, kv)
             nbytes += kv.numel() * kv.element_size()
             expected = first + kv.shape[0]
+            timings["engine_ms"] += (t1 - t0) * 1e3
+            timings["ready_ms"] += (t2 - t1) * 1e3
+            timings["send_ms"] += (time.monotonic() - t2) * 1e3
         return nbytes
 
     async def _undo(self, rid: str, session: KVPushSession | None, exc: BaseException) -> None:

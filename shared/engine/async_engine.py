@@ -158,6 +158,10 @@ class AsyncEngine:
         """Write one pushed layer into a reservation (thread-safe; see EngineCore.write_reserved_kv)."""
         self.core.write_reserved_kv(request_id, layer, kv)
 
+    def write_kv_run(self, request_id: str, first_layer: int, kv: Any) -> None:
+        """Write a run of pushed layers into a reservation (see EngineCore.write_reserved_kv_run)."""
+        self.core.write_reserved_kv_run(request_id, first_layer, kv)
+
     def commit(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
         """The reserved prompt's KV is complete: admit it with its first token."""
         self._commands.put(_Commit(request_id, first_token, num_cached_tokens))

@@ -211,21 +211,30 @@ class EngineCore:
         return list(block_ids) if block_ids is not None else None
 
     def write_reserved_kv(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        """Copy one pushed layer into the request's reserved blocks. Thread-safe against aborts;
-        raises KeyError if the request no longer holds a reservation, ValueError on a wrong shape.
-        On a GPU the copy is queued on the default stream (the caller must not overwrite `kv` before
-        that work ran); `commit_reserved` orders the engine's steps after it.
+        """Copy one pushed layer into the request's reserved blocks; see `write_reserved_kv_run`.
 
         kv: [2, num_blocks, block_size, num_kv_heads, head_dim], K then V, blocks in prompt order."""
+        self.write_reserved_kv_run(request_id, layer, kv.unsqueeze(0))
+
+    def write_reserved_kv_run(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
+        """Copy a run of pushed layers into the request's reserved blocks. Thread-safe against aborts;
+        raises KeyError if the request no longer holds a reservation, ValueError on a wrong shape.
+        On a GPU the copies are queued on the default stream (the caller must not overwrite `kv`
+        before that work ran); `commit_reserved` orders the engine's steps after them.
+
+        kv: [count, 2, num_blocks, block_size, num_kv_heads, head_dim], layers first_layer.. in order."""
         with self._reservation_lock:
             if request_id not in self.scheduler.reserved:
                 raise KeyError(f"request {request_id!r} holds no reservation")
             block_ids = self.kv_manager.block_ids(request_id)
-            k_cache, v_cache = self.kv_caches[layer]
-            expected = (2, len(block_ids), *k_cache.shape[1:])
+            count = kv.shape[0] if kv.dim() else 0
+            if not 0 <= first_layer <= first_layer + count <= len(self.kv_caches) or count < 1:
+                raise ValueError(f"layers {first_layer}.. (count {count}) out of range")
+            k_cache = self.kv_caches[first_layer][0]
+            expected = (count, 2, len(block_ids), *k_cache.shape[1:])
             if tuple(kv.shape) != expected or kv.dtype != k_cache.dtype:
                 raise ValueError(
-                    f"layer {layer} KV has shape {tuple(kv.shape)} {kv.dtype}, "
+                    f"layers from {first_layer}: KV has shape {tuple(kv.shape)} {kv.dtype}, "
                     f"expected {expected} {k_cache.dtype}"
                 )
             if self.device.type == "cuda":
@@ -235,10 +244,13 @@ class EngineCore:
                 torch.cuda.default_stream(self.device).wait_stream(self._compute_stream)
                 with torch.cuda.stream(torch.cuda.default_stream(self.device)):
                     index = self._reserved_index(request_id, block_ids)
-                    self.attention.scatter_blocks(kv.to(self.device), k_cache, v_cache, index)
+                    kv = kv.to(self.device)
+                    for i in range(count):
+                        self.attention.scatter_blocks(kv[i], *self.kv_caches[first_layer + i], index)
             else:
                 index = self._reserved_index(request_id, block_ids)
-                self.attention.scatter_blocks(kv, k_cache, v_cache, index)
+                for i in range(count):
+                    self.attention.scatter_blocks(kv[i], *self.kv_caches[first_layer + i], index)
 
     def _reserved_index(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
         """The reservation's block ids on the device, made by its first pushed layer and kept for the

@@ -3,7 +3,7 @@
 A prefill worker (P) pushes a prompt's KV cache, layer by layer, into blocks a decode worker (D)
 reserved:
 
-    P: sender.open(D.address, request_id, block_ids, num_layers) -> session     (handshake, begin)
+    P: sender.open(D.address, request_id, block_ids, num_layers) -> session     (begin, no round trip)
        session.send_layers(first, kv) for runs of layers, in order               (header + payload)
        ack = session.finish(trailer)                                             (D verified all)
     D: handler.begin(...); handler.write_layer(...) per layer; handler.complete(...) -> ack
@@ -213,11 +213,13 @@ class KVReceiveHandler(Protocol):
 
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         """A sender starts pushing this request; raise TransferError to refuse it (unknown request,
-        wrong block count...). The sender's `open()` then raises TransferError with the message."""
+        wrong block count...). The sender's session then fails with the message at its next call."""
 
     def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
         """kv: [2, num_blocks, block_size, kv_heads, head_dim], already verified; copy it out (the buffer
-        is reused after return). Raising TransferError fails the request."""
+        is reused after return). Raising TransferError fails the request. A handler may also offer
+        `write_layers(request_id, first_layer, kv)` with kv: [count, 2, ...], which receivers then
+        call once per message instead of once per layer."""
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         """Every layer arrived and was verified; return the JSON-able ack payload sent back to the
@@ -278,8 +280,9 @@ class KVSender(ABC):
     async def open(
         self, address: str, request_id: str, block_ids: list[int], num_layers: int
     ) -> KVPushSession:
-        """Connect (or reuse a connection) and announce the request. Raises TransferRefused on a layout
-        mismatch, TransferError if the receiver is unreachable or its handler refused the request."""
+        """Connect (or reuse a connection) and announce the request without waiting for an answer.
+        Raises TransferRefused on a layout mismatch, TransferError if the receiver is unreachable; a
+        receiver that refuses the request fails the session's next `send_layers` or `finish`."""
 
     @abstractmethod
     async def close(self) -> None:

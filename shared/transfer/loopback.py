@@ -13,25 +13,16 @@ from typing import Any
 
 import torch
 
-from baton.shared.transfer.base import (
-    KVLayout,
-    KVPushSession,
-    KVReceiveHandler,
-    KVReceiver,
-    KVSender,
-    TransferError,
-)
-from baton.shared.transfer.faults import FaultConfig, FaultInjector
+from baton.shared.transfer.base import KVLayout, KVReceiveHandler, KVReceiver, TransferError
+from baton.shared.transfer.faults import FaultConfig
+from baton.shared.transfer.pool import PooledKVSender
 from baton.shared.transfer.protocol import (
     Channel,
     ChannelClosed,
     InboundConnection,
     ProtocolError,
-    PushSession,
-    check_request,
     decode_message,
     encode_message,
-    handshake,
 )
 
 SCHEME = "loopback://"
@@ -102,7 +93,8 @@ class _LoopbackChannel(Channel):
     async def _get(self, timeout_s: float | None) -> tuple[str, Any]:
         if self._link.closed_reason is not None and self._inbox.empty():
             raise ChannelClosed(self._link.closed_reason)
-        kind, item = await asyncio.wait_for(self._inbox.get(), timeout_s)
+        async with asyncio.timeout(timeout_s):  # unlike 3.11's wait_for, never swallows a cancellation
+            kind, item = await self._inbox.get()
         if kind == "closed":
             raise ChannelClosed(item)
         return kind, item
@@ -150,54 +142,27 @@ class LoopbackKVReceiver(KVReceiver):
         task.add_done_callback(self._connections.pop)
 
 
-class LoopbackKVSender(KVSender):
-    """Pushes to `LoopbackKVReceiver`s of this process; one fresh connection per request."""
+class LoopbackKVSender(PooledKVSender):
+    """Pushes to `LoopbackKVReceiver`s of this process over pooled connections (see `pool.py`)."""
 
     def __init__(
-        self, layout: KVLayout, faults: FaultConfig | None = None, reply_timeout_s: float = 10.0
+        self,
+        layout: KVLayout,
+        faults: FaultConfig | None = None,
+        reply_timeout_s: float = 10.0,
+        max_pushes_per_address: int = 128,
+        connections_per_address: int = 2,
     ) -> None:
-        self.layout = layout
-        self._faults = FaultInjector(faults)
-        self._reply_timeout_s = reply_timeout_s
-        self._channels: set[Channel] = set()
+        super().__init__(layout, faults, reply_timeout_s, max_pushes_per_address, connections_per_address)
 
-    async def open(
-        self, address: str, request_id: str, block_ids: list[int], num_layers: int
-    ) -> KVPushSession:
-        problem = check_request(self.layout, request_id, block_ids, num_layers)
-        if problem is not None:
-            raise ValueError(problem)
+    def _check_address(self, address: str) -> None:
         if not address.startswith(SCHEME):
             raise ValueError(f"not a loopback address: {address!r}")
+
+    async def _connect(self, address: str) -> Channel:
         receiver = _RECEIVERS.get(address[len(SCHEME) :])
         if receiver is None:
             raise TransferError(f"KV receiver {address} is unreachable: no loopback receiver by that name")
         mine, theirs = _LoopbackChannel.pair()
         receiver._accept(theirs)
-        self._channels.add(mine)
-        shook_hands = False
-        try:
-            await handshake(mine, self.layout, address, self._reply_timeout_s)
-            shook_hands = True
-        finally:
-            if not shook_hands:  # refused, failed or cancelled
-                self._release(mine, False)
-        return await PushSession.open(
-            mine,
-            self.layout,
-            address,
-            request_id,
-            block_ids,
-            self._faults,
-            self._release,
-            self._reply_timeout_s,
-        )
-
-    async def close(self) -> None:
-        for channel in list(self._channels):
-            self._release(channel, False)
-        await asyncio.sleep(0)  # let receivers see the disconnects
-
-    def _release(self, channel: Channel, in_step: bool) -> None:
-        channel.close("sender is done with the connection" if in_step else "sender dropped the connection")
-        self._channels.discard(channel)
+        return mine

@@ -1,25 +1,27 @@
-"""The wire protocol every transport speaks, the push session, and the receiver's validation.
+"""The wire protocol every transport speaks, the push sessions, and the receiver's validation.
 
-A connection (a `Channel`) carries small JSON messages and raw byte payloads, in order:
+A connection (a `Channel`) carries small JSON messages and raw byte payloads, in order. After the
+handshake it carries many requests at once; every message names its request:
 
-    sender                                          receiver
-    hello {protocol, layout}              ->                                          once per
-                                          <-        welcome | refused {reason}        connection
-    begin {request_id, block_ids, num_layers} ->
-                                          <-        ready | error {reason}            per request
-    layer {layer, count, nbytes}          ->        then `nbytes` raw bytes           per run of
+    sender                                            receiver
+    hello {protocol, layout}                ->                                        once per
+                                            <-        welcome | refused {reason}      connection
+    begin {request_id, block_ids, num_layers} ->      (no reply unless refused:)      per request
+                                            <-        error {request_id, reason}
+    layer {request_id, layer, count, nbytes} ->       then `nbytes` raw bytes         per run of
                                                                                       layers
-    finish {trailer, checksums}           ->
-                                          <-        ack {payload} | nack {reason}
-    abort {reason}                        ->        (no reply; instead of finish)
+    finish {request_id, trailer, checksums} ->
+                                            <-        ack {request_id, payload} | nack {request_id, reason}
+    abort {request_id, reason}              ->        (no reply; instead of finish)
 
-A connection carries one request at a time and then the next. Between begin's reply and finish the
-receiver never replies: a request that failed (bad checksum, missing layer...) is drained, its
+Nothing on a request's path waits for a round trip but its finish: a begin is not answered unless
+it is refused (the refusal fails the sender's session at its next call, and the sender then aborts
+the request), and a request that failed on the way (bad checksum, missing layer...) has its
 remaining payloads received and dropped, so the connection stays in step; the reason travels back
 in the nack. Each message's checksum travels in finish, so that both ends launch the reduction as a
 message goes by and wait for the device once per request, not once per message. Anything that leaves
-the stream out of step (a timeout, a cancelled send, a protocol violation) closes the connection
-instead, and the peer sees a disconnect.
+the stream out of step (a cut-short send, a protocol violation) closes the connection instead, and
+every request on it fails on both ends.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +50,7 @@ from baton.shared.transfer.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class ChannelClosed(TransferError):
@@ -90,6 +92,25 @@ class Channel(ABC):
     def close(self, reason: str) -> None:
         """Drop the connection now; idempotent. The peer's pending and later calls raise ChannelClosed."""
 
+    def post(self, msg: dict[str, Any], payload: torch.Tensor | None = None) -> asyncio.Future[None]:
+        """Queue a message, and its payload right behind it, for sending: posts go out in call order
+        whoever awaits them, so concurrent senders need no lock, and a post whose waiter is cancelled
+        still goes out whole. The future completes once both were sent (raises ChannelClosed).
+        This default sends them in order from a task; a transport may post them at once."""
+        if self._send_order is None:
+            self._send_order = asyncio.Lock()
+        return asyncio.get_running_loop().create_task(self._send_in_order(self._send_order, msg, payload))
+
+    _send_order: asyncio.Lock | None = None
+
+    async def _send_in_order(
+        self, order: asyncio.Lock, msg: dict[str, Any], payload: torch.Tensor | None
+    ) -> None:
+        async with order:  # tasks start, and the lock admits them, first come first served
+            await self.send_message(msg)
+            if payload is not None:
+                await self.send_payload(payload)
+
 
 def encode_message(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
@@ -129,9 +150,6 @@ def _field(msg: dict[str, Any], key: str, kind: type) -> Any:
 
 
 # -- sending side --------------------------------------------------------------------------------
-ReleaseChannel = Callable[[Channel, bool], None]  # (channel, still_in_step) -> None; called once
-
-
 async def handshake(channel: Channel, layout: KVLayout, peer: str, timeout_s: float) -> None:
     """Introduce this sender's layout on a fresh connection; TransferRefused if the receiver says no."""
     try:
@@ -146,30 +164,108 @@ async def handshake(channel: Channel, layout: KVLayout, peer: str, timeout_s: fl
         raise ProtocolError(f"{peer} answered the handshake with {reply['type']!r}")
 
 
+class OutboundConnection:
+    """A handshaken connection to one receiver, shared by every push session on it.
+
+    Sends are serialized (a message and its payload stay together); a reader task hands each reply
+    to the session it names. When the connection breaks, every session on it fails."""
+
+    def __init__(self, channel: Channel, peer: str) -> None:
+        self.channel = channel
+        self.peer = peer
+        self.sessions: dict[str, PushSession] = {}
+        self._closed: str | None = None
+        self._on_close: list[Callable[[OutboundConnection], None]] = []
+        self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None or self.channel.closed
+
+    def on_close(self, callback: Callable[[OutboundConnection], None]) -> None:
+        """Call `callback(self)` once the connection is closed (at once if it already is)."""
+        if self.closed:
+            callback(self)
+        else:
+            self._on_close.append(callback)
+
+    async def send(self, msg: dict[str, Any], payload: torch.Tensor | None = None) -> None:
+        """Send a message (and its payload right behind it). Once posted it goes out whole, even if
+        the caller is cancelled; a failed send closes the connection. Raises ChannelClosed."""
+        if self.closed:
+            raise ChannelClosed(self._closed or "connection closed")
+        try:
+            sending = self.channel.post(msg, payload)
+        except ChannelClosed as e:
+            self.close(f"sending failed: {e}")
+            raise
+        sending.add_done_callback(self._sent)
+        await asyncio.shield(sending)
+
+    def _sent(self, sending: asyncio.Future[None]) -> None:
+        error = None if sending.cancelled() else sending.exception()
+        if sending.cancelled() or error is not None:
+            self.close(f"sending failed: {error!r}")
+
+    def close(self, reason: str) -> None:
+        """Drop the connection; every session still on it fails with `reason`."""
+        if self._closed is not None:
+            return
+        self._closed = reason
+        self.channel.close(reason)
+        self._reader.cancel()
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            session.connection_lost(reason)
+        callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback(self)
+
+    async def _read_replies(self) -> None:
+        reason = "connection closed"
+        try:
+            while True:
+                msg = await self.channel.recv_message()
+                if msg["type"] not in ("error", "ack", "nack"):
+                    raise ProtocolError(f"unexpected reply type {msg['type']!r}")
+                session = self.sessions.get(_field(msg, "request_id", str))
+                if session is not None:
+                    session.on_reply(msg)
+        except asyncio.CancelledError:
+            return
+        except TransferError as e:  # ChannelClosed, ProtocolError
+            reason = str(e)
+        except Exception as e:  # a bug here must not leave sessions waiting forever
+            logger.exception("KV sender: reading replies from %s failed", self.peer)
+            reason = f"sender error: {e!r}"
+        self.close(f"connection to {self.peer} lost: {reason}")
+
+
 class PushSession(KVPushSession):
-    """A request's push over one channel; hands the channel back through `release` when done."""
+    """A request's push over a shared connection. `release` is called once, when the session no
+    longer needs a transfer slot: its finish was sent, or it ended."""
 
     def __init__(
         self,
-        channel: Channel,
+        connection: OutboundConnection,
         layout: KVLayout,
-        peer: str,
         request_id: str,
         num_blocks: int,
         faults: FaultInjector,
-        release: ReleaseChannel,
+        release: Callable[[], None],
     ) -> None:
-        self._channel = channel
+        self._connection = connection
         self._layout = layout
-        self._peer = peer
+        self._peer = connection.peer
         self.request_id = request_id
         self._num_blocks = num_blocks
         self._faults = faults
-        self._release = release
+        self._release: Callable[[], None] | None = release
         self._next_layer = 0
-        self._busy = False  # a message exchange is in progress
+        self._finish_sent = False
         self._ended: str | None = None  # why the session can no longer be used
         self._finished = False  # ended by an ack (later use is a caller bug, not a transfer failure)
+        self._reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.finish_timings: dict[str, float] = {}
         """Where `finish` spent its time, in ms: waiting for this end's checksums, for the reply, and the
         receiver's own share of that reply (verifying, completing the handoff), for logs."""
@@ -178,33 +274,33 @@ class PushSession(KVPushSession):
     @classmethod
     async def open(
         cls,
-        channel: Channel,
+        connection: OutboundConnection,
         layout: KVLayout,
-        peer: str,
         request_id: str,
         block_ids: list[int],
         faults: FaultInjector,
-        release: ReleaseChannel,
-        timeout_s: float,
+        release: Callable[[], None],
     ) -> PushSession:
-        """Announce the request on a handshaken channel; TransferError if the receiver refuses it."""
-        session = cls(channel, layout, peer, request_id, len(block_ids), faults, release)
+        """Announce the request. The receiver answers only if it refuses it; the refusal then fails the
+        session's next call."""
+        if request_id in connection.sessions:
+            raise ValueError(f"request {request_id!r} is already being pushed on this connection")
+        session = cls(connection, layout, request_id, len(block_ids), faults, release)
+        connection.sessions[request_id] = session
         begin = {
             "type": "begin",
             "request_id": request_id,
             "block_ids": block_ids,
             "num_layers": layout.num_layers,
         }
-        async with session._exchange("announcing the request"):
-            await channel.send_message(begin)
-            reply = await channel.recv_message(timeout_s)
-        if reply["type"] == "ready":
-            return session
-        if reply["type"] == "error":
-            session._end(f"refused by {peer}: {reply.get('reason')}", in_step=True)
-            raise TransferError(session._what_failed())
-        session._end(f"{peer} answered begin with {reply['type']!r}", in_step=False)
-        raise ProtocolError(session._what_failed())
+        try:
+            await connection.send(begin)
+        except BaseException as e:
+            session._end(f"announcing the request: {e}")
+            if isinstance(e, TransferError):
+                raise TransferError(session._what_failed()) from e
+            raise
+        return session
 
     async def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
         self._check_usable()
@@ -231,22 +327,32 @@ class PushSession(KVPushSession):
             return
         self._checksums.append(PendingChecksum.start(kv))
         payload = self._faults.maybe_corrupt(kv.reshape(-1).view(torch.uint8))  # payload: [nbytes]
-        header = {"type": "layer", "layer": first_layer, "count": count, "nbytes": payload.numel()}
-        async with self._exchange(f"sending layer {first_layer}"):
-            await self._channel.send_message(header)
-            await self._channel.send_payload(payload)
+        header = {
+            "type": "layer",
+            "request_id": self.request_id,
+            "layer": first_layer,
+            "count": count,
+            "nbytes": payload.numel(),
+        }
+        await self._send(header, payload, f"sending layer {first_layer}")
 
     async def finish(self, trailer: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
         self._check_usable()
         if not isinstance(trailer, dict):
             raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
         encode_message(trailer)  # not JSON-able: TypeError/ValueError before anything is sent
-        async with self._exchange("waiting for the receiver's ack"):
-            start = time.monotonic()
-            checksums = await resolve_checksums(self._checksums)
-            summed = time.monotonic()
-            await self._channel.send_message({"type": "finish", "trailer": trailer, "checksums": checksums})
-            reply = await self._channel.recv_message(timeout_s)
+        start = time.monotonic()
+        checksums = await resolve_checksums(self._checksums)
+        summed = time.monotonic()
+        finish = {"type": "finish", "request_id": self.request_id, "trailer": trailer, "checksums": checksums}
+        await self._send(finish, None, "sending the finish")
+        self._finish_sent = True
+        self._release_slot()
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(self._reply), timeout_s)
+        except asyncio.TimeoutError:
+            self._end(f"no ack within {timeout_s:g} s")
+            raise TransferError(self._what_failed()) from None
         self.finish_timings = {
             "checksums_ms": (summed - start) * 1e3,
             "reply_ms": (time.monotonic() - summed) * 1e3,
@@ -255,33 +361,40 @@ class PushSession(KVPushSession):
         payload = reply.get("payload")
         if reply["type"] == "ack" and isinstance(payload, dict):
             self._finished = True
-            self._end("finished", in_step=True)
+            self._end("finished", tell_receiver=False)
             return payload
-        if reply["type"] == "nack":
-            self._end(f"rejected by {self._peer}: {reply.get('reason')}", in_step=True)
+        if reply["type"] in ("nack", "error"):
+            self._end(f"rejected by {self._peer}: {reply.get('reason')}", tell_receiver=False)
             raise TransferError(self._what_failed())
-        self._end(f"{self._peer} answered finish with {str(reply)[:200]}", in_step=False)
+        self._end(f"{self._peer} answered finish with {str(reply)[:200]}")
         raise ProtocolError(self._what_failed())
 
     async def abort(self, reason: str) -> None:
         if self._ended is not None:
             return
-        if self._busy or self._channel.closed:  # mid-message: only a disconnect tells the receiver
-            self._end(f"aborted: {reason}", in_step=False)
-            return
-        self._busy = True
-        sent = False
-        try:
-            await self._channel.send_message({"type": "abort", "reason": reason})
-            sent = True
-        except ChannelClosed:
-            logger.debug("abort of %s: channel to %s already closed", self.request_id, self._peer)
-        finally:
-            self._busy = False
-            if self._ended is None:
-                self._end(f"aborted: {reason}", in_step=sent)
+        self._end(f"aborted: {reason}", told=reason)
+        await asyncio.sleep(0)  # let the abort message go out
+
+    # -- called by the connection ---------------------------------------------------------------
+    def on_reply(self, msg: dict[str, Any]) -> None:
+        """A reply naming this request: a refusal (any time), or the verdict on its finish."""
+        if msg["type"] == "error" and not self._finish_sent:
+            self._end(f"refused by {self._peer}: {msg.get('reason')}")
+        if not self._reply.done():
+            self._reply.set_result(msg)
+
+    def connection_lost(self, reason: str) -> None:
+        self._end(reason, tell_receiver=False)
 
     # -- internals -------------------------------------------------------------------------------
+    async def _send(self, msg: dict[str, Any], payload: torch.Tensor | None, what: str) -> None:
+        try:
+            await self._connection.send(msg, payload)
+        except TransferError as e:
+            self._end(f"{what}: {e}", tell_receiver=False)
+            raise type(e)(self._what_failed()) from e
+        self._check_usable()  # refused while this message was in flight
+
     def _what_failed(self) -> str:
         return f"KV transfer of request {self.request_id!r} to {self._peer} failed: {self._ended}"
 
@@ -292,32 +405,34 @@ class PushSession(KVPushSession):
             raise RuntimeError(f"KV push session of request {self.request_id!r} already finished")
         raise TransferError(self._what_failed())
 
-    def _end(self, reason: str, in_step: bool) -> None:
-        """End the session once; the channel goes back in step (reusable) or is closed."""
+    def _release_slot(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def _end(self, reason: str, tell_receiver: bool = True, told: str | None = None) -> None:
+        """End the session once. Unless the receiver has already forgotten the request (it replied to
+        its finish, or the connection is gone), an abort tells it to, with `told` (default: `reason`)."""
         if self._ended is not None:
             return
         self._ended = reason
-        self._release(self._channel, in_step and not self._channel.closed)
+        connection = self._connection
+        if connection.sessions.get(self.request_id) is self:
+            del connection.sessions[self.request_id]
+        self._release_slot()
+        if tell_receiver and not connection.closed:
+            abort = {"type": "abort", "request_id": self.request_id, "reason": told or reason}
+            task = asyncio.get_running_loop().create_task(_send_quietly(connection, abort))
+            _BACKGROUND.add(task)
+            task.add_done_callback(_BACKGROUND.discard)
 
-    @contextlib.asynccontextmanager
-    async def _exchange(self, what: str) -> AsyncIterator[None]:
-        """Run one message exchange; any way out but success ends the session with the channel dropped
-        (a cancelled or timed-out exchange leaves the stream out of step)."""
-        self._busy = True
-        done = False
-        try:
-            yield
-            done = True
-        except asyncio.TimeoutError:
-            self._end(f"timed out {what}", in_step=False)
-            raise TransferError(self._what_failed()) from None
-        except TransferError as e:  # ChannelClosed, ProtocolError: keep the class for the caller
-            self._end(f"{what}: {e}", in_step=False)
-            raise type(e)(self._what_failed()) from e
-        finally:
-            self._busy = False
-            if not done:
-                self._end(f"interrupted while {what}", in_step=False)
+
+_BACKGROUND: set[asyncio.Task[None]] = set()  # aborts on their way out (a task needs a reference)
+
+
+async def _send_quietly(connection: OutboundConnection, msg: dict[str, Any]) -> None:
+    with contextlib.suppress(TransferError):
+        await connection.send(msg)
 
 
 # -- receiving side ------------------------------------------------------------------------------
@@ -335,13 +450,16 @@ class _Inbound:
     message_layers: list[int] = field(default_factory=list)  # the first layer of each message
     handled_at: float = 0.0  # time.monotonic() when the last message was handled (for the ack's timings)
     handling_ms: float = 0.0  # how long handling the last message took once its payload arrived
+    payload_ms: float = 0.0  # how long the last payload took to arrive once its header was read
 
 
 class InboundConnection:
     """One sender's connection as a receiver sees it: validates every message and drives the handler.
 
-    `active_ids` is shared by all connections of one receiver, so a request id is received by at
-    most one connection at a time.
+    Many requests may be in progress on one connection. Messages are read one after another; a
+    finish is verified and completed in a task of its own, so the next request's messages are not
+    held up by the handoff. `active_ids` is shared by all connections of one receiver, so a request
+    id is received by at most one connection at a time.
     """
 
     def __init__(self, layout: KVLayout, handler: KVReceiveHandler, active_ids: set[str], peer: str) -> None:
@@ -349,11 +467,12 @@ class InboundConnection:
         self._handler = handler
         self._active_ids = active_ids
         self.peer = peer
-        self.request: _Inbound | None = None
+        self.requests: dict[str, _Inbound] = {}
+        self._finishing: set[asyncio.Task[None]] = set()
 
     async def serve(self, channel: Channel, idle_timeout_s: float) -> None:
-        """Handle the connection until it closes; a started request that goes `idle_timeout_s`
-        without a message fails. Never raises (but for cancellation); always closes the channel."""
+        """Handle the connection until it closes; when requests are in progress and nothing arrives
+        for `idle_timeout_s`, they fail. Never raises (but for cancellation); always closes the channel."""
         try:
             await self._serve(channel, idle_timeout_s)
         except ChannelClosed as e:
@@ -363,12 +482,14 @@ class InboundConnection:
         except ProtocolError as e:
             logger.warning("KV receiver: protocol error from %s, dropping the connection: %s", self.peer, e)
             self.fail_active(f"protocol error: {e}")
-        except Exception as e:  # a receiver bug: fail this connection's request, keep the receiver alive
+        except Exception as e:  # a receiver bug: fail this connection's requests, keep the receiver alive
             logger.exception("KV receiver: unexpected error serving %s", self.peer)
             self.fail_active(f"receiver error: {e!r}")
         finally:
             self.fail_active("connection closed")
             channel.close("receiver dropped the connection")
+            if self._finishing:  # their replies find the channel closed; let their handoffs end
+                await asyncio.wait(self._finishing)
 
     async def _serve(self, channel: Channel, idle_timeout_s: float) -> None:
         reply = self.on_hello(await channel.recv_message(idle_timeout_s))
@@ -378,17 +499,20 @@ class InboundConnection:
                 await channel.recv_message(min(idle_timeout_s, 5.0))
             return
         while True:
-            timeout_s = idle_timeout_s if self.request is not None else None
+            timeout_s = idle_timeout_s if self.requests else None
             msg = await channel.recv_message(timeout_s)
             kind = msg["type"]
+            request_id = _field(msg, "request_id", str)
             if kind == "begin":
-                await channel.send_message(self.on_begin(msg))
+                refusal = self.on_begin(msg)
+                if refusal is not None:
+                    await self._reply(channel, refusal)
             elif kind == "layer":
-                await self._on_layer(msg, channel, idle_timeout_s)
+                await self._on_layer(request_id, msg, channel, idle_timeout_s)
             elif kind == "finish":
-                await channel.send_message(await self.on_finish(msg))
+                self._on_finish(request_id, msg, channel)
             elif kind == "abort":
-                self.on_abort(msg)
+                self.on_abort(request_id, msg)
             else:
                 raise ProtocolError(f"unexpected message type {kind!r}")
 
@@ -407,34 +531,42 @@ class InboundConnection:
             return _refused(f"KV layout mismatch (receiver vs sender): {diff}")
         return {"type": "welcome"}
 
-    def on_begin(self, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.request is not None:
-            raise ProtocolError(f"begin while request {self.request.request_id!r} is in progress")
-        request_id: Any = msg.get("request_id")
+    def on_begin(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Start receiving a request; the error reply if it is refused (its payloads are then drained)."""
+        request_id: str = msg["request_id"]
+        if request_id in self.requests:
+            raise ProtocolError(f"begin of request {request_id!r} while it is in progress")
         block_ids: Any = msg.get("block_ids")
         num_layers: Any = msg.get("num_layers")
         problem = check_request(self._layout, request_id, block_ids, num_layers)
-        if problem is None and request_id in self._active_ids:
-            problem = f"request {request_id!r} is already being received"
-        if problem is not None:
-            return {"type": "error", "reason": problem}
-        try:
-            self._handler.begin(request_id, list(block_ids), num_layers)
-        except TransferError as e:
-            return {"type": "error", "reason": str(e)}
-        except Exception as e:
-            logger.exception("KV receive handler begin(%r) raised", request_id)
-            return {"type": "error", "reason": f"receiver error: {e!r}"}
+        if problem is not None and not isinstance(block_ids, list):
+            raise ProtocolError(f"begin of request {request_id!r}: {problem}")  # its payloads can't be sized
         num_blocks = len(block_ids)
         shape, nbytes = self._layout.layer_shape(num_blocks), self._layout.layer_nbytes(num_blocks)
-        self.request = _Inbound(request_id, num_layers, shape, nbytes)
+        request = _Inbound(request_id, self._layout.num_layers, shape, nbytes)
+        self.requests[request_id] = request
+        if problem is None and request_id in self._active_ids:
+            problem = f"request {request_id!r} is already being received"
+        if problem is None:
+            try:
+                self._handler.begin(request_id, list(block_ids), num_layers)
+            except TransferError as e:
+                problem = str(e)
+            except Exception as e:
+                logger.exception("KV receive handler begin(%r) raised", request_id)
+                problem = f"receiver error: {e!r}"
+        if problem is not None:
+            request.failure = problem  # never begun: no handler.fail
+            return {"type": "error", "request_id": request_id, "reason": problem}
         self._active_ids.add(request_id)
-        return {"type": "ready"}
+        return None
 
-    async def _on_layer(self, msg: dict[str, Any], channel: Channel, idle_timeout_s: float) -> None:
-        request = self.request
+    async def _on_layer(
+        self, request_id: str, msg: dict[str, Any], channel: Channel, idle_timeout_s: float
+    ) -> None:
+        request = self.requests.get(request_id)
         if request is None:
-            raise ProtocolError("layer message outside a request")
+            raise ProtocolError(f"layer message for request {request_id!r}, which was not begun here")
         layer, nbytes = _field(msg, "layer", int), _field(msg, "nbytes", int)
         count = _field(msg, "count", int)
         problem = self._check_header(request, layer, count, nbytes)
@@ -445,8 +577,10 @@ class InboundConnection:
             if problem is None
             else request.layer_nbytes * max(1, request.num_layers - request.next_layer)
         )
+        posting = time.monotonic()
         payload = await channel.recv_payload(posted, idle_timeout_s)  # payload: [<= posted]
         received = time.monotonic()
+        request.payload_ms = (received - posting) * 1e3
         if request.failure is not None:
             return  # drained
         if problem is None and payload is None:
@@ -460,17 +594,20 @@ class InboundConnection:
         request.message_layers.append(layer)
         # kv: [count, 2, num_blocks, block_size, kv_heads, head_dim]
         kv = payload.view(self._layout.torch_dtype).view(count, *request.layer_shape)
-        for i in range(count):
+        write_layers = getattr(self._handler, "write_layers", None)
+        runs = [(layer, kv)] if write_layers is not None else [(layer + i, kv[i]) for i in range(count)]
+        for first, run in runs:
             try:
-                self._handler.write_layer(request.request_id, layer + i, kv[i])
+                if write_layers is not None:
+                    write_layers(request.request_id, first, run)
+                else:
+                    self._handler.write_layer(request.request_id, first, run)
             except TransferError as e:
-                self._fail(request, f"layer {layer + i}: {e}")
+                self._fail(request, f"layer {first}: {e}")
                 return
             except Exception as e:
-                logger.exception(
-                    "KV receive handler write_layer(%r, %d) raised", request.request_id, layer + i
-                )
-                self._fail(request, f"layer {layer + i}: receiver error: {e!r}")
+                logger.exception("KV receive handler write of %r layer %d raised", request.request_id, first)
+                self._fail(request, f"layer {first}: receiver error: {e!r}")
                 return
         request.next_layer += count
         request.handled_at = time.monotonic()
@@ -491,10 +628,20 @@ class InboundConnection:
             return f"layer {layer}: header says {nbytes} bytes, expected {count * request.layer_nbytes}"
         return None
 
-    async def on_finish(self, msg: dict[str, Any]) -> dict[str, Any]:
-        request, self.request = self.request, None
+    def _on_finish(self, request_id: str, msg: dict[str, Any], channel: Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._finish(request_id, msg, channel))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, request_id: str, msg: dict[str, Any], channel: Channel) -> None:
+        with contextlib.suppress(ChannelClosed):  # the sender is gone; it learns nothing more
+            await self._reply(channel, {"request_id": request_id, **await self.on_finish(request_id, msg)})
+
+    async def on_finish(self, request_id: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """Verify and complete a request; the ack or nack (without its request id)."""
+        request = self.requests.pop(request_id, None)
         if request is None:
-            return {"type": "nack", "reason": "finish without a request in progress"}
+            return {"type": "nack", "reason": f"finish of request {request_id!r}, which was not begun here"}
         if request.failure is not None:
             return {"type": "nack", "reason": request.failure}
         start = time.monotonic()
@@ -507,12 +654,17 @@ class InboundConnection:
             return {"type": "nack", "reason": str(e)}
         self._active_ids.discard(request.request_id)
         timings = {
+            "last_payload_ms": request.payload_ms,  # the last payload's arrival after its header
             "last_message_ms": request.handling_ms,  # handling the last payload, once it arrived
             "finish_arrived_ms": (start - request.handled_at) * 1e3,  # then until the finish arrived
             "verify_ms": (verified - start) * 1e3,
             "complete_ms": (time.monotonic() - verified) * 1e3,
         }
         return {"type": "ack", "payload": payload, "timings": timings}
+
+    @staticmethod
+    async def _reply(channel: Channel, msg: dict[str, Any]) -> None:
+        await asyncio.shield(channel.post(msg))  # the reader's refusals and the finish tasks' verdicts
 
     @staticmethod
     async def _verify_checksums(request: _Inbound, sent: Any) -> None:
@@ -548,16 +700,17 @@ class InboundConnection:
             raise TransferError(f"receiver error: ack payload must be a dict, got {type(payload).__name__}")
         return payload
 
-    def on_abort(self, msg: dict[str, Any]) -> None:
-        request, self.request = self.request, None
+    def on_abort(self, request_id: str, msg: dict[str, Any]) -> None:
+        request = self.requests.pop(request_id, None)  # unknown: already finished or never begun
         if request is not None and request.failure is None:
             self._fail(request, f"aborted by the sender: {msg.get('reason')}")
 
     def fail_active(self, reason: str) -> None:
-        """Fail the request in progress, if any (a disconnect, timeout or shutdown)."""
-        request, self.request = self.request, None
-        if request is not None and request.failure is None:
-            self._fail(request, reason)
+        """Fail every request in progress (a disconnect, timeout or shutdown)."""
+        requests, self.requests = list(self.requests.values()), {}
+        for request in requests:
+            if request.failure is None:
+                self._fail(request, reason)
 
     def _fail(self, request: _Inbound, reason: str) -> None:
         request.failure = reason

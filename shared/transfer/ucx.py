@@ -7,10 +7,9 @@ finds them. Speaks the protocol of `protocol.py`.
   grown to the largest layer seen and reused across layers and requests. On a GPU, the work the
   receiver queued on a buffer (checksum, scatter into the cache) is only waited for when that buffer
   comes round again, so nothing waits for the device per layer.
-- A sender runs at most `max_sessions_per_address` pushes to one receiver at once, each on its own
-  endpoint (one request at a time per endpoint keeps its messages in order); more wait for a free
-  one. Endpoints are kept and reused: a burst of requests does not pay for a burst of connections,
-  and the receiver's staging memory stays bounded by the endpoints it serves.
+- A sender keeps a few endpoints per receiver and multiplexes its pushes over them (`pool.py`): a
+  burst of requests does not pay for a burst of connections, and the receiver's staging memory
+  stays bounded by the endpoints it serves.
 - `ucxx` is imported on first use: importing this module is cheap and leaves UCX's environment alone.
   ucxx listens on all interfaces; `host`/`advertise_host` only decide the published address.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import threading
@@ -29,25 +27,16 @@ from typing import Any, TypeVar
 
 import torch
 
-from baton.shared.transfer.base import (
-    KVLayout,
-    KVPushSession,
-    KVReceiveHandler,
-    KVReceiver,
-    KVSender,
-    TransferError,
-)
-from baton.shared.transfer.faults import FaultConfig, FaultInjector
+from baton.shared.transfer.base import KVLayout, KVReceiveHandler, KVReceiver, TransferError
+from baton.shared.transfer.faults import FaultConfig
+from baton.shared.transfer.pool import PooledKVSender
 from baton.shared.transfer.protocol import (
     Channel,
     ChannelClosed,
     InboundConnection,
     ProtocolError,
-    PushSession,
-    check_request,
     decode_message,
     encode_message,
-    handshake,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,7 +187,8 @@ class _UcxChannel(Channel):
             raise ChannelClosed(self._closed_reason)
         errors = _ucxx().exceptions
         try:
-            return await asyncio.wait_for(op, timeout_s) if timeout_s is not None else await op
+            async with asyncio.timeout(timeout_s):  # unlike 3.11's wait_for, never swallows a cancellation
+                return await op
         except errors.UCXMessageTruncatedError:
             raise _Truncated from None
         except Exception as e:
@@ -279,8 +269,8 @@ class UcxKVReceiver(KVReceiver):
             del self._connections[task]
 
 
-class UcxKVSender(KVSender):
-    """Pushes to `UcxKVReceiver`s, reusing idle endpoints per receiver address."""
+class UcxKVSender(PooledKVSender):
+    """Pushes to `UcxKVReceiver`s over pooled endpoints (see `pool.py`)."""
 
     def __init__(
         self,
@@ -288,56 +278,17 @@ class UcxKVSender(KVSender):
         faults: FaultConfig | None = None,
         connect_timeout_s: float = 5.0,
         reply_timeout_s: float = 10.0,
-        max_sessions_per_address: int = 32,
+        max_pushes_per_address: int = 128,
+        connections_per_address: int = 4,
     ) -> None:
-        if max_sessions_per_address < 1:
-            raise ValueError(f"max_sessions_per_address must be >= 1, got {max_sessions_per_address}")
-        self.layout = layout
-        self._faults = FaultInjector(faults)
+        super().__init__(layout, faults, reply_timeout_s, max_pushes_per_address, connections_per_address)
         self._connect_timeout_s = connect_timeout_s
-        self._reply_timeout_s = reply_timeout_s
-        self._max_sessions = max_sessions_per_address
-        self._slots: dict[str, asyncio.Semaphore] = {}
-        self._idle: dict[str, list[Channel]] = {}
-        self._channels: set[Channel] = set()  # every live endpoint, idle or in a session
-        self._closed = False
 
-    async def open(
-        self, address: str, request_id: str, block_ids: list[int], num_layers: int
-    ) -> KVPushSession:
-        problem = check_request(self.layout, request_id, block_ids, num_layers)
-        if problem is not None:
-            raise ValueError(problem)
-        if self._closed:
-            raise RuntimeError("UcxKVSender is closed")
+    def _check_address(self, address: str) -> None:
+        parse_ucx_address(address)
+
+    async def _connect(self, address: str) -> Channel:
         host, port = parse_ucx_address(address)
-        slots = self._slots.setdefault(address, asyncio.Semaphore(self._max_sessions))
-        while True:
-            await slots.acquire()
-            slot = _Slot(slots)
-            idle = self._take_idle(address)
-            try:
-                channel = idle if idle is not None else await self._connect(address, host, port)
-                return await self._begin(channel, address, slot, request_id, block_ids)
-            except ChannelClosed:
-                slot.release()  # no session holds it
-                if idle is None:
-                    raise
-                # the idle endpoint went stale (the receiver restarted?): try the next one
-            except BaseException:
-                slot.release()
-                raise
-
-    async def close(self) -> None:
-        self._closed = True
-        for channel in self._channels:
-            channel.close("sender closed")
-        self._channels.clear()
-        self._idle.clear()
-        await asyncio.sleep(0)
-
-    async def _connect(self, address: str, host: str, port: int) -> Channel:
-        """A fresh endpoint that passed the handshake."""
         ucxx = _UcxContext.ready()
         try:
             ep = await asyncio.wait_for(
@@ -347,56 +298,4 @@ class UcxKVSender(KVSender):
         except (OSError, asyncio.TimeoutError, ucxx.exceptions.UCXError) as e:
             detail = str(e) or f"no answer within {self._connect_timeout_s:g} s"
             raise TransferError(f"KV receiver {address} is unreachable: {type(e).__name__}: {detail}") from e
-        channel = _UcxChannel(ep, torch.device("cpu"))  # a sender receives only messages
-        self._channels.add(channel)
-        shook_hands = False
-        try:
-            await handshake(channel, self.layout, address, self._reply_timeout_s)
-            shook_hands = True
-        finally:
-            if not shook_hands:  # refused, failed or cancelled
-                self._drop(channel, "sender dropped the connection")
-        return channel
-
-    async def _begin(
-        self, channel: Channel, address: str, slot: _Slot, request_id: str, block_ids: list[int]
-    ) -> PushSession:
-        release = functools.partial(self._release, address, slot)
-        return await PushSession.open(
-            channel, self.layout, address, request_id, block_ids, self._faults, release, self._reply_timeout_s
-        )
-
-    def _take_idle(self, address: str) -> Channel | None:
-        idle = self._idle.get(address, [])
-        while idle:
-            channel = idle.pop()
-            if not channel.closed:
-                return channel
-            self._channels.discard(channel)
-        return None
-
-    def _release(self, address: str, slot: _Slot, channel: Channel, in_step: bool) -> None:
-        """A session ended: its endpoint goes back to the pool (or is closed) and its slot is freed."""
-        slot.release()
-        idle = self._idle.setdefault(address, [])
-        if in_step and not self._closed and not channel.closed and len(idle) < self._max_sessions:
-            idle.append(channel)
-            return
-        reason = "sender has enough idle connections" if in_step else "sender dropped the connection"
-        self._drop(channel, reason)
-
-    def _drop(self, channel: Channel, reason: str) -> None:
-        channel.close(reason)
-        self._channels.discard(channel)
-
-
-class _Slot:
-    """One of a receiver's session slots, released exactly once."""
-
-    def __init__(self, slots: asyncio.Semaphore) -> None:
-        self._slots: asyncio.Semaphore | None = slots
-
-    def release(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
+        return _UcxChannel(ep, torch.device("cpu"))  # a sender receives only messages

@@ -171,7 +171,7 @@ def test_four_concurrent_pushes_from_one_sender() -> None:
         assert_scattered(handler, ids, layers[rid])
 
 
-def test_pushes_beyond_the_session_cap_wait_for_a_free_endpoint() -> None:
+def test_pushes_beyond_the_cap_wait_and_the_rest_share_two_endpoints() -> None:
     handler = ScatterHandler(SMALL, num_cache_blocks=32)
     requests = {f"req-{i}": [4 * i + j for j in range(3)] for i in range(6)}
     layers = {rid: random_layers(SMALL, 3, seed=20 + i) for i, rid in enumerate(requests)}
@@ -180,7 +180,9 @@ def test_pushes_beyond_the_session_cap_wait_for_a_free_endpoint() -> None:
     async def main() -> None:
         receiver = UcxKVReceiver(SMALL, handler)
         await receiver.start()
-        sender = UcxKVSender(SMALL, FaultConfig(delay_s=0.01), max_sessions_per_address=2)
+        sender = UcxKVSender(
+            SMALL, FaultConfig(delay_s=0.01), max_pushes_per_address=2, connections_per_address=2
+        )
         try:
             first = await sender.open(receiver.address, "held", [30], n)
             second = await sender.open(receiver.address, "held-too", [31], n)
@@ -190,10 +192,14 @@ def test_pushes_beyond_the_session_cap_wait_for_a_free_endpoint() -> None:
             await first.abort("test")
             await (await third).abort("test")
             await second.abort("test")
-            await asyncio.gather(
-                *(push(sender, receiver.address, rid, ids, layers[rid]) for rid, ids in requests.items())
-            )
-            assert len(sender._channels) <= 2  # six pushes, two endpoints
+            many = UcxKVSender(SMALL, FaultConfig(delay_s=0.01), connections_per_address=2)
+            try:  # six pushes at once, multiplexed over two endpoints
+                await asyncio.gather(
+                    *(push(many, receiver.address, rid, ids, layers[rid]) for rid, ids in requests.items())
+                )
+                assert len(many._pools[receiver.address]) == 2
+            finally:
+                await many.close()
         finally:
             await sender.close()
             await receiver.close()

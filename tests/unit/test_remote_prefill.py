@@ -36,12 +36,19 @@ def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], par
     return layers, out
 
 
-def decode_remote(decode: EngineCore, request_id: str, prompt, params, layers, first_out) -> list[int]:
+def decode_remote(
+    decode: EngineCore, request_id: str, prompt, params, layers, first_out, run: int = 1
+) -> list[int]:
+    """Decode from pushed `layers`, written one at a time (run 1) or in runs of `run` layers."""
     block_ids = decode.reserve(request_id, prompt, params)
     assert block_ids is not None and len(block_ids) == -(-len(prompt) // decode.config.block_size)
     assert not decode.has_work()  # a reservation waits for its KV, not for a step
-    for layer, kv in sorted(layers.items()):
-        decode.write_reserved_kv(request_id, layer, kv)
+    ordered = [kv for _, kv in sorted(layers.items())]
+    for first in range(0, len(ordered), run):
+        if run == 1:
+            decode.write_reserved_kv(request_id, first, ordered[first])
+        else:
+            decode.write_reserved_kv_run(request_id, first, torch.stack(ordered[first : first + run]))
     first = SampledToken(first_out.new_token_ids[0])
     tokens = list(decode.commit_reserved(request_id, first, first_out.num_cached_tokens).new_token_ids)
     while decode.has_unfinished():
@@ -50,15 +57,15 @@ def decode_remote(decode: EngineCore, request_id: str, prompt, params, layers, f
     return tokens
 
 
-@pytest.mark.parametrize("chunk_budget", [2048, 16])
-def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_budget: int) -> None:
+@pytest.mark.parametrize(("chunk_budget", "run"), [(2048, 1), (16, 1), (2048, 3)])
+def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_budget: int, run: int) -> None:
     expected = [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
     prefill = EngineCore(EngineConfig(model=str(llama_dir), max_num_batched_tokens=chunk_budget))
     decode = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=512))
     for i, prompt in enumerate(PROMPTS):
         layers, first = shipped_prefill(prefill, f"r{i}", prompt, GREEDY)
         assert sorted(layers) == list(range(prefill.model_config.num_layers))
-        assert decode_remote(decode, f"r{i}", prompt, GREEDY, layers, first) == expected[i]
+        assert decode_remote(decode, f"r{i}", prompt, GREEDY, layers, first, run) == expected[i]
     prefill.assert_no_leaks()
     decode.assert_no_leaks()
 
@@ -92,6 +99,9 @@ def test_write_rejects_a_mis_shaped_layer(llama_dir: Path) -> None:
     decode.reserve("r", list(range(1, 20)), GREEDY)  # 2 blocks
     with pytest.raises(ValueError, match="expected"):
         decode.write_reserved_kv("r", 0, torch.randn(2, 3, 16, 2, 32))
+    num_layers = decode.model_config.num_layers
+    with pytest.raises(ValueError, match="out of range"):  # a run past the last layer
+        decode.write_reserved_kv_run("r", num_layers - 1, torch.randn(2, 2, 2, 16, 2, 32))
     decode.fail_request("r", "transfer failed")
     decode.assert_no_leaks()
 

@@ -223,15 +223,24 @@ def test_dropped_layer_is_detected(drop: float, seed: int, reason: str) -> None:
     assert handler.failed == {"req": reason}
 
 
-def test_handler_refusing_begin_makes_open_raise() -> None:
+def test_handler_refusing_begin_fails_the_session_and_the_connection_serves_on() -> None:
     handler = ScatterHandler()
     handler.refuse_begin = "no such request"
+    layers = random_layers(LAYOUT, 1, 0)
 
     async def main() -> None:
         receiver = LoopbackKVReceiver(LAYOUT, handler, name="refuse")
         await receiver.start()
+        sender = LoopbackKVSender(LAYOUT, connections_per_address=1)
+        session = await sender.open(receiver.address, "req", [0], 3)  # begin is not answered...
         with pytest.raises(TransferError, match="refused by loopback://refuse: no such request"):
-            await LoopbackKVSender(LAYOUT).open(receiver.address, "req", [0], 3)
+            for layer, kv in enumerate(layers):  # ...but its refusal fails the session's next call
+                await session.send_layer(layer, kv)
+                await asyncio.sleep(0.01)
+            await session.finish({})
+        handler.refuse_begin = None
+        # the refused request's payloads were drained: the same connection carries the next push
+        assert (await push(sender, receiver.address, "next", [1], layers))["layers"] == 3
         await receiver.close()
 
     run(main())
@@ -306,8 +315,12 @@ def test_duplicate_request_id_and_unknown_receiver_are_refused() -> None:
             await LoopbackKVReceiver(LAYOUT, handler, name="dup").start()
         sender = LoopbackKVSender(LAYOUT)
         first = await sender.open(receiver.address, "req", [0], 3)
-        with pytest.raises(TransferError, match="already being received"):
+        with pytest.raises(ValueError, match="already being pushed"):  # caught by the sender itself
             await sender.open(receiver.address, "req", [1], 3)
+        second = await LoopbackKVSender(LAYOUT).open(receiver.address, "req", [1], 3)  # another sender
+        with pytest.raises(TransferError, match="already being received"):
+            await asyncio.sleep(0.01)
+            await second.finish({})
         await first.abort("done")
         await receiver.close()
         with pytest.raises(TransferError, match="unreachable"):
@@ -358,7 +371,10 @@ def test_receiver_validates_raw_protocol_messages() -> None:
     handler = ScatterHandler()
     nbytes = LAYOUT.layer_nbytes(1)
 
-    async def exchange(messages: list[dict[str, Any] | torch.Tensor]) -> list[dict[str, Any]]:
+    async def exchange(
+        messages: list[dict[str, Any] | torch.Tensor], refused: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """Send each item; read a reply after a hello, a finish, and a begin of a `refused` request."""
         mine, theirs = _LoopbackChannel.pair()
         serving = asyncio.create_task(InboundConnection(LAYOUT, handler, set(), "raw").serve(theirs, 1.0))
         replies = []
@@ -368,7 +384,8 @@ def test_receiver_validates_raw_protocol_messages() -> None:
                     await mine.send_payload(item)
                     continue
                 await mine.send_message(item)
-                if item["type"] in ("hello", "begin", "finish"):
+                kind = item["type"]
+                if kind in ("hello", "finish") or (kind == "begin" and item["request_id"] in refused):
                     replies.append(await mine.recv_message(1.0))
         finally:
             mine.close("test done")
@@ -380,66 +397,104 @@ def test_receiver_validates_raw_protocol_messages() -> None:
     def begin(request_id: str, num_layers: int = 3) -> dict[str, Any]:
         return {"type": "begin", "request_id": request_id, "block_ids": [0], "num_layers": num_layers}
 
-    def header(layer: int, size: int, payload: torch.Tensor, count: int = 1) -> dict[str, Any]:
-        return {"type": "layer", "layer": layer, "count": count, "nbytes": size}
+    def header(request_id: str, layer: int, size: int, count: int = 1) -> dict[str, Any]:
+        return {"type": "layer", "request_id": request_id, "layer": layer, "count": count, "nbytes": size}
+
+    def finish(request_id: str, checksums: Any = None) -> dict[str, Any]:
+        msg = {"type": "finish", "request_id": request_id, "trailer": {}}
+        return msg if checksums is None else {**msg, "checksums": checksums}
+
+    def nack(request_id: str, reason: str) -> dict[str, Any]:
+        return {"type": "nack", "request_id": request_id, "reason": reason}
 
     payload = torch.randint(1, 256, (nbytes,), dtype=torch.uint8)
     oversized = torch.randint(1, 256, (3 * nbytes + 2,), dtype=torch.uint8)  # more than all 3 layers
-    finish = {"type": "finish", "trailer": {}}
+    two = torch.cat([payload, payload])
+    good, good2 = kv_checksum(payload), kv_checksum(two)
+    layers = [item for i in range(3) for item in (header("x", i, nbytes), payload)]
+
+    def layers_of(request_id: str) -> list[dict[str, Any] | torch.Tensor]:
+        return [{**m, "request_id": request_id} if isinstance(m, dict) else m for m in layers]
+
+    def grouped(request_id: str) -> list[dict[str, Any] | torch.Tensor]:
+        return [header(request_id, 0, 2 * nbytes, count=2), two, header(request_id, 2, nbytes), payload]
 
     async def main() -> None:
         replies = await exchange([{**hello, "protocol": 1}])
         assert replies == [
             {"type": "refused", "reason": f"protocol version 1, receiver speaks {PROTOCOL_VERSION}"}
         ]
-        replies = await exchange([hello, begin("few", num_layers=2)])
-        assert replies[1]["type"] == "error" and "num_layers is 2" in replies[1]["reason"]
-        replies = await exchange([hello, begin("size"), header(0, nbytes - 2, payload), payload, finish])
-        assert replies[2] == {
-            "type": "nack",
-            "reason": f"layer 0: header says {nbytes - 2} bytes, expected {nbytes}",
-        }
-        replies = await exchange(
-            [hello, begin("big"), header(0, 3 * nbytes + 2, oversized), oversized, finish]
+        # a refused begin is answered at once; its payloads are drained and its finish is nacked
+        few = await exchange(
+            [hello, begin("few", num_layers=2), header("few", 0, nbytes), payload, finish("few")], ("few",)
         )
-        assert replies[2]["reason"] == f"layer 0: header says {3 * nbytes + 2} bytes, expected {nbytes}"
+        assert few[1]["type"] == "error" and few[1]["request_id"] == "few"
+        assert "num_layers is 2" in few[1]["reason"] and few[2] == nack("few", few[1]["reason"])
         replies = await exchange(
-            [hello, begin("long"), header(0, nbytes, payload), oversized[: nbytes + 2], finish]
+            [hello, begin("size"), header("size", 0, nbytes - 2), payload, finish("size")]
         )
-        assert replies[2]["reason"] == f"layer 0: payload is larger than the {nbytes} bytes announced"
-        replies = await exchange([hello, begin("brief"), header(0, nbytes, payload), payload[:-2], finish])
-        assert replies[2]["reason"] == f"layer 0: payload is {nbytes - 2} bytes, {nbytes} announced"
-        replies = await exchange([hello, begin("over"), header(1, nbytes, payload, count=3), payload, finish])
-        assert replies[2]["reason"] == "layers 1 to 3 out of range (the request has 3 layers)"
-        two = torch.cat([payload, payload])
+        assert replies[1] == nack("size", f"layer 0: header says {nbytes - 2} bytes, expected {nbytes}")
         replies = await exchange(
-            [hello, begin("short"), header(0, nbytes, payload, count=2), payload, finish]
+            [hello, begin("big"), header("big", 0, 3 * nbytes + 2), oversized, finish("big")]
         )
-        assert replies[2]["reason"] == f"layer 0: header says {nbytes} bytes, expected {2 * nbytes}"
-        grouped = [header(0, 2 * nbytes, two, count=2), two, header(2, nbytes, payload), payload]
-        good2 = kv_checksum(two)
-        replies = await exchange([hello, begin("range"), header(5, nbytes, payload), payload, finish])
-        assert replies[2]["reason"] == "layer 5 out of range (the request has 3 layers)"
-        layers = [item for i in range(3) for item in (header(i, nbytes, payload), payload)]
-        good = kv_checksum(payload)
+        assert replies[1]["reason"] == f"layer 0: header says {3 * nbytes + 2} bytes, expected {nbytes}"
         replies = await exchange(
-            [hello, begin("sums"), *layers, {**finish, "checksums": [good, good + 1, good]}]
+            [hello, begin("long"), header("long", 0, nbytes), oversized[: nbytes + 2], finish("long")]
         )
-        assert replies[2]["type"] == "nack" and replies[2]["reason"].startswith("layer 1: checksum mismatch")
-        replies = await exchange([hello, begin("nosums"), *layers, finish])
-        assert replies[2] == {
-            "type": "nack",
-            "reason": "finish must carry 3 checksums (one a message), got None",
-        }
-        replies = await exchange([hello, begin("ok"), *layers, {**finish, "checksums": [good] * 3}])
-        assert replies[2]["type"] == "ack"
-        replies = await exchange([hello, begin("ok2"), *grouped, {**finish, "checksums": [good2, good]}])
-        assert replies[2]["type"] == "ack"
-        replies = await exchange([hello, begin("bad2"), *grouped, {**finish, "checksums": [good2, good2]}])
-        assert replies[2]["reason"].startswith("layer 2: checksum mismatch")
+        assert replies[1]["reason"] == f"layer 0: payload is larger than the {nbytes} bytes announced"
+        replies = await exchange(
+            [hello, begin("brief"), header("brief", 0, nbytes), payload[:-2], finish("brief")]
+        )
+        assert replies[1]["reason"] == f"layer 0: payload is {nbytes - 2} bytes, {nbytes} announced"
+        replies = await exchange(
+            [hello, begin("over"), header("over", 1, nbytes, count=3), payload, finish("over")]
+        )
+        assert replies[1]["reason"] == "layers 1 to 3 out of range (the request has 3 layers)"
+        replies = await exchange(
+            [hello, begin("short"), header("short", 0, nbytes, count=2), payload, finish("short")]
+        )
+        assert replies[1]["reason"] == f"layer 0: header says {nbytes} bytes, expected {2 * nbytes}"
+        replies = await exchange(
+            [hello, begin("range"), header("range", 5, nbytes), payload, finish("range")]
+        )
+        assert replies[1]["reason"] == "layer 5 out of range (the request has 3 layers)"
+        replies = await exchange(
+            [hello, begin("sums"), *layers_of("sums"), finish("sums", [good, good + 1, good])]
+        )
+        assert replies[1]["type"] == "nack" and replies[1]["reason"].startswith("layer 1: checksum mismatch")
+        replies = await exchange([hello, begin("nosums"), *layers_of("nosums"), finish("nosums")])
+        assert replies[1] == nack("nosums", "finish must carry 3 checksums (one a message), got None")
+        replies = await exchange([hello, begin("ok"), *layers_of("ok"), finish("ok", [good] * 3)])
+        assert replies[1]["type"] == "ack" and replies[1]["request_id"] == "ok"
+        replies = await exchange([hello, begin("ok2"), *grouped("ok2"), finish("ok2", [good2, good])])
+        assert replies[1]["type"] == "ack"
+        replies = await exchange([hello, begin("bad2"), *grouped("bad2"), finish("bad2", [good2, good2])])
+        assert replies[1]["reason"].startswith("layer 2: checksum mismatch")
+        # two requests interleaved on one connection, each verified on its own
+        replies = await exchange(
+            [
+                hello,
+                begin("a"),
+                begin("b"),
+                *[
+                    m
+                    for i in range(0, 6, 2)
+                    for m in (*layers_of("a")[i : i + 2], *layers_of("b")[i : i + 2])
+                ],
+                finish("b", [good] * 3),
+                finish("a", [good, good, good + 1]),
+            ]
+        )
+        assert replies[1]["request_id"] == "b" and replies[1]["type"] == "ack"
+        assert replies[2]["request_id"] == "a" and replies[2]["reason"].startswith(
+            "layer 2: checksum mismatch"
+        )
+        # a finish of a request never begun is nacked; an abort of one is ignored
+        replies = await exchange([hello, {"type": "abort", "request_id": "ghost"}, finish("ghost")])
+        assert replies[1] == nack("ghost", "finish of request 'ghost', which was not begun here")
         # a layer outside any request puts the stream out of step: the receiver hangs up
         with pytest.raises(ChannelClosed):
-            await exchange([hello, header(0, nbytes, payload), payload, begin("late")])
+            await exchange([hello, header("none", 0, nbytes), payload, finish("late")])
 
     run(main())
     assert set(handler.failed) == {
@@ -453,8 +508,9 @@ def test_receiver_validates_raw_protocol_messages() -> None:
         "sums",
         "nosums",
         "bad2",
+        "a",
     }
-    assert list(handler.completed) == ["ok", "ok2"]
+    assert list(handler.completed) == ["ok", "ok2", "b"]
 
 
 def test_fault_config_parse() -> None:
