@@ -114,12 +114,14 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             push_ms: dict[str, float] = {}
             pushed = asyncio.create_task(self._push_layers(session, self._layers[rid], push_ms))
             first = await _only_output(outputs)
+            push_ms["token_at_ms"] = (time.monotonic_ns() - opened_ns) / 1e6
             if first.finish_reason in ("abort", "error"):
                 raise UnavailableError(
                     f"prefill of {rid!r} ended early: {first.error or first.finish_reason}"
                 )
             nbytes = await pushed
             computed_ns = time.monotonic_ns()
+            push_ms["pushed_at_ms"] = (computed_ns - opened_ns) / 1e6
             trailer = {**first_token_to_dict(first), "prefill_worker": self.worker_id}
             await session.finish(trailer, timeout_s=self.config.transfer_timeout_s)
             acked_ns = time.monotonic_ns()

@@ -267,9 +267,12 @@ class PushSession(KVPushSession):
         self._finished = False  # ended by an ack (later use is a caller bug, not a transfer failure)
         self._reply: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.finish_timings: dict[str, float] = {}
-        """Where `finish` spent its time, in ms: waiting for this end's checksums, for the reply, and the
-        receiver's own share of that reply (verifying, completing the handoff), for logs."""
+        """Where the push spent its time, in ms, for logs: waiting for this end's checksums and for the
+        reply, the receiver's own share of that reply (verifying, completing the handoff), and, as
+        `*_at_ms` after `open`, when the finish left and when the receiver read the begin and the last
+        payload (wall clocks: meaningful when both ends share a host's clock)."""
         self._checksums: list[PendingChecksum] = []  # of the layer messages sent, in order
+        self._opened_at = time.time()  # wall clock, to place the receiver's reported times
 
     @classmethod
     async def open(
@@ -346,6 +349,7 @@ class PushSession(KVPushSession):
         summed = time.monotonic()
         finish = {"type": "finish", "request_id": self.request_id, "trailer": trailer, "checksums": checksums}
         await self._send(finish, None, "sending the finish")
+        finish_sent_at = time.time()
         self._finish_sent = True
         self._release_slot()
         try:
@@ -356,8 +360,15 @@ class PushSession(KVPushSession):
         self.finish_timings = {
             "checksums_ms": (summed - start) * 1e3,
             "reply_ms": (time.monotonic() - summed) * 1e3,
-            **{k: v for k, v in (reply.get("timings") or {}).items() if isinstance(v, (int, float))},
+            "finish_sent_at_ms": (finish_sent_at - self._opened_at) * 1e3,
         }
+        for key, value in (reply.get("timings") or {}).items():
+            if not isinstance(value, (int, float)):
+                continue
+            if key.endswith("_at"):  # the receiver's wall clock: placed in ms after this open
+                self.finish_timings[f"{key}_ms"] = (value - self._opened_at) * 1e3
+            else:
+                self.finish_timings[key] = value
         payload = reply.get("payload")
         if reply["type"] == "ack" and isinstance(payload, dict):
             self._finished = True
@@ -451,6 +462,8 @@ class _Inbound:
     handled_at: float = 0.0  # time.monotonic() when the last message was handled (for the ack's timings)
     handling_ms: float = 0.0  # how long handling the last message took once its payload arrived
     payload_ms: float = 0.0  # how long the last payload took to arrive once its header was read
+    begun_at: float = field(default_factory=time.time)  # wall clock: when its begin was read
+    payload_at: float = 0.0  # wall clock: when its last payload arrived
 
 
 class InboundConnection:
@@ -581,6 +594,7 @@ class InboundConnection:
         payload = await channel.recv_payload(posted, idle_timeout_s)  # payload: [<= posted]
         received = time.monotonic()
         request.payload_ms = (received - posting) * 1e3
+        request.payload_at = time.time()
         if request.failure is not None:
             return  # drained
         if problem is None and payload is None:
@@ -659,6 +673,8 @@ class InboundConnection:
             "finish_arrived_ms": (start - request.handled_at) * 1e3,  # then until the finish arrived
             "verify_ms": (verified - start) * 1e3,
             "complete_ms": (time.monotonic() - verified) * 1e3,
+            "begun_at": request.begun_at,  # wall clock: the sender places these on its own timeline
+            "payload_at": request.payload_at,
         }
         return {"type": "ack", "payload": payload, "timings": timings}
 
