@@ -105,7 +105,14 @@ def test_round_trip_scatters_every_layer_exactly() -> None:
         receiver = LoopbackKVReceiver(LAYOUT, handler, name="rt")
         await receiver.start()
         sender = LoopbackKVSender(LAYOUT)
-        ack = await push(sender, receiver.address, "req-1", block_ids, layers)
+        session = await sender.open(receiver.address, "req-1", block_ids, len(layers))
+        for layer, kv in enumerate(layers):
+            await session.send_layer(layer, kv)
+        ack = await session.finish({"first_token": 42})
+        # the receiver's wall-clock times land on the sender's timeline, in order
+        times = session.finish_timings
+        assert 0 <= times["begun_at_ms"] <= times["payload_at_ms"] <= times["finish_sent_at_ms"] + 1.0
+        assert {"reply_ms", "last_payload_ms", "last_message_ms", "complete_ms"} <= set(times)
         await sender.close()
         await receiver.close()
         return ack
