@@ -131,8 +131,9 @@ class _Scatter:
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.index[request_id] = torch.tensor(block_ids, device=self.device)
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        self.cache[layer].index_copy_(1, self.index[request_id], kv)
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
+        for i, layer_kv in enumerate(kv):
+            self.cache[first_layer + i].index_copy_(1, self.index[request_id], layer_kv)
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         del self.index[request_id]

@@ -1,7 +1,7 @@
 """The decode worker's gRPC servicer and KV receive handler around one AsyncEngine.
 
 Per request: Reserve (blocks held, registry record RESERVED) → the prefill worker pushes every layer
-(begin / write_layer / complete) → the handoff commits in Redis (PREFILLING → DECODING, owner D) and
+(begin / write_layers / complete) → the handoff commits in Redis (PREFILLING → DECODING, owner D) and
 the first token joins the running batch → tokens stream out → the record ends with the request.
 Local prefill skips the push: the request is queued like any other.
 """
@@ -181,9 +181,6 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 f"reserved {tracked.block_ids} x {self.num_layers}"
             )
         tracked.receiving = True
-
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        self.write_layers(request_id, layer, kv.unsqueeze(0))
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
         try:

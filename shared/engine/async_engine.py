@@ -154,10 +154,6 @@ class AsyncEngine:
             return None
         return block_ids, self._outputs(request_id, stream)
 
-    def write_kv(self, request_id: str, layer: int, kv: Any) -> None:
-        """Write one pushed layer into a reservation (thread-safe; see EngineCore.write_reserved_kv)."""
-        self.core.write_reserved_kv(request_id, layer, kv)
-
     def write_kv_run(self, request_id: str, first_layer: int, kv: Any) -> None:
         """Write a run of pushed layers into a reservation (see EngineCore.write_reserved_kv_run)."""
         self.core.write_reserved_kv_run(request_id, first_layer, kv)

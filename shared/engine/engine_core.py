@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -237,18 +238,17 @@ class EngineCore:
                     f"layers from {first_layer}: KV has shape {tuple(kv.shape)} {kv.dtype}, "
                     f"expected {expected} {k_cache.dtype}"
                 )
+            on_stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.device.type == "cuda":
                 # after the steps queued so far: one in flight may still write a block that an
                 # aborted request just gave up and this reservation received
                 assert self._compute_stream is not None
-                torch.cuda.default_stream(self.device).wait_stream(self._compute_stream)
-                with torch.cuda.stream(torch.cuda.default_stream(self.device)):
-                    index = self._reserved_index(request_id, block_ids)
-                    kv = kv.to(self.device)
-                    for i in range(count):
-                        self.attention.scatter_blocks(kv[i], *self.kv_caches[first_layer + i], index)
-            else:
+                default_stream = torch.cuda.default_stream(self.device)
+                default_stream.wait_stream(self._compute_stream)
+                on_stream = torch.cuda.stream(default_stream)
+            with on_stream:
                 index = self._reserved_index(request_id, block_ids)
+                kv = kv.to(self.device)
                 for i in range(count):
                     self.attention.scatter_blocks(kv[i], *self.kv_caches[first_layer + i], index)
 

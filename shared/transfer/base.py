@@ -6,7 +6,7 @@ reserved:
     P: sender.open(D.address, request_id, block_ids, num_layers) -> session     (begin, no round trip)
        session.send_layers(first, kv) for runs of layers, in order               (header + payload)
        ack = session.finish(trailer)                                             (D verified all)
-    D: handler.begin(...); handler.write_layer(...) per layer; handler.complete(...) -> ack
+    D: handler.begin(...); handler.write_layers(...) per message; handler.complete(...) -> ack
        or handler.fail(request_id, reason) when anything breaks
 
 Implementations: `ucx.py` (real, UCX over TCP/RDMA/NVLink) and `loopback.py` (in-process twin);
@@ -215,11 +215,10 @@ class KVReceiveHandler(Protocol):
         """A sender starts pushing this request; raise TransferError to refuse it (unknown request,
         wrong block count...). The sender's session then fails with the message at its next call."""
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        """kv: [2, num_blocks, block_size, kv_heads, head_dim], already verified; copy it out (the buffer
-        is reused after return). Raising TransferError fails the request. A handler may also offer
-        `write_layers(request_id, first_layer, kv)` with kv: [count, 2, ...], which receivers then
-        call once per message instead of once per layer."""
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
+        """A message's layers, first_layer.. in order, already size-checked; copy them out (the buffer
+        is reused after return). Raising TransferError fails the request.
+        kv: [count, 2, num_blocks, block_size, kv_heads, head_dim]."""
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         """Every layer arrived and was verified; return the JSON-able ack payload sent back to the

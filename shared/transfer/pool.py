@@ -85,10 +85,10 @@ class PooledKVSender(KVSender):
         pool = self._pools.setdefault(address, [])
         connecting = self._connecting.setdefault(address, asyncio.Lock())
         if len(pool) >= self._max_connections or (pool and connecting.locked()):
-            return min(pool, key=lambda c: len(c.sessions))
+            return _least_busy(pool)
         async with connecting:
             if len(pool) >= self._max_connections:
-                return min(pool, key=lambda c: len(c.sessions))
+                return _least_busy(pool)
             channel = await self._connect(address)
             shook_hands = False
             try:
@@ -104,6 +104,10 @@ class PooledKVSender(KVSender):
             pool.append(connection)
             connection.on_close(pool.remove)
             return connection
+
+
+def _least_busy(pool: list[OutboundConnection]) -> OutboundConnection:
+    return min(pool, key=lambda c: len(c.sessions))
 
 
 class _Slot:

@@ -608,21 +608,15 @@ class InboundConnection:
         request.message_layers.append(layer)
         # kv: [count, 2, num_blocks, block_size, kv_heads, head_dim]
         kv = payload.view(self._layout.torch_dtype).view(count, *request.layer_shape)
-        write_layers = getattr(self._handler, "write_layers", None)
-        runs = [(layer, kv)] if write_layers is not None else [(layer + i, kv[i]) for i in range(count)]
-        for first, run in runs:
-            try:
-                if write_layers is not None:
-                    write_layers(request.request_id, first, run)
-                else:
-                    self._handler.write_layer(request.request_id, first, run)
-            except TransferError as e:
-                self._fail(request, f"layer {first}: {e}")
-                return
-            except Exception as e:
-                logger.exception("KV receive handler write of %r layer %d raised", request.request_id, first)
-                self._fail(request, f"layer {first}: receiver error: {e!r}")
-                return
+        try:
+            self._handler.write_layers(request.request_id, layer, kv)
+        except TransferError as e:
+            self._fail(request, f"layer {layer}: {e}")
+            return
+        except Exception as e:
+            logger.exception("KV receive handler write_layers(%r, %d) raised", request.request_id, layer)
+            self._fail(request, f"layer {layer}: receiver error: {e!r}")
+            return
         request.next_layer += count
         request.handled_at = time.monotonic()
         request.handling_ms = (request.handled_at - received) * 1e3

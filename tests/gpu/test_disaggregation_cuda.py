@@ -36,9 +36,9 @@ class CacheWriter:
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         pass
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
         assert kv.is_cuda
-        self.engine.write_reserved_kv(request_id, layer, kv)
+        self.engine.write_reserved_kv_run(request_id, first_layer, kv)
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         self.trailers[request_id] = trailer
@@ -142,9 +142,10 @@ class AsyncScatter:
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.blocks[request_id] = torch.tensor(block_ids, device="cuda")
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
         torch.cuda._sleep(1_000_000)  # a busy device: the scatter runs well after this returns
-        self.cache[layer].index_copy_(1, self.blocks[request_id], kv)
+        for i, layer_kv in enumerate(kv):
+            self.cache[first_layer + i].index_copy_(1, self.blocks[request_id], layer_kv)
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         return {}

@@ -57,8 +57,9 @@ class ScatterHandler:
     def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.blocks[request_id] = block_ids
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        self.cache[layer][:, self.blocks[request_id]] = kv
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
+        for i, layer_kv in enumerate(kv):
+            self.cache[first_layer + i][:, self.blocks[request_id]] = layer_kv
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         self.completed[request_id] = trailer

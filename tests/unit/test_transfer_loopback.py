@@ -55,9 +55,10 @@ class ScatterHandler:
         self.blocks[request_id] = block_ids
         self.layers[request_id] = []
 
-    def write_layer(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
-        self.cache[layer][:, self.blocks[request_id]] = kv
-        self.layers[request_id].append(layer)
+    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
+        for i, layer_kv in enumerate(kv):
+            self.cache[first_layer + i][:, self.blocks[request_id]] = layer_kv
+            self.layers[request_id].append(first_layer + i)
 
     async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
         if self.refuse_complete is not None:
