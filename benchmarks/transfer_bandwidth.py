@@ -128,7 +128,7 @@ class _Scatter:
         self.index: dict[str, torch.Tensor] = {}
         self.device = device
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.index[request_id] = torch.tensor(block_ids, device=self.device)
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:

@@ -11,17 +11,17 @@ from typing import Any
 
 import torch
 
+from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
 from baton.services.decode.service import DecodeService
-from baton.services.lifecycle import wait_for_stop_signal
+from baton.services.lifecycle import LOG_FORMAT, request_stop, wait_for_stop_signal
 from baton.services.prefill.service import PrefillService
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
-from baton.shared.loop_thread import LoopThread
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
-from baton.shared.transfer import FaultConfig, KVReceiver, UcxKVReceiver, UcxKVSender, stop_ucx
+from baton.shared.transfer import FaultConfig, KVLayout, UcxKVSender, stop_ucx
 from baton.shared.worker_presence import WorkerPresence
 from baton.shared.worker_runtime import default_worker_id, engine_snapshot, kv_layout
 
@@ -36,28 +36,21 @@ async def run_worker(config: WorkerConfig) -> None:
     layout = kv_layout(core)
     worker_id = config.worker_id or default_worker_id(config.role)
     reg = config.registry
-
-    def new_registry() -> Registry:
-        return Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
-
-    registry = new_registry()
+    registry = Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
     engine = AsyncEngine(core)
     engine.start()
-    receiver: KVReceiver | None = None
-    receiver_loop: LoopThread | None = None
-    handoff_registry: Registry | None = None
+    receiver: ReceiverProcess | None = None
     service: Any
     if config.role == "decode":
-        # The KV receiver (and the Redis client recording its handoffs) runs on a loop of its own, so a
-        # handoff never waits behind the main loop's token streams.
-        receiver_loop = LoopThread("baton-kv-receiver")
-        handoff_registry = new_registry()
-        service = DecodeService(config, engine, registry, worker_id, layout.num_layers, handoff_registry)
-        receiver = UcxKVReceiver(
-            layout, service, config.host, config.transfer_port, core.device, config.advertise_host
-        )
-        await receiver_loop.run(receiver.start())
+        service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
+        # The KV receiver runs in a process of its own, writing into this one's cache: in this process
+        # its UCX completions would wait for the GIL behind the engine thread.
+        receiver = ReceiverProcess(receiver_spec(config, core, layout), core.kv_caches, service)
+        await receiver.start()
+        receiver.on_lost = request_stop
+        service.receiver = receiver
         service.transfer_address = receiver.address
+        engine.set_reservation_release(receiver.revoke)
         binding = ServiceBinding(
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server, service, "baton.worker.v1.DecodeWorker"
         )
@@ -105,11 +98,10 @@ async def run_worker(config: WorkerConfig) -> None:
     await server.set_serving(False)
     await service.drain(config.drain_timeout_s)  # still heartbeating: its records stay owned
     await presence.stop()
+    if receiver is not None:  # first: once it stopped, nothing writes into reserved blocks
+        await receiver.close()
     await service.shutdown()
     await server.server.stop(grace=5)
-    if receiver_loop is not None and receiver is not None and handoff_registry is not None:
-        await receiver_loop.run(_close_receiver(receiver, handoff_registry))
-        receiver_loop.stop()
     if config.role == "prefill":
         await sender.close()
         stop_ucx()
@@ -118,8 +110,13 @@ async def run_worker(config: WorkerConfig) -> None:
     logger.info("%s worker %s stopped", config.role, worker_id)
 
 
-async def _close_receiver(receiver: KVReceiver, handoff_registry: Registry) -> None:
-    """On the receiver's loop: close it, its Redis client and UCX (bound to that loop)."""
-    await receiver.close()
-    await handoff_registry.close()
-    stop_ucx()
+def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> ReceiverSpec:
+    return ReceiverSpec(
+        layout=layout,
+        host=config.host,
+        port=config.transfer_port,
+        advertise_host=config.advertise_host,
+        attention_backend=core.attention_backend,
+        log_format=LOG_FORMAT,
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )

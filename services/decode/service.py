@@ -1,8 +1,9 @@
-"""The decode worker's gRPC servicer and KV receive handler around one AsyncEngine.
+"""The decode worker's gRPC servicer and handoff handler around one AsyncEngine.
 
-Per request: Reserve (blocks held, registry record RESERVED) → the prefill worker pushes every layer
-(begin / write_layers / complete) → the handoff commits in Redis (PREFILLING → DECODING, owner D) and
-the first token joins the running batch → tokens stream out → the record ends with the request.
+Per request: Reserve (blocks held, registry record RESERVED, announced to the KV receiving process)
+→ the prefill worker pushes every layer into those blocks (`receiver_process.py`) → the handoff
+commits in Redis (PREFILLING → DECODING, owner D) and the first token joins the running batch →
+tokens stream out → the record ends with the request.
 Local prefill skips the push: the request is queued like any other.
 """
 
@@ -14,10 +15,9 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-import torch
 
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
@@ -28,6 +28,9 @@ from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
 from baton.shared.transfer import TransferError
 from baton.shared.worker_runtime import TransferCounters, request_record, stats_reply
+
+if TYPE_CHECKING:
+    from baton.services.decode.receiver_process import ReceiverProcess
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class _Tracked:
     num_top_logprobs: int
     outputs: AsyncGenerator[EngineOutput, None]
     remote: bool
-    receiving: bool = False
+    ready: Any = None  # the reservation's fence event: kept alive while the receiving process may open it
     committed: bool = False
     timeout: asyncio.TimerHandle | None = None
     streamed: bool = False
@@ -55,15 +58,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         registry: Registry,
         worker_id: str,
         num_layers: int,
-        handoff_registry: Registry | None = None,
+        receiver: ReceiverProcess | None = None,
     ) -> None:
-        """`handoff_registry`: the client `complete` records handoffs with, when the KV receiver runs on
-        another event loop than the gRPC servicer (a Redis client belongs to one loop)."""
+        """`receiver`: the KV receiving process, told of each reservation (None: this worker only
+        prefills locally)."""
         self.config = config
         self.engine = engine
         self.registry = registry
-        self.handoff_registry = handoff_registry if handoff_registry is not None else registry
-        self._loop: asyncio.AbstractEventLoop | None = None  # the servicer's loop, which owns the timers
+        self.receiver = receiver
         self.worker_id = worker_id
         self.num_layers = num_layers
         self.transfer_address = ""
@@ -82,18 +84,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if not rid:
             raise ValueError("request_id must not be empty")
         params = sampling_from_proto(request.sampling)
-        self._loop = asyncio.get_running_loop()
+        ready = None
         if request.local_prefill:
             outputs = self.engine.add(rid, prompt, params)
             block_ids: list[int] = []
         else:
+            if self.receiver is None:
+                raise UnavailableError(f"decode worker {self.worker_id} receives no KV pushes")
             reserved = await self.engine.reserve(rid, prompt, params)
             if reserved is None:
                 raise CapacityError(
                     f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens"
                 )
-            block_ids, outputs = reserved
-        tracked = _Tracked(block_ids, params.logprobs or 0, outputs, remote=not request.local_prefill)
+            block_ids, outputs, ready = reserved.block_ids, reserved.outputs, reserved.ready
+        tracked = _Tracked(block_ids, params.logprobs or 0, outputs, not request.local_prefill, ready)
         self._tracked[rid] = tracked
         try:
             await self.registry.reserve(
@@ -105,6 +109,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise ValueError(f"request id {rid!r} is already registered: {exc}") from exc
         except RegistryUnavailable as exc:
             logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
+        if tracked.remote and self.receiver is not None:
+            self.receiver.reserve(rid, block_ids, ready)  # before the router can hand it to a prefill worker
         timeout_s = self.config.reservation_timeout_s
         tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
         how = "prefilled here" if request.local_prefill else f"{len(block_ids)} blocks reserved"
@@ -168,47 +174,33 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             for rid, t in self._tracked.items()
         ]
 
-    # -- KV receive handler (called by the transfer receiver) -----------------------------------
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    # -- handoffs (called by the receiving process's link) ----------------------------------------
+    async def complete(self, request_id: str, trailer: dict[str, Any], nbytes: int) -> dict[str, Any]:
+        """The request's KV landed in its blocks and was verified: record the handoff and admit it."""
         tracked = self._tracked.get(request_id)
         if tracked is None or not tracked.remote or tracked.committed:
-            raise TransferError(f"decode worker {self.worker_id} holds no reservation for {request_id!r}")
-        if tracked.receiving:
-            raise TransferError(f"request {request_id!r} is already receiving KV from another push")
-        if list(block_ids) != tracked.block_ids or num_layers != self.num_layers:
-            raise TransferError(
-                f"push for {request_id!r} names blocks {list(block_ids)} x {num_layers} layers; "
-                f"reserved {tracked.block_ids} x {self.num_layers}"
-            )
-        tracked.receiving = True
-
-    def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
-        try:
-            self.engine.write_kv_run(request_id, first_layer, kv)
-        except KeyError as exc:
-            raise TransferError(f"request {request_id!r} was aborted while its KV arrived") from exc
-        self.counters.transfer_bytes += kv.numel() * kv.element_size()
-
-    async def complete(self, request_id: str, trailer: dict[str, Any]) -> dict[str, Any]:
-        tracked = self._tracked.get(request_id)
-        if tracked is None or not tracked.receiving:
             raise TransferError(f"request {request_id!r} is no longer reserved here")
         first_token, num_cached = first_token_from_dict(trailer)
         prefill_worker = str(trailer.get("prefill_worker", ""))
         start_ns = time.monotonic_ns()
         try:
-            await self.handoff_registry.commit_handoff(request_id, prefill_worker, self.worker_id)
+            await self.registry.commit_handoff(request_id, prefill_worker, self.worker_id)
         except RegistryError as exc:
             raise TransferError(f"handoff of {request_id!r} refused by the registry: {exc}") from exc
         except RegistryUnavailable as exc:
             logger.warning(
                 "registry unreachable, committing %s without recording the handoff: %s", request_id, exc
             )
+        if self._tracked.get(request_id) is not tracked:
+            raise TransferError(f"request {request_id!r} ended while its handoff was recorded")
         tracked.committed = True
+        tracked.ready = None
+        tracked.transfer_bytes = nbytes
         if tracked.timeout is not None and tracked.streamed:
-            self._on_servicer_loop(tracked.timeout.cancel)
+            tracked.timeout.cancel()
         self.engine.commit(request_id, first_token, num_cached)
         self.counters.num_transfers += 1
+        self.counters.transfer_bytes += nbytes
         logger.info(
             "request %s: KV from %s complete (handoff recorded in %.1f ms)",
             request_id, prefill_worker, (time.monotonic_ns() - start_ns) / 1e6,
@@ -216,24 +208,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         return {"ok": True, "decode_worker": self.worker_id}
 
     def fail(self, request_id: str, reason: str) -> None:
+        """The push broke (the receiving process already let go of the blocks): end the request."""
         tracked = self._tracked.get(request_id)
         if tracked is None or tracked.committed:
             return
         self.counters.num_transfer_failures += 1
         logger.warning("KV transfer for %s failed: %s", request_id, reason)
         self.engine.fail(request_id, f"KV transfer failed: {reason}")
-
-    def _on_servicer_loop(self, fn: Any) -> None:
-        """Call `fn` on the servicer's loop: the KV handler may run on the receiver's own loop."""
-        loop = self._loop
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if loop is None or loop is running:
-            fn()
-        else:
-            loop.call_soon_threadsafe(fn)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def _expire(self, request_id: str, timeout_s: float) -> None:

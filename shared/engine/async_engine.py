@@ -9,7 +9,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -64,6 +64,15 @@ class _Call:
 _STOP = object()
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks held for a prompt whose KV another worker pushes (see AsyncEngine.reserve)."""
+
+    block_ids: list[int]
+    outputs: AsyncGenerator[EngineOutput, None]  # starts once commit() runs
+    ready: Any = None  # a torch.cuda.Event (None off the GPU): the blocks may be written once it completed
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -83,6 +92,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stopped = False
+        self._uncommitted: dict[str, asyncio.AbstractEventLoop] = {}  # reservations, by their loop
+        self._release: Callable[[str], Awaitable[None]] | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -138,33 +149,40 @@ class AsyncEngine:
 
     async def reserve(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> tuple[list[int], AsyncGenerator[EngineOutput, None]] | None:
-        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve). Returns the
-        block ids and the output stream, which starts once commit() runs; None when they don't fit."""
+    ) -> Reservation | None:
+        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); None when
+        they don't fit. The output stream starts once commit() runs."""
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id)
         try:
-            block_ids = await self.call(lambda core: core.reserve(request_id, prompt_token_ids, params))
+            block_ids, fence = await self.call(
+                lambda core: (core.reserve(request_id, prompt_token_ids, params), core.fence())
+            )
         except BaseException:
             self._close_stream(request_id)
             raise
         if block_ids is None:
             self._close_stream(request_id)
             return None
-        return block_ids, self._outputs(request_id, stream)
+        if self._release is not None:
+            self._uncommitted[request_id] = asyncio.get_running_loop()
+        return Reservation(block_ids, self._outputs(request_id, stream), fence)
 
-    def write_kv_run(self, request_id: str, first_layer: int, kv: Any) -> None:
-        """Write a run of pushed layers into a reservation (see EngineCore.write_reserved_kv_run)."""
-        self.core.write_reserved_kv_run(request_id, first_layer, kv)
+    def set_reservation_release(self, release: Callable[[str], Awaitable[None]]) -> None:
+        """Someone outside the engine writes into reserved blocks (the decode worker's receiving
+        process): before a reservation that was not committed is aborted or failed, `release(request_id)`
+        runs on the loop that reserved it, and the blocks are freed only after it returned."""
+        self._release = release
 
     def commit(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
         """The reserved prompt's KV is complete: admit it with its first token."""
+        self._uncommitted.pop(request_id, None)
         self._commands.put(_Commit(request_id, first_token, num_cached_tokens))
 
     def fail(self, request_id: str, message: str) -> None:
         """End a request with finish_reason 'error' and this message."""
-        self._commands.put(_Fail(request_id, message))
+        self._end(request_id, _Fail(request_id, message))
 
     async def call(self, fn: Callable[[EngineCore], T]) -> T:
         """Run `fn(core)` on the engine thread between steps (consistent reads such as stats())."""
@@ -219,7 +237,24 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is; its stream ends with finish_reason 'abort'."""
-        self._commands.put(_Abort(request_id))
+        self._end(request_id, _Abort(request_id))
+
+    def _end(self, request_id: str, command: _Abort | _Fail) -> None:
+        """Queue an abort or a failure; an uncommitted reservation's is queued once it was released."""
+        loop = self._uncommitted.pop(request_id, None)
+        if loop is None or self._release is None or loop.is_closed():
+            self._commands.put(command)
+        else:
+            asyncio.run_coroutine_threadsafe(self._release_then(self._release, request_id, command), loop)
+
+    async def _release_then(
+        self, release: Callable[[str], Awaitable[None]], request_id: str, command: _Abort | _Fail
+    ) -> None:
+        try:
+            await release(request_id)
+        except Exception:
+            logger.exception("releasing the reservation of %s failed; freeing its blocks anyway", request_id)
+        self._commands.put(command)
 
     def _check_alive(self) -> None:
         if self._error is not None:

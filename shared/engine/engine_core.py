@@ -21,7 +21,7 @@ from baton.shared.engine.attention import AttentionMetadata, get_attention_backe
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.host_to_device import host_to_device
-from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes
+from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes, check_kv_run, scatter_kv_run
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
 from baton.shared.engine.model_runner import ModelRunner
 from baton.shared.engine.outputs import EngineOutput, Logprob, PositionLogprobs
@@ -211,6 +211,16 @@ class EngineCore:
             block_ids = self.scheduler.reserve(request)
         return list(block_ids) if block_ids is not None else None
 
+    def fence(self) -> torch.cuda.Event | None:
+        """An event that completes once the steps queued so far have run (None off the GPU). Another
+        process that writes into blocks reserved now must wait for it: a step in flight may still
+        write a block that an aborted request just gave up."""
+        if self._compute_stream is None:
+            return None
+        event = torch.cuda.Event(interprocess=True)  # shareable with the receiving process
+        event.record(self._compute_stream)
+        return event
+
     def write_reserved_kv(self, request_id: str, layer: int, kv: torch.Tensor) -> None:
         """Copy one pushed layer into the request's reserved blocks; see `write_reserved_kv_run`.
 
@@ -228,16 +238,7 @@ class EngineCore:
             if request_id not in self.scheduler.reserved:
                 raise KeyError(f"request {request_id!r} holds no reservation")
             block_ids = self.kv_manager.block_ids(request_id)
-            count = kv.shape[0] if kv.dim() else 0
-            if not 0 <= first_layer <= first_layer + count <= len(self.kv_caches) or count < 1:
-                raise ValueError(f"layers {first_layer}.. (count {count}) out of range")
-            k_cache = self.kv_caches[first_layer][0]
-            expected = (count, 2, len(block_ids), *k_cache.shape[1:])
-            if tuple(kv.shape) != expected or kv.dtype != k_cache.dtype:
-                raise ValueError(
-                    f"layers from {first_layer}: KV has shape {tuple(kv.shape)} {kv.dtype}, "
-                    f"expected {expected} {k_cache.dtype}"
-                )
+            check_kv_run(self.kv_caches, first_layer, kv, len(block_ids))
             on_stream: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if self.device.type == "cuda":
                 # after the steps queued so far: one in flight may still write a block that an
@@ -248,9 +249,7 @@ class EngineCore:
                 on_stream = torch.cuda.stream(default_stream)
             with on_stream:
                 index = self._reserved_index(request_id, block_ids)
-                kv = kv.to(self.device)
-                for i in range(count):
-                    self.attention.scatter_blocks(kv[i], *self.kv_caches[first_layer + i], index)
+                scatter_kv_run(self.attention, self.kv_caches, first_layer, kv, index)
 
     def _reserved_index(self, request_id: str, block_ids: list[int]) -> torch.Tensor:
         """The reservation's block ids on the device, made by its first pushed layer and kept for the

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from baton.shared.models.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from baton.shared.engine.attention.backend import AttentionBackend
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -23,3 +28,29 @@ def allocate_kv_caches(
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(cfg.num_layers)
     ]
+
+
+def check_kv_run(kv_caches: KVCaches, first_layer: int, kv: torch.Tensor, num_blocks: int) -> None:
+    """ValueError unless `kv` is a run of whole layers for `num_blocks` blocks that fits the cache.
+
+    kv: [count, 2, num_blocks, block_size, num_kv_heads, head_dim], layers first_layer.. in order."""
+    count = kv.shape[0] if kv.dim() else 0
+    if not 0 <= first_layer <= first_layer + count <= len(kv_caches) or count < 1:
+        raise ValueError(f"layers {first_layer}.. (count {count}) out of range")
+    k_cache = kv_caches[first_layer][0]
+    expected = (count, 2, num_blocks, *k_cache.shape[1:])
+    if tuple(kv.shape) != expected or kv.dtype != k_cache.dtype:
+        raise ValueError(
+            f"layers from {first_layer}: KV has shape {tuple(kv.shape)} {kv.dtype}, "
+            f"expected {expected} {k_cache.dtype}"
+        )
+
+
+def scatter_kv_run(
+    attention: AttentionBackend, kv_caches: KVCaches, first_layer: int, kv: torch.Tensor, index: torch.Tensor
+) -> None:
+    """Copy a checked run of layers (see `check_kv_run`) into the blocks `index` names, on the current
+    stream. index: [num_blocks] long, on the cache's device, in the order of kv's blocks."""
+    kv = kv.to(index.device)
+    for i in range(kv.shape[0]):
+        attention.scatter_blocks(kv[i], *kv_caches[first_layer + i], index)

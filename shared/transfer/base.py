@@ -211,9 +211,10 @@ class KVReceiveHandler(Protocol):
     """Implemented by the decode worker; receivers call it. Each begun request ends in exactly one of
     `complete()` returning or `fail()` (also called after `complete()` raised)."""
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         """A sender starts pushing this request; raise TransferError to refuse it (unknown request,
-        wrong block count...). The sender's session then fails with the message at its next call."""
+        wrong block count...). The sender's session then fails with the message at its next call.
+        The connection's next message waits for it: return soon."""
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
         """A message's layers, first_layer.. in order, already size-checked; copy them out (the buffer

@@ -517,7 +517,7 @@ class InboundConnection:
             kind = msg["type"]
             request_id = _field(msg, "request_id", str)
             if kind == "begin":
-                refusal = self.on_begin(msg)
+                refusal = await self.on_begin(msg)
                 if refusal is not None:
                     await self._reply(channel, refusal)
             elif kind == "layer":
@@ -544,7 +544,7 @@ class InboundConnection:
             return _refused(f"KV layout mismatch (receiver vs sender): {diff}")
         return {"type": "welcome"}
 
-    def on_begin(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+    async def on_begin(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """Start receiving a request; the error reply if it is refused (its payloads are then drained)."""
         request_id: str = msg["request_id"]
         if request_id in self.requests:
@@ -562,7 +562,7 @@ class InboundConnection:
             problem = f"request {request_id!r} is already being received"
         if problem is None:
             try:
-                self._handler.begin(request_id, list(block_ids), num_layers)
+                await self._handler.begin(request_id, list(block_ids), num_layers)
             except TransferError as e:
                 problem = str(e)
             except Exception as e:

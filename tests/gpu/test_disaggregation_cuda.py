@@ -33,7 +33,7 @@ class CacheWriter:
         self.engine = engine
         self.trailers: dict[str, dict[str, Any]] = {}
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         pass
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:
@@ -139,7 +139,7 @@ class AsyncScatter:
         self.blocks: dict[str, torch.Tensor] = {}
         self.failed: dict[str, str] = {}
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.blocks[request_id] = torch.tensor(block_ids, device="cuda")
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:

@@ -54,7 +54,7 @@ class ScatterHandler:
         self.completed: dict[str, dict[str, Any]] = {}
         self.failed: dict[str, str] = {}
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         self.blocks[request_id] = block_ids
 
     def write_layers(self, request_id: str, first_layer: int, kv: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import pytest
 from baton import LLM, SamplingParams
 from baton.shared.config import EngineConfig
 from baton.shared.engine.async_engine import AsyncEngine, EngineDeadError
+from baton.shared.engine.scheduler import SampledToken
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500], list(range(10, 90))]
@@ -203,3 +204,43 @@ def test_tokens_held_for_the_stream_interval_go_out_before_a_fatal_error(
     tokens, error = run(main())
     assert "device lost" in str(error)
     assert tokens == expected[2][:4]  # the first token, then the three held ones, then the error
+
+
+def test_an_uncommitted_reservation_is_released_before_its_blocks_are_freed(llama_dir: Path) -> None:
+    """The decode worker's receiving process writes into reserved blocks: an abort or failure of a
+    reservation waits for the release hook, a committed request's does not."""
+
+    async def main() -> None:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            pool = engine.core.kv_manager.pool
+            all_free = pool.num_free_blocks
+            gate, released = asyncio.Event(), []
+
+            async def release(request_id: str) -> None:
+                released.append(request_id)
+                await gate.wait()
+
+            engine.set_reservation_release(release)
+            aborted = await engine.reserve("aborted", list(range(40)), GREEDY)
+            failed = await engine.reserve("failed", list(range(50)), GREEDY)
+            assert aborted is not None and failed is not None
+            engine.abort("aborted")
+            engine.fail("failed", "the push broke")
+            await asyncio.sleep(0.2)
+            assert released == ["aborted", "failed"]
+            assert pool.num_free_blocks == all_free - len(aborted.block_ids) - len(failed.block_ids)
+            gate.set()
+            assert [o.finish_reason async for o in aborted.outputs] == ["abort"]
+            assert [o.finish_reason async for o in failed.outputs] == ["error"]
+            assert pool.num_free_blocks == all_free
+
+            committed = await engine.reserve("committed", list(range(30)), GREEDY)
+            assert committed is not None
+            engine.commit("committed", SampledToken(7), 0)
+            first = await anext(committed.outputs)
+            engine.abort("committed")
+            reasons = [first.finish_reason] + [o.finish_reason async for o in committed.outputs]
+            assert reasons[-1] == "abort" and released == ["aborted", "failed"]
+            engine.core.assert_no_leaks()
+
+    run(main())

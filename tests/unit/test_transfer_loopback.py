@@ -49,7 +49,7 @@ class ScatterHandler:
         self.refuse_begin: str | None = None
         self.refuse_complete: str | None = None
 
-    def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
+    async def begin(self, request_id: str, block_ids: list[int], num_layers: int) -> None:
         if self.refuse_begin is not None:
             raise TransferError(self.refuse_begin)
         self.blocks[request_id] = block_ids

@@ -1,0 +1,200 @@
+"""The decode worker's KV receiving process: a real child process, real UCX on TCP loopback, the
+worker's KV cache shared with it. The worker's side is a recording HandoffHandler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import torch
+
+from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
+from baton.services.lifecycle import LOG_FORMAT
+from baton.shared.engine.kv_cache import KVCaches
+from baton.shared.transfer import FaultConfig, KVLayout, TransferError, UcxKVSender, stop_ucx
+
+pytestmark = pytest.mark.integration
+
+T = TypeVar("T")
+LAYOUT = KVLayout(model_id="tiny@1", num_layers=3, block_size=4, num_kv_heads=2, head_dim=16, dtype="float32")
+NUM_CACHE_BLOCKS = 32
+
+
+def run(coro: Coroutine[Any, Any, T], timeout_s: float = 90) -> T:
+    async def main() -> T:
+        try:
+            return await asyncio.wait_for(coro, timeout=timeout_s)
+        finally:
+            stop_ucx()
+
+    return asyncio.run(main())
+
+
+class RecordingWorker:
+    """Stands in for the decode service: records handoffs and failures; `refuse` nacks completes."""
+
+    def __init__(self) -> None:
+        self.completed: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.refuse: str | None = None
+
+    async def complete(self, request_id: str, trailer: dict[str, Any], nbytes: int) -> dict[str, Any]:
+        if self.refuse is not None:
+            raise TransferError(self.refuse)
+        self.completed[request_id] = nbytes
+        return {"ok": True, "tokens": trailer["num_tokens"]}
+
+    def fail(self, request_id: str, reason: str) -> None:
+        assert request_id not in self.failed, f"fail({request_id!r}) reported twice"
+        self.failed[request_id] = reason
+
+    async def wait_failed(self, request_id: str, timeout_s: float = 10.0) -> str:
+        async with asyncio.timeout(timeout_s):
+            while request_id not in self.failed:
+                await asyncio.sleep(0.02)
+        return self.failed[request_id]
+
+
+def new_caches() -> KVCaches:
+    shape = (NUM_CACHE_BLOCKS, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(LAYOUT.num_layers)]
+
+
+def spec(**overrides: Any) -> ReceiverSpec:
+    settings: dict[str, Any] = dict(
+        layout=LAYOUT,
+        host="127.0.0.1",
+        port=0,
+        advertise_host=None,
+        attention_backend="torch",
+        log_format=LOG_FORMAT,
+        log_level=logging.WARNING,
+        idle_timeout_s=10.0,
+        announce_wait_s=0.3,
+    )
+    return ReceiverSpec(**(settings | overrides))
+
+
+def random_layers(num_blocks: int, seed: int) -> list[torch.Tensor]:
+    """Never-zero KV for every layer: [2, num_blocks, block_size, kv_heads, head_dim] each."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(LAYOUT.layer_shape(num_blocks), generator=gen) + 1.0 for _ in range(LAYOUT.num_layers)]
+
+
+def assert_in_cache(caches: KVCaches, block_ids: list[int], layers: list[torch.Tensor]) -> None:
+    for layer, kv in enumerate(layers):
+        k_cache, v_cache = caches[layer]
+        assert torch.equal(k_cache[block_ids], kv[0]) and torch.equal(v_cache[block_ids], kv[1]), layer
+
+
+async def push(sender: UcxKVSender, address: str, request_id: str, block_ids: list[int], seed: int) -> Any:
+    layers = random_layers(len(block_ids), seed)
+    session = await sender.open(address, request_id, block_ids, LAYOUT.num_layers)
+    await session.send_layers(0, torch.stack(layers))
+    return await session.finish({"num_tokens": 7})
+
+
+def test_pushes_land_in_the_shared_cache_and_failures_reach_the_worker() -> None:
+    caches, worker = new_caches(), RecordingWorker()
+
+    async def main() -> None:
+        process = ReceiverProcess(spec(), caches, worker)
+        await process.start()
+        sender, corrupting = UcxKVSender(LAYOUT), UcxKVSender(LAYOUT, FaultConfig(corrupt=1.0, seed=0))
+        try:
+            process.reserve("a", [3, 17, 8], None)
+            process.reserve("b", [30, 0], None)
+            acks = await asyncio.gather(
+                push(sender, process.address, "a", [3, 17, 8], seed=1),
+                push(sender, process.address, "b", [30, 0], seed=2),
+            )
+            assert [ack["tokens"] for ack in acks] == [7, 7]
+            assert worker.completed == {"a": 3 * LAYOUT.layer_nbytes(3), "b": 3 * LAYOUT.layer_nbytes(2)}
+            assert_in_cache(caches, [3, 17, 8], random_layers(3, seed=1))  # written by the child
+            assert_in_cache(caches, [30, 0], random_layers(2, seed=2))
+
+            process.reserve("bad", [5], None)  # a corrupted payload: nacked, and the worker is told
+            with pytest.raises(TransferError, match="checksum mismatch"):
+                await push(corrupting, process.address, "bad", [5], seed=3)
+            assert "checksum mismatch" in await worker.wait_failed("bad")
+
+            worker.refuse = "request 'late' is no longer reserved here"  # the worker nacks
+            process.reserve("late", [6], None)
+            with pytest.raises(TransferError, match="no longer reserved"):
+                await push(sender, process.address, "late", [6], seed=4)
+            assert "no longer reserved" in await worker.wait_failed("late")
+            assert set(worker.completed) == {"a", "b"}
+        finally:
+            await sender.close()
+            await corrupting.close()
+            await process.close()
+
+    run(main())
+
+
+def test_unannounced_and_revoked_reservations_get_no_writes() -> None:
+    caches, worker = new_caches(), RecordingWorker()
+
+    async def main() -> None:
+        process = ReceiverProcess(spec(), caches, worker)
+        await process.start()
+        sender = UcxKVSender(LAYOUT)
+        try:
+            with pytest.raises(TransferError, match="holds no reservation"):
+                await push(sender, process.address, "ghost", [1, 2], seed=1)
+
+            process.reserve("gone", [4], None)
+            await process.revoke("gone")
+            with pytest.raises(TransferError, match="holds no reservation"):
+                await push(sender, process.address, "gone", [4], seed=2)
+
+            # revoked between two messages of one push: nothing is written after revoke() returned
+            process.reserve("mid", [9, 10], None)
+            layers = random_layers(2, seed=3)
+            session = await sender.open(process.address, "mid", [9, 10], LAYOUT.num_layers)
+            await session.send_layers(0, layers[0].unsqueeze(0))
+            async with asyncio.timeout(10):
+                while not torch.equal(caches[0][0][[9, 10]], layers[0][0]):  # the first message landed
+                    await asyncio.sleep(0.02)
+            await process.revoke("mid")
+            await session.send_layers(1, torch.stack(layers[1:]))
+            with pytest.raises(TransferError, match="aborted while its KV arrived"):
+                await session.finish({"num_tokens": 7})
+            for layer in (1, 2):
+                assert not caches[layer][0][[9, 10]].any() and not caches[layer][1][[9, 10]].any()
+            assert worker.completed == {} and worker.failed == {}  # revoked: the worker already knows
+        finally:
+            await sender.close()
+            await process.close()
+
+    run(main())
+
+
+def test_the_worker_hears_when_the_child_dies_or_cannot_start() -> None:
+    worker = RecordingWorker()
+
+    async def main() -> None:
+        process = ReceiverProcess(spec(), new_caches(), worker)
+        await process.start()
+        lost = asyncio.Event()
+        process.on_lost = lost.set
+        process.reserve("r", [1], None)
+        process._process.kill()
+        await asyncio.wait_for(lost.wait(), 10)
+        assert not process.alive
+        await asyncio.wait_for(process.revoke("r"), 1)  # nothing writes any more: returns at once
+        await process.close()
+
+        taken = ReceiverProcess(spec(), new_caches(), worker)
+        await taken.start()
+        clash = ReceiverProcess(spec(port=int(taken.address.rpartition(":")[2])), new_caches(), worker)
+        try:
+            with pytest.raises(RuntimeError, match="failed to start"):
+                await clash.start()
+        finally:
+            await taken.close()
+
+    run(main())
