@@ -104,8 +104,11 @@ def _token_logprob(token_id: int, lp: Logprob) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(token_id=token_id, logprob=lp.logprob, rank=lp.rank or 0)
 
 
-def delta_from_output(out: EngineOutput, num_top_logprobs: int = 0) -> worker_pb2.TokenDelta:
+def delta_from_output(
+    out: EngineOutput, num_top_logprobs: int = 0, request_id: str = ""
+) -> worker_pb2.TokenDelta:
     msg = worker_pb2.TokenDelta(
+        request_id=request_id,
         token_ids=out.new_token_ids,
         finish_reason=finish_reason_to_proto(out.finish_reason),
         error=out.error or "",

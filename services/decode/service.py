@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from baton.services.decode.output_mux import OutputMux
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
@@ -41,7 +42,7 @@ class _Tracked:
 
     block_ids: list[int]
     num_top_logprobs: int
-    outputs: AsyncGenerator[EngineOutput, None]
+    outputs: AsyncGenerator[EngineOutput, None] | None  # None: they go to a subscriber's OutputMux
     remote: bool
     ready: Any = None  # the reservation's fence event: kept alive while the receiving process may open it
     committed: bool = False
@@ -70,6 +71,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.num_layers = num_layers
         self.transfer_address = ""
         self._tracked: dict[str, _Tracked] = {}
+        self._muxes: dict[str, OutputMux] = {}  # by subscriber
         self._background: set[asyncio.Task[Any]] = set()
         self.counters = TransferCounters()
         self.draining = False
@@ -84,20 +86,38 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if not rid:
             raise ValueError("request_id must not be empty")
         params = sampling_from_proto(request.sampling)
-        ready = None
-        if request.local_prefill:
-            outputs = self.engine.add(rid, prompt, params)
-            block_ids: list[int] = []
-        else:
-            if self.receiver is None:
-                raise UnavailableError(f"decode worker {self.worker_id} receives no KV pushes")
-            reserved = await self.engine.reserve(rid, prompt, params)
-            if reserved is None:
-                raise CapacityError(
-                    f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens"
+        mux = None
+        if request.subscriber:
+            mux = self._muxes.get(request.subscriber)
+            if mux is None:
+                raise UnavailableError(
+                    f"decode worker {self.worker_id} has no StreamOutputs stream open for subscriber "
+                    f"{request.subscriber!r}"
                 )
-            block_ids, outputs, ready = reserved.block_ids, reserved.outputs, reserved.ready
+        ready, outputs = None, None
+        sink = mux.attach(rid) if mux is not None else None
+        try:
+            if request.local_prefill:
+                if sink is not None:
+                    self.engine.add_to_sink(sink, rid, prompt, params)
+                else:
+                    outputs = self.engine.add(rid, prompt, params)
+                block_ids: list[int] = []
+            else:
+                if self.receiver is None:
+                    raise UnavailableError(f"decode worker {self.worker_id} receives no KV pushes")
+                reserved = await self.engine.reserve(rid, prompt, params, sink)
+                if reserved is None:
+                    raise CapacityError(
+                        f"decode worker {self.worker_id} has no room for {len(prompt)} prompt tokens"
+                    )
+                block_ids, outputs, ready = reserved.block_ids, reserved.outputs, reserved.ready
+        except BaseException:
+            if mux is not None:
+                mux.detach(rid)
+            raise
         tracked = _Tracked(block_ids, params.logprobs or 0, outputs, not request.local_prefill, ready)
+        tracked.streamed = mux is not None
         self._tracked[rid] = tracked
         try:
             await self.registry.reserve(
@@ -105,14 +125,17 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
         except RegistryError as exc:
             self._drop(rid)
+            if mux is not None:
+                mux.detach(rid)
             self.engine.abort(rid)  # frees what it holds; its unread stream is dropped with it
             raise ValueError(f"request id {rid!r} is already registered: {exc}") from exc
         except RegistryUnavailable as exc:
             logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
         if tracked.remote and self.receiver is not None:
             self.receiver.reserve(rid, block_ids, ready)  # before the router can hand it to a prefill worker
-        timeout_s = self.config.reservation_timeout_s
-        tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
+        if tracked.remote or not tracked.streamed:  # something to wait for: the KV, or a reader
+            timeout_s = self.config.reservation_timeout_s
+            tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
         how = "prefilled here" if request.local_prefill else f"{len(block_ids)} blocks reserved"
         logger.info("request %s: %d prompt tokens, %s", rid, len(prompt), how)
         return worker_pb2.ReserveResponse(
@@ -129,6 +152,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked.streamed = True
         if tracked.timeout is not None and (tracked.committed or not tracked.remote):
             tracked.timeout.cancel()
+        assert tracked.outputs is not None  # reserved without a subscriber
         try:
             async for out in tracked.outputs:
                 yield delta_from_output(out, tracked.num_top_logprobs)
@@ -136,6 +160,42 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await tracked.outputs.aclose()  # not finished (the router went away): aborts the request
             # In a task of its own: this handler may be cancelled again while the record is ended.
             self._spawn(self._settle(rid))
+
+    async def StreamOutputs(
+        self, request: worker_pb2.StreamOutputsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.TokenDeltaBatch]:
+        subscriber = request.subscriber
+        if not subscriber:
+            raise ValueError("subscriber must not be empty")
+        previous = self._muxes.pop(subscriber, None)
+        if previous is not None:
+            logger.warning("subscriber %s opened a new output stream: ending its old one", subscriber)
+            self._close_mux(previous)
+        mux = self._muxes[subscriber] = OutputMux(subscriber, self.engine.stream_interval)
+        try:
+            yield worker_pb2.TokenDeltaBatch()  # subscribed: Reserve may name it now
+            while True:
+                batch = await mux.next_batch()
+                if mux.closed:
+                    return
+                message = worker_pb2.TokenDeltaBatch()
+                for out in batch:
+                    tracked = self._tracked.get(out.request_id)
+                    top = tracked.num_top_logprobs if tracked is not None else 0
+                    message.deltas.append(delta_from_output(out, top, out.request_id))
+                    if out.finished:
+                        self._spawn(self._settle(out.request_id))
+                yield message
+        finally:
+            if self._muxes.get(subscriber) is mux:
+                del self._muxes[subscriber]
+            self._close_mux(mux)
+
+    def _close_mux(self, mux: OutputMux) -> None:
+        """The subscriber is gone: its requests' outputs have no reader, so they end here."""
+        for request_id in mux.close():
+            self.engine.abort(request_id)
+            self._spawn(self._settle(request_id))
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -231,7 +291,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
 
     async def _drain(self, request_id: str, tracked: _Tracked) -> None:
         """Read an unattended stream to its end (the engine delivers the abort or error), then settle."""
-        if tracked.streamed:
+        if tracked.streamed or tracked.outputs is None:  # read by a Stream call or a subscriber
             return
         tracked.streamed = True
         with contextlib.suppress(Exception):

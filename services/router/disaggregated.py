@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
 from baton.services.router.cluster_stats import summed_stats
+from baton.services.router.decode_outputs import DecodeOutputs
 from baton.services.router.directory import WorkerDirectory
 from baton.services.router.placement import (
     Placement,
@@ -30,7 +32,7 @@ from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import CapacityError, UnavailableError
 from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
 from baton.shared.rpc import router_pb2, worker_pb2
-from baton.shared.rpc_convert import output_from_delta, sampling_to_proto
+from baton.shared.rpc_convert import sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class DisaggregatedBackend:
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
         self.num_retries = 0
+        self.subscriber = f"router-{uuid.uuid4().hex[:12]}"  # this router on decode workers' output streams
+        self._outputs: dict[tuple[str, str], DecodeOutputs] = {}  # by decode worker id and address
+        self._aborts: set[asyncio.Task[None]] = set()
 
     async def generate(
         self, request_id: str, prompt: list[int], params: SamplingParams
@@ -158,19 +163,34 @@ class DisaggregatedBackend:
         decode, prefill = placement.decode, placement.prefill
         d_id = decode.info.worker_id
         d_stub = self.directory.decode_stub(decode)
+        shared = self._outputs_of(decode, d_stub)
+        try:
+            await shared.open()
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                exc = grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, None, None, "output stream not opened"
+                )
+            self._decode_failed(decode, exc, failures, before_reserve=True)
+        outputs = shared.attach(attempt_id)  # before Reserve: a local prefill's token may come at once
         sampling = sampling_to_proto(params)
         reserve = worker_pb2.ReserveRequest(
-            request_id=attempt_id, prompt_token_ids=prompt, sampling=sampling, local_prefill=prefill is None
+            request_id=attempt_id,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            local_prefill=prefill is None,
+            subscriber=self.subscriber,
         )
-        try:
-            reserved = await d_stub.Reserve(reserve, timeout=RESERVE_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            self._decode_failed(decode, exc, failures, before_reserve=True)
         prefill_task = None
         finished = False
+        reserved_here = False
         state = _AttemptState()
-        stream = d_stub.Stream(worker_pb2.StreamRequest(request_id=attempt_id))
         try:
+            try:
+                reserved = await d_stub.Reserve(reserve, timeout=RESERVE_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                self._decode_failed(decode, exc, failures, before_reserve=True)
+            reserved_here = True
             if prefill is not None:
                 self.num_remote_prefills += 1
                 prefill_task = asyncio.create_task(
@@ -178,8 +198,7 @@ class DisaggregatedBackend:
                 )
             else:
                 self.num_local_prefills += 1
-            async for delta in stream:
-                out = output_from_delta(attempt_id, delta)
+            async for out in outputs:
                 if not state.emitted and out.finish_reason in ("abort", "error") and not out.new_token_ids:
                     failures.last_error = (
                         out.error or f"decode worker {d_id} ended the request ({out.finish_reason})"
@@ -190,9 +209,6 @@ class DisaggregatedBackend:
                 yield out
                 if finished:
                     return
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.UNAVAILABLE, None, None, "stream ended without finishing"
-            )
         except grpc.aio.AioRpcError as exc:
             if state.emitted:
                 self.directory.mark_failed(d_id)
@@ -205,12 +221,25 @@ class DisaggregatedBackend:
                 return
             self._decode_failed(decode, exc, failures, before_reserve=False)
         finally:
-            if not finished:
-                stream.cancel()  # the client went away or the attempt failed: the decode worker aborts
+            shared.detach(attempt_id)
+            if reserved_here and not finished:  # the client went away or the attempt failed
+                self._spawn_abort(d_stub, attempt_id, "the router gave up on this attempt")
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await prefill_task
+
+    def _outputs_of(self, decode: WorkerRecord, d_stub: object) -> DecodeOutputs:
+        key = (decode.info.worker_id, decode.info.grpc_address)
+        shared = self._outputs.get(key)
+        if shared is None:
+            shared = self._outputs[key] = DecodeOutputs(d_stub, self.subscriber, decode.info.worker_id)
+        return shared
+
+    def _spawn_abort(self, d_stub: object, attempt_id: str, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(_abort_quietly(d_stub, attempt_id, reason))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
 
     async def _prefill(
         self,
@@ -285,6 +314,10 @@ class DisaggregatedBackend:
         return stats
 
     async def close(self) -> None:
+        for shared in self._outputs.values():
+            await shared.close()
+        if self._aborts:
+            await asyncio.wait(self._aborts, timeout=5)
         await self.directory.close()
 
 

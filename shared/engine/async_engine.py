@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
@@ -64,19 +64,27 @@ class _Call:
 _STOP = object()
 
 
+class OutputSink(Protocol):
+    """Where a request's outputs go instead of a stream of its own (many requests sharing one
+    consumer): every step's output as it is, unmerged, or the engine's fatal error, called on the
+    event loop that added the request."""
+
+    def put_nowait(self, item: EngineOutput | BaseException) -> None: ...
+
+
 @dataclass(frozen=True)
 class Reservation:
     """Blocks held for a prompt whose KV another worker pushes (see AsyncEngine.reserve)."""
 
     block_ids: list[int]
-    outputs: AsyncGenerator[EngineOutput, None]  # starts once commit() runs
+    outputs: AsyncGenerator[EngineOutput, None] | None  # starts once commit() runs; None with a sink
     ready: Any = None  # a torch.cuda.Event (None off the GPU): the blocks may be written once it completed
 
 
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[EngineOutput | BaseException]
+    queue: OutputSink  # an asyncio.Queue read by AsyncEngine._outputs, or the caller's sink
 
 
 class AsyncEngine:
@@ -141,20 +149,41 @@ class AsyncEngine:
     ) -> AsyncGenerator[EngineOutput, None]:
         """Queue a request (ValueError on bad input or a duplicate id now) and return its output
         stream; leaving that stream early aborts the request."""
-        self._check_alive()
-        self.core.validate(prompt_token_ids, params)
-        stream = self._open_stream(request_id)
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
+        stream = self._queue_request(request_id, prompt_token_ids, params, prefill_only, None)
         return self._outputs(request_id, stream)
 
-    async def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> Reservation | None:
-        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); None when
-        they don't fit. The output stream starts once commit() runs."""
+    def add_to_sink(
+        self, sink: OutputSink, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request whose outputs go to `sink`; the caller aborts it if it stops listening."""
+        self._queue_request(request_id, prompt_token_ids, params, False, sink)
+
+    def _queue_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool,
+        sink: OutputSink | None,
+    ) -> _Stream:
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
-        stream = self._open_stream(request_id)
+        stream = self._open_stream(request_id, sink)
+        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
+        return stream
+
+    async def reserve(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sink: OutputSink | None = None,
+    ) -> Reservation | None:
+        """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); None when
+        they don't fit. The output stream (or `sink`) starts once commit() runs."""
+        self._check_alive()
+        self.core.validate(prompt_token_ids, params)
+        stream = self._open_stream(request_id, sink)
         try:
             block_ids, fence = await self.call(
                 lambda core: (core.reserve(request_id, prompt_token_ids, params), core.fence())
@@ -167,7 +196,7 @@ class AsyncEngine:
             return None
         if self._release is not None:
             self._uncommitted[request_id] = asyncio.get_running_loop()
-        return Reservation(block_ids, self._outputs(request_id, stream), fence)
+        return Reservation(block_ids, self._outputs(request_id, stream) if sink is None else None, fence)
 
     def set_reservation_release(self, release: Callable[[str], Awaitable[None]]) -> None:
         """Someone outside the engine writes into reserved blocks (the decode worker's receiving
@@ -196,20 +225,22 @@ class AsyncEngine:
         one output (as vLLM's output collector does), so a slow stream costs one message per visit, not
         one per engine step. After the first output, one carries at least `stream_interval` tokens
         (or the end)."""
+        queue = stream.queue
+        assert isinstance(queue, asyncio.Queue)
         finished, first = False, True
         held: EngineOutput | None = None  # tokens not yet handed out
         try:
             while not finished:
-                item = await stream.queue.get()
-                while isinstance(item, EngineOutput) and not item.finished and not stream.queue.empty():
-                    following = stream.queue.get_nowait()
+                item = await queue.get()
+                while isinstance(item, EngineOutput) and not item.finished and not queue.empty():
+                    following = queue.get_nowait()
                     if isinstance(following, BaseException):
-                        stream.queue.put_nowait(following)  # raised on the next visit, after this output
+                        queue.put_nowait(following)  # raised on the next visit, after this output
                         break
                     item = merge_outputs(item, following)
                 if isinstance(item, BaseException):
                     if held is not None:
-                        stream.queue.put_nowait(item)  # raised on the next visit, after what was held
+                        queue.put_nowait(item)  # raised on the next visit, after what was held
                         out, held = held, None
                         yield out
                         continue
@@ -223,8 +254,8 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def _open_stream(self, request_id: str) -> _Stream:
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+    def _open_stream(self, request_id: str, sink: OutputSink | None = None) -> _Stream:
+        stream = _Stream(asyncio.get_running_loop(), sink if sink is not None else asyncio.Queue())
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
@@ -331,7 +362,7 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[EngineOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not one per request."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], EngineOutput]]] = {}
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputSink, EngineOutput]]] = {}
         with self._lock:
             for out in outputs:
                 rid = out.request_id
@@ -356,6 +387,6 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
 
-def _put_all(batch: list[tuple[asyncio.Queue[Any], EngineOutput]]) -> None:
+def _put_all(batch: list[tuple[OutputSink, EngineOutput]]) -> None:
     for stream_queue, out in batch:
         stream_queue.put_nowait(out)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.shared.rpc import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x0f\x62\x61ton.worker.v1\x1a\x15\x62\x61ton/v1/common.proto\"\x81\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x15\n\rlocal_prefill\x18\x04 \x01(\x08\"Q\n\x0fReserveResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\xef\x01\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\rB\x10\n\x0e_stop_token_id\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"*\n\x0fGetStatsRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\"\xce\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_held_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_request_blocks\x18\x07 \x01(\r\x12\x13\n\x0bnum_running\x18\x08 \x01(\r\x12\x13\n\x0bnum_waiting\x18\t \x01(\r\x12\x14\n\x0cnum_reserved\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x0c \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\r \x01(\x04\x12\x15\n\rnum_transfers\x18\x0e \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\x0f \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x10 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x11 \x03(\t\x12\x17\n\x0fintegrity_error\x18\x12 \x01(\t\x12\x14\n\x0cnum_finished\x18\x13 \x01(\x04\"\xb1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x18\n\x10transfer_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\r\"\x84\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x12\n\nhandoff_ns\x18\x04 \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x32\xb9\x02\n\x0c\x44\x65\x63odeWorker\x12L\n\x07Reserve\x12\x1f.baton.worker.v1.ReserveRequest\x1a .baton.worker.v1.ReserveResponse\x12G\n\x06Stream\x12\x1e.baton.worker.v1.StreamRequest\x1a\x1b.baton.worker.v1.TokenDelta0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.baton.worker.v1.AbortRequest\x1a\x1e.baton.worker.v1.AbortResponse\x12J\n\x08GetStats\x12 .baton.worker.v1.GetStatsRequest\x1a\x1c.baton.worker.v1.WorkerStats2\xf1\x01\n\rPrefillWorker\x12L\n\x07Prefill\x12\x1f.baton.worker.v1.PrefillRequest\x1a .baton.worker.v1.PrefillResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.baton.worker.v1.AbortRequest\x1a\x1e.baton.worker.v1.AbortResponse\x12J\n\x08GetStats\x12 .baton.worker.v1.GetStatsRequest\x1a\x1c.baton.worker.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/worker.proto\x12\x0f\x62\x61ton.worker.v1\x1a\x15\x62\x61ton/v1/common.proto\"\x95\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x15\n\rlocal_prefill\x18\x04 \x01(\x08\x12\x12\n\nsubscriber\x18\x05 \x01(\t\"Q\n\x0fReserveResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\"#\n\rStreamRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"*\n\x14StreamOutputsRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\">\n\x0fTokenDeltaBatch\x12+\n\x06\x64\x65ltas\x18\x01 \x03(\x0b\x32\x1b.baton.worker.v1.TokenDelta\"\x83\x02\n\nTokenDelta\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12,\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x06 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x07 \x01(\r\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x10\n\x0e_stop_token_id\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"*\n\x0fGetStatsRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\"\xce\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x19\n\x11num_cached_blocks\x18\x05 \x01(\r\x12\x17\n\x0fnum_held_blocks\x18\x06 \x01(\r\x12\x1a\n\x12num_request_blocks\x18\x07 \x01(\r\x12\x13\n\x0bnum_running\x18\x08 \x01(\r\x12\x13\n\x0bnum_waiting\x18\t \x01(\r\x12\x14\n\x0cnum_reserved\x18\n \x01(\r\x12\x17\n\x0fnum_preemptions\x18\x0b \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\x0c \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\r \x01(\x04\x12\x15\n\rnum_transfers\x18\x0e \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\x0f \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x10 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x11 \x03(\t\x12\x17\n\x0fintegrity_error\x18\x12 \x01(\t\x12\x14\n\x0cnum_finished\x18\x13 \x01(\x04\"\xb1\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x08sampling\x18\x03 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x04 \x01(\t\x12\x18\n\x10transfer_address\x18\x05 \x01(\t\x12\x11\n\tblock_ids\x18\x06 \x03(\r\"\x84\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x12\n\nprefill_ns\x18\x03 \x01(\x04\x12\x12\n\nhandoff_ns\x18\x04 \x01(\x04\x12\x16\n\x0etransfer_bytes\x18\x05 \x01(\x04\x32\x95\x03\n\x0c\x44\x65\x63odeWorker\x12L\n\x07Reserve\x12\x1f.baton.worker.v1.ReserveRequest\x1a .baton.worker.v1.ReserveResponse\x12G\n\x06Stream\x12\x1e.baton.worker.v1.StreamRequest\x1a\x1b.baton.worker.v1.TokenDelta0\x01\x12Z\n\rStreamOutputs\x12%.baton.worker.v1.StreamOutputsRequest\x1a .baton.worker.v1.TokenDeltaBatch0\x01\x12\x46\n\x05\x41\x62ort\x12\x1d.baton.worker.v1.AbortRequest\x1a\x1e.baton.worker.v1.AbortResponse\x12J\n\x08GetStats\x12 .baton.worker.v1.GetStatsRequest\x1a\x1c.baton.worker.v1.WorkerStats2\xf1\x01\n\rPrefillWorker\x12L\n\x07Prefill\x12\x1f.baton.worker.v1.PrefillRequest\x1a .baton.worker.v1.PrefillResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.baton.worker.v1.AbortRequest\x1a\x1e.baton.worker.v1.AbortResponse\x12J\n\x08GetStats\x12 .baton.worker.v1.GetStatsRequest\x1a\x1c.baton.worker.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,27 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'baton.v1.worker_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVEREQUEST']._serialized_start=66
-  _globals['_RESERVEREQUEST']._serialized_end=195
-  _globals['_RESERVERESPONSE']._serialized_start=197
-  _globals['_RESERVERESPONSE']._serialized_end=278
-  _globals['_STREAMREQUEST']._serialized_start=280
-  _globals['_STREAMREQUEST']._serialized_end=315
-  _globals['_TOKENDELTA']._serialized_start=318
-  _globals['_TOKENDELTA']._serialized_end=557
-  _globals['_ABORTREQUEST']._serialized_start=559
-  _globals['_ABORTREQUEST']._serialized_end=609
-  _globals['_ABORTRESPONSE']._serialized_start=611
-  _globals['_ABORTRESPONSE']._serialized_end=641
-  _globals['_GETSTATSREQUEST']._serialized_start=643
-  _globals['_GETSTATSREQUEST']._serialized_end=685
-  _globals['_WORKERSTATS']._serialized_start=688
-  _globals['_WORKERSTATS']._serialized_end=1150
-  _globals['_PREFILLREQUEST']._serialized_start=1153
-  _globals['_PREFILLREQUEST']._serialized_end=1330
-  _globals['_PREFILLRESPONSE']._serialized_start=1333
-  _globals['_PREFILLRESPONSE']._serialized_end=1465
-  _globals['_DECODEWORKER']._serialized_start=1468
-  _globals['_DECODEWORKER']._serialized_end=1781
-  _globals['_PREFILLWORKER']._serialized_start=1784
-  _globals['_PREFILLWORKER']._serialized_end=2025
+  _globals['_RESERVEREQUEST']._serialized_end=215
+  _globals['_RESERVERESPONSE']._serialized_start=217
+  _globals['_RESERVERESPONSE']._serialized_end=298
+  _globals['_STREAMREQUEST']._serialized_start=300
+  _globals['_STREAMREQUEST']._serialized_end=335
+  _globals['_STREAMOUTPUTSREQUEST']._serialized_start=337
+  _globals['_STREAMOUTPUTSREQUEST']._serialized_end=379
+  _globals['_TOKENDELTABATCH']._serialized_start=381
+  _globals['_TOKENDELTABATCH']._serialized_end=443
+  _globals['_TOKENDELTA']._serialized_start=446
+  _globals['_TOKENDELTA']._serialized_end=705
+  _globals['_ABORTREQUEST']._serialized_start=707
+  _globals['_ABORTREQUEST']._serialized_end=757
+  _globals['_ABORTRESPONSE']._serialized_start=759
+  _globals['_ABORTRESPONSE']._serialized_end=789
+  _globals['_GETSTATSREQUEST']._serialized_start=791
+  _globals['_GETSTATSREQUEST']._serialized_end=833
+  _globals['_WORKERSTATS']._serialized_start=836
+  _globals['_WORKERSTATS']._serialized_end=1298
+  _globals['_PREFILLREQUEST']._serialized_start=1301
+  _globals['_PREFILLREQUEST']._serialized_end=1478
+  _globals['_PREFILLRESPONSE']._serialized_start=1481
+  _globals['_PREFILLRESPONSE']._serialized_end=1613
+  _globals['_DECODEWORKER']._serialized_start=1616
+  _globals['_DECODEWORKER']._serialized_end=2021
+  _globals['_PREFILLWORKER']._serialized_start=2024
+  _globals['_PREFILLWORKER']._serialized_end=2265
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,11 @@ class DecodeWorkerStub:
                 request_serializer=baton_dot_v1_dot_worker__pb2.StreamRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_worker__pb2.TokenDelta.FromString,
                 _registered_method=True)
+        self.StreamOutputs = channel.unary_stream(
+                '/baton.worker.v1.DecodeWorker/StreamOutputs',
+                request_serializer=baton_dot_v1_dot_worker__pb2.StreamOutputsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_worker__pb2.TokenDeltaBatch.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.worker.v1.DecodeWorker/Abort',
                 request_serializer=baton_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
@@ -81,6 +86,17 @@ class DecodeWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamOutputs(self, request, context):
+        """One stream for every request reserved with this subscriber (a router): each message carries
+        what one or more engine steps produced for any of them, so a step costs one message, not one
+        per request. The first message is empty: it confirms the subscription. When the stream ends
+        (the subscriber went away), its requests are aborted. A later call with the same subscriber
+        replaces the stream and aborts the requests of the old one, whose outputs were lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Abort(self, request, context):
         """Cancel a request wherever it is (reserved, receiving KV, decoding); frees its blocks.
         """
@@ -107,6 +123,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=baton_dot_v1_dot_worker__pb2.StreamRequest.FromString,
                     response_serializer=baton_dot_v1_dot_worker__pb2.TokenDelta.SerializeToString,
+            ),
+            'StreamOutputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamOutputs,
+                    request_deserializer=baton_dot_v1_dot_worker__pb2.StreamOutputsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_worker__pb2.TokenDeltaBatch.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -175,6 +196,33 @@ class DecodeWorker:
             '/baton.worker.v1.DecodeWorker/Stream',
             baton_dot_v1_dot_worker__pb2.StreamRequest.SerializeToString,
             baton_dot_v1_dot_worker__pb2.TokenDelta.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.worker.v1.DecodeWorker/StreamOutputs',
+            baton_dot_v1_dot_worker__pb2.StreamOutputsRequest.SerializeToString,
+            baton_dot_v1_dot_worker__pb2.TokenDeltaBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,7 @@ import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from baton_cluster import (
 from baton import LLM, SamplingParams
 from baton.services.launcher import LocalCluster
 from baton.shared.registry import Registry
-from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
+from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +203,57 @@ def test_registry_is_rebuilt_from_the_workers_after_a_redis_flush(
 
     assert asyncio.run(main()) == expected(offline, [PROMPTS[3]], 800)[0]
     assert_no_leaks(cluster)
+
+
+def test_a_subscribers_shared_output_stream_carries_its_requests_and_ends_them_when_closed(
+    cluster: LocalCluster, offline: LLM
+) -> None:
+    """StreamOutputs on the decode worker itself: requests reserved for a subscriber stream on its one
+    stream (tagged by request id, in order); a Reserve naming a subscriber with no stream open is
+    UNAVAILABLE; closing the stream aborts what is still running there."""
+
+    async def main() -> tuple[dict[str, list[int]], set[str]]:
+        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+            (decode,) = [w for w in await registry.live_workers() if w.info.role == "decode"]
+        async with grpc.aio.insecure_channel(decode.info.grpc_address) as channel:
+            stub = worker_pb2_grpc.DecodeWorkerStub(channel)
+
+            def reserve(rid: str, prompt: list[int], max_tokens: int, subscriber: str) -> Any:
+                return stub.Reserve(
+                    worker_pb2.ReserveRequest(
+                        request_id=rid,
+                        prompt_token_ids=prompt,
+                        sampling=greedy(max_tokens),
+                        local_prefill=True,
+                        subscriber=subscriber,
+                    ),
+                    timeout=10,
+                )
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await reserve("nobody-reads", PROMPTS[0], 4, "no-such-subscriber")
+            assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+
+            stream = stub.StreamOutputs(worker_pb2.StreamOutputsRequest(subscriber="test-subscriber"))
+            batches = aiter(stream)
+            assert list((await anext(batches)).deltas) == []  # subscribed
+            tokens: dict[str, list[int]] = {"a": [], "b": []}
+            await reserve("a", PROMPTS[0], MAX_TOKENS, "test-subscriber")
+            await reserve("b", PROMPTS[3], MAX_TOKENS, "test-subscriber")
+            ended: set[str] = set()
+            while ended != {"a", "b"}:
+                for delta in (await anext(batches)).deltas:
+                    tokens[delta.request_id].extend(delta.token_ids)
+                    if delta.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        ended.add(delta.request_id)
+            await reserve("left", PROMPTS[2], 800, "test-subscriber")
+            seen: set[str] = set()
+            while "left" not in seen:
+                seen.update(d.request_id for d in (await anext(batches)).deltas)
+            stream.cancel()  # the subscriber goes away mid-request
+            return tokens, seen
+
+    tokens, seen = asyncio.run(main())
+    assert [tokens["a"], tokens["b"]] == expected(offline, [PROMPTS[0], PROMPTS[3]], MAX_TOKENS)
+    assert seen == {"left"}
+    assert_no_leaks(cluster)  # "left" was aborted and its record ended

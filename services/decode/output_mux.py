@@ -1,0 +1,89 @@
+"""One subscriber's shared output stream on a decode worker (the StreamOutputs RPC).
+
+A decode step produces a token for every running request; sent as one gRPC message per request, a
+batch of 256 costs the worker's event loop 256 writes a step, and that loop shares the GIL with the
+engine thread. Requests reserved for a subscriber (a router) put their outputs here instead, and the
+subscriber's stream sends everything that is due in one message per wake-up, as SGLang's and
+Dynamo's batched output links do. A request whose outputs queued up meanwhile gets them merged, and
+after its first token an output is due once it carries `stream_interval` tokens (or the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from baton.shared.engine.outputs import EngineOutput, merge_outputs
+
+
+@dataclass
+class _Sink:
+    """One request's handle on the mux (what the engine puts its outputs into)."""
+
+    mux: OutputMux
+    request_id: str
+
+    def put_nowait(self, item: EngineOutput | BaseException) -> None:
+        self.mux.put(self.request_id, item)
+
+
+class OutputMux:
+    def __init__(self, subscriber: str, stream_interval: int = 1) -> None:
+        self.subscriber = subscriber
+        self.stream_interval = stream_interval
+        self.request_ids: set[str] = set()  # attached and not yet finished
+        self.closed = False
+        self._held: dict[str, EngineOutput] = {}  # merged outputs not handed out yet
+        self._due: dict[str, None] = {}  # requests whose held output is due, in order
+        self._started: set[str] = set()  # requests whose first output was handed out
+        self._wake = asyncio.Event()
+
+    def attach(self, request_id: str) -> _Sink:
+        self.request_ids.add(request_id)
+        return _Sink(self, request_id)
+
+    def detach(self, request_id: str) -> None:
+        """Forget a request that was never queued (its Reserve failed)."""
+        self.request_ids.discard(request_id)
+        self._held.pop(request_id, None)
+        self._due.pop(request_id, None)
+
+    def put(self, request_id: str, item: EngineOutput | BaseException) -> None:
+        if self.closed or request_id not in self.request_ids:
+            return
+        if isinstance(item, BaseException):  # the engine died: the request ends with its error
+            item = EngineOutput(request_id, [], finish_reason="error", error=f"engine failed: {item!r}")
+        held = self._held.get(request_id)
+        if held is not None and held.finished:
+            return
+        held = self._held[request_id] = item if held is None else merge_outputs(held, item)
+        if (
+            held.finished
+            or request_id not in self._started
+            or len(held.new_token_ids) >= self.stream_interval
+        ):
+            self._due[request_id] = None
+            self._wake.set()
+
+    async def next_batch(self) -> list[EngineOutput]:
+        """What is due, one output per request; waits until something is (or the mux closed: [])."""
+        while not self._due and not self.closed:
+            self._wake.clear()
+            await self._wake.wait()
+        due, self._due = list(self._due), {}
+        batch = [self._held.pop(rid) for rid in due]
+        for out in batch:
+            self._started.add(out.request_id)
+            if out.finished:
+                self.request_ids.discard(out.request_id)
+                self._started.discard(out.request_id)
+        return batch
+
+    def close(self) -> set[str]:
+        """Stop delivering; returns the requests still attached (the caller aborts them)."""
+        self.closed = True
+        self._wake.set()
+        orphans, self.request_ids = self.request_ids, set()
+        self._held.clear()
+        self._due.clear()
+        return orphans
