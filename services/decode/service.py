@@ -329,11 +329,19 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         while self._tracked and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
 
-    async def shutdown(self) -> None:
-        """Abort what is in flight (streams end with 'abort') and settle every record."""
+    async def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Abort what is in flight (streams end with 'abort'), settle every record, and end the
+        subscribers' output streams (they never end by themselves; the server's stop would wait)."""
         for request_id, tracked in list(self._tracked.items()):
             self.engine.abort(request_id)
             if not tracked.streamed:
                 self._spawn(self._drain(request_id, tracked))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._tracked and loop.time() < deadline:  # the aborts reach the subscribers
+            await asyncio.sleep(0.02)
+        muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            self._close_mux(mux)
         if self._background:
-            await asyncio.wait(self._background, timeout=5)
+            await asyncio.wait(self._background, timeout=timeout_s)
