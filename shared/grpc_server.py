@@ -18,13 +18,15 @@ MAX_MESSAGE_BYTES = 64 * 2**20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Keep HTTP/2 flow-control windows at their initial size instead of growing them with the
-    # bandwidth-delay product: a token stream's reader that falls behind then pushes back on the
-    # writer within a few steps, whose queued outputs get merged (fewer, larger messages at every
-    # hop), instead of megabytes of one-token messages piling up unread. Our gRPC carries control
-    # and token messages only (KV goes over UCX), so the small window costs no bandwidth that
-    # matters. Measured on the served anchor: 4.17-4.72 s against 5.58-6.74 s (benchmarks/NOTES.md).
+    # Small HTTP/2 flow-control windows (16 KiB a stream, not grown with the bandwidth-delay
+    # product): a token stream's reader that falls behind pushes back on the writer within a few
+    # steps, and the writer merges its queued outputs (fewer, larger messages at every hop) instead
+    # of megabytes of one-token messages piling up unread. Our gRPC carries control and token
+    # messages only (KV goes over UCX), so the small windows cost no bandwidth that matters.
+    # Measured on the served anchor (benchmarks/NOTES.md): probing off 4.17-4.72 s against
+    # 5.58-6.74 s; then 16 KiB windows 4.83-4.92 s against 5.35-5.46 s.
     ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 16384),
 ]
 
 
