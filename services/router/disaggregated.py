@@ -183,14 +183,12 @@ class DisaggregatedBackend:
         )
         prefill_task = None
         finished = False
-        reserved_here = False
         state = _AttemptState()
         try:
             try:
                 reserved = await d_stub.Reserve(reserve, timeout=RESERVE_TIMEOUT_S)
             except grpc.aio.AioRpcError as exc:
                 self._decode_failed(decode, exc, failures, before_reserve=True)
-            reserved_here = True
             if prefill is not None:
                 self.num_remote_prefills += 1
                 prefill_task = asyncio.create_task(
@@ -222,7 +220,7 @@ class DisaggregatedBackend:
             self._decode_failed(decode, exc, failures, before_reserve=False)
         finally:
             shared.detach(attempt_id)
-            if reserved_here and not finished:  # the client went away or the attempt failed
+            if not finished:  # the client went away or the attempt failed (perhaps while reserving)
                 self._spawn_abort(d_stub, attempt_id, "the router gave up on this attempt")
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
