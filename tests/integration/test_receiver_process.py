@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -198,3 +204,54 @@ def test_the_worker_hears_when_the_child_dies_or_cannot_start() -> None:
             await taken.close()
 
     run(main())
+
+
+WORKER_SCRIPT = """
+import asyncio, logging, sys, torch
+from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
+from baton.shared.transfer import KVLayout
+
+class Worker:
+    async def complete(self, request_id, trailer, nbytes):
+        return {{}}
+
+    def fail(self, request_id, reason):
+        pass
+
+async def main():
+    layout = KVLayout.from_dict({layout!r})
+    caches = [(torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)) for _ in range(layout.num_layers)]
+    spec = ReceiverSpec(layout, "127.0.0.1", 0, None, "torch", "%(message)s", logging.WARNING)
+    process = ReceiverProcess(spec, caches, Worker())
+    await process.start()
+    print(process._process.pid, flush=True)
+    await asyncio.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def test_the_child_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
+    """kill -9 of a decode worker must not leave its receiving process holding the UCX port."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_SCRIPT.format(layout=LAYOUT.to_dict()))
+    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, cwd=tmp_path, text=True)
+    try:
+        assert worker.stdout is not None
+        lines = iter(worker.stdout.readline, "")
+        child = int(next(line for line in lines if line.strip().isdigit()))  # UCX may warn on stdout
+        os.kill(child, 0)  # running
+        worker.kill()
+        worker.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the receiving process outlived its worker by 10 s")
+    finally:
+        worker.kill()
