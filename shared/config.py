@@ -102,7 +102,7 @@ class WorkerConfig(BaseModel):
         4,
         ge=1,
         description="Prefill: UCX connections to one decode worker, pushes multiplexed over them (the "
-        "decode worker keeps two staging buffers per connection).",
+        "decode worker's receiving process keeps two staging buffers per connection).",
     )
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
     drain_timeout_s: float = Field(

@@ -32,6 +32,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ from typing import Any, Protocol
 import torch
 import torch.multiprocessing
 
+from baton.shared.background import BackgroundTasks
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import KVCaches, check_kv_run, scatter_kv_run
@@ -87,9 +89,9 @@ class ReceiverProcess:
         self._process: Any = None
         self._started: asyncio.Future[str] | None = None
         self._revoking: dict[str, asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks()
         self._closing = False
-        self.on_lost: Any = None  # called (no arguments) if the child dies while the worker runs
+        self.on_lost: Callable[[], None] | None = None  # called if the child dies while the worker runs
 
     @property
     def alive(self) -> bool:
@@ -141,8 +143,7 @@ class ReceiverProcess:
             if self._kv_caches[0][0].is_cuda:
                 torch.cuda.ipc_collect()  # the child's mappings of the cache are gone
         self._disconnect()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout_s)
+        await self._tasks.wait(timeout_s)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         if self._conn is None:
@@ -167,7 +168,7 @@ class ReceiverProcess:
             if self._started is not None and not self._started.done():
                 self._started.set_exception(RuntimeError(f"KV receiver process failed to start: {msg[1]}"))
         elif kind == "complete":
-            self._spawn(self._complete(msg[1], msg[2], msg[3]))
+            self._tasks.spawn(self._complete(msg[1], msg[2], msg[3]))
         elif kind == "fail":
             self._handler.fail(msg[1], msg[2])
         elif kind == "revoked":
@@ -188,11 +189,6 @@ class ReceiverProcess:
             logger.exception("completing the handoff of %s failed", request_id)
             error = f"decode worker error: {e!r}"
         self._send(("verdict", request_id, payload, error))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _lost(self) -> None:
         closing = self._closing
@@ -284,7 +280,7 @@ class _CacheWriter:
         self._revoked: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._awaiting_announcement: dict[str, asyncio.Future[None]] = {}
         self._verdicts: dict[str, asyncio.Future[tuple[dict[str, Any] | None, str | None]]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks()
 
     # -- the worker's messages ---------------------------------------------------------------------
     def listen(self) -> None:
@@ -312,7 +308,7 @@ class _CacheWriter:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         elif kind == "revoke":
-            self._spawn(self._revoke(msg[1]))
+            self._tasks.spawn(self._revoke(msg[1]))
         elif kind == "verdict":
             verdict = self._verdicts.pop(msg[1], None)
             if verdict is not None and not verdict.done():
@@ -390,7 +386,7 @@ class _CacheWriter:
         announced = self._announced.pop(request_id, None)
         if announced is None:
             return  # revoked: the worker already ended it
-        self._spawn(self._report_failure(request_id, reason))
+        self._tasks.spawn(self._report_failure(request_id, reason))
 
     async def _report_failure(self, request_id: str, reason: str) -> None:
         await self._writes_landed()  # the worker frees the blocks when it hears of the failure
@@ -410,8 +406,3 @@ class _CacheWriter:
         self._revoked[request_id] = None
         while len(self._revoked) > _REVOKED_MEMORY:
             self._revoked.popitem(last=False)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

@@ -14,12 +14,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from baton.services.decode.output_mux import OutputMux
+from baton.shared.background import BackgroundTasks
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
@@ -48,7 +49,6 @@ class _Tracked:
     committed: bool = False
     timeout: asyncio.TimerHandle | None = None
     streamed: bool = False
-    transfer_bytes: int = field(default=0)
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -72,7 +72,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.transfer_address = ""
         self._tracked: dict[str, _Tracked] = {}
         self._muxes: dict[str, OutputMux] = {}  # by subscriber
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background = BackgroundTasks()
         self.counters = TransferCounters()
         self.draining = False
 
@@ -159,7 +159,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         finally:
             await tracked.outputs.aclose()  # not finished (the router went away): aborts the request
             # In a task of its own: this handler may be cancelled again while the record is ended.
-            self._spawn(self._settle(rid))
+            self._background.spawn(self._settle(rid))
 
     async def StreamOutputs(
         self, request: worker_pb2.StreamOutputsRequest, context: grpc.aio.ServicerContext
@@ -184,7 +184,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                     top = tracked.num_top_logprobs if tracked is not None else 0
                     message.deltas.append(delta_from_output(out, top, out.request_id))
                     if out.finished:
-                        self._spawn(self._settle(out.request_id))
+                        self._background.spawn(self._settle(out.request_id))
                 yield message
         finally:
             if self._muxes.get(subscriber) is mux:
@@ -195,7 +195,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         """The subscriber is gone: its requests' outputs have no reader, so they end here."""
         for request_id in mux.close():
             self.engine.abort(request_id)
-            self._spawn(self._settle(request_id))
+            self._background.spawn(self._settle(request_id))
 
     async def Abort(
         self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -206,7 +206,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         logger.info("abort %s: %s", request.request_id, request.reason or "by request")
         self.engine.abort(request.request_id)
         if not tracked.streamed:  # nobody will read the stream: settle here
-            self._spawn(self._drain(request.request_id, tracked))
+            self._background.spawn(self._drain(request.request_id, tracked))
         return worker_pb2.AbortResponse(found=True)
 
     async def GetStats(
@@ -255,7 +255,6 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise TransferError(f"request {request_id!r} ended while its handoff was recorded")
         tracked.committed = True
         tracked.ready = None
-        tracked.transfer_bytes = nbytes
         if tracked.timeout is not None and tracked.streamed:
             tracked.timeout.cancel()
         self.engine.commit(request_id, first_token, num_cached)
@@ -285,7 +284,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             return
         if not tracked.streamed:
             self.engine.fail(request_id, f"nobody read the output stream within {timeout_s:g} s")
-            self._spawn(self._drain(request_id, tracked))
+            self._background.spawn(self._drain(request_id, tracked))
         elif tracked.remote and not tracked.committed:
             self.engine.fail(request_id, f"the prompt's KV did not arrive within {timeout_s:g} s")
 
@@ -317,17 +316,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             tracked.timeout.cancel()
         return tracked
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     async def drain(self, timeout_s: float) -> None:
         """Refuse new requests and give the ones in flight `timeout_s` to finish."""
         self.draining = True
+        await self._until_settled(timeout_s)
+
+    async def _until_settled(self, timeout_s: float) -> None:
+        """Until no request is held here, or `timeout_s` passed."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         while self._tracked and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.02)
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         """Abort what is in flight (streams end with 'abort'), settle every record, and end the
@@ -335,13 +333,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for request_id, tracked in list(self._tracked.items()):
             self.engine.abort(request_id)
             if not tracked.streamed:
-                self._spawn(self._drain(request_id, tracked))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while self._tracked and loop.time() < deadline:  # the aborts reach the subscribers
-            await asyncio.sleep(0.02)
+                self._background.spawn(self._drain(request_id, tracked))
+        await self._until_settled(timeout_s)  # the aborts reach the subscribers
         muxes, self._muxes = list(self._muxes.values()), {}
         for mux in muxes:
             self._close_mux(mux)
-        if self._background:
-            await asyncio.wait(self._background, timeout=timeout_s)
+        await self._background.wait(timeout_s)

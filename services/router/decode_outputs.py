@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from baton.shared.engine.outputs import EngineOutput, merge_outputs
+from baton.shared.engine.outputs import EngineOutput, merge_queued
 from baton.shared.rpc import worker_pb2
 from baton.shared.rpc_convert import output_from_delta
 
@@ -33,7 +33,7 @@ class DecodeOutputs:
         self._stub = stub
         self._subscriber = subscriber
         self.worker_id = worker_id
-        self._queues: dict[str, asyncio.Queue[worker_pb2.TokenDelta | StreamLost]] = {}
+        self._queues: dict[str, asyncio.Queue[EngineOutput | BaseException]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._opened: asyncio.Future[None] | None = None
 
@@ -48,7 +48,7 @@ class DecodeOutputs:
     def attach(self, attempt_id: str) -> AsyncIterator[EngineOutput]:
         """The attempt's outputs, merged when several queued up; attach before Reserve."""
         queue = self._queues[attempt_id] = asyncio.Queue()
-        return self._outputs(attempt_id, queue)
+        return self._outputs(queue)
 
     def detach(self, attempt_id: str) -> None:
         self._queues.pop(attempt_id, None)
@@ -60,19 +60,14 @@ class DecodeOutputs:
                 await self._reader
 
     async def _outputs(
-        self, attempt_id: str, queue: asyncio.Queue[worker_pb2.TokenDelta | StreamLost]
+        self, queue: asyncio.Queue[EngineOutput | BaseException]
     ) -> AsyncIterator[EngineOutput]:
         while True:
             item = await queue.get()
             if isinstance(item, StreamLost):
                 raise item.error
-            out = output_from_delta(attempt_id, item)
-            while not out.finished and not queue.empty():
-                following = queue.get_nowait()
-                if isinstance(following, StreamLost):
-                    queue.put_nowait(following)  # raised on the next visit, after this output
-                    break
-                out = merge_outputs(out, output_from_delta(attempt_id, following))
+            assert isinstance(item, EngineOutput)
+            out = merge_queued(queue, item)
             yield out
             if out.finished:
                 return
@@ -88,7 +83,7 @@ class DecodeOutputs:
                 for delta in batch.deltas:
                     queue = self._queues.get(delta.request_id)
                     if queue is not None:
-                        queue.put_nowait(delta)
+                        queue.put_nowait(output_from_delta(delta.request_id, delta))
             raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "output stream ended")
         except grpc.aio.AioRpcError as exc:
             logger.warning("output stream from decode worker %s ended: %s", self.worker_id, exc.details())

@@ -25,6 +25,7 @@ from baton.services.router.placement import (
     prefill_locally,
     rank_decode_workers,
 )
+from baton.shared.background import BackgroundTasks
 from baton.shared.config import RouterConfig
 from baton.shared.engine.block_hash import hash_full_blocks
 from baton.shared.engine.outputs import EngineOutput
@@ -73,7 +74,7 @@ class DisaggregatedBackend:
         self.num_retries = 0
         self.subscriber = f"router-{uuid.uuid4().hex[:12]}"  # this router on decode workers' output streams
         self._outputs: dict[tuple[str, str], DecodeOutputs] = {}  # by decode worker id and address
-        self._aborts: set[asyncio.Task[None]] = set()
+        self._aborts = BackgroundTasks()
 
     async def generate(
         self, request_id: str, prompt: list[int], params: SamplingParams
@@ -221,7 +222,7 @@ class DisaggregatedBackend:
         finally:
             shared.detach(attempt_id)
             if not finished:  # the client went away or the attempt failed (perhaps while reserving)
-                self._spawn_abort(d_stub, attempt_id, "the router gave up on this attempt")
+                self._aborts.spawn(_abort_quietly(d_stub, attempt_id, "the router gave up on this attempt"))
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -233,11 +234,6 @@ class DisaggregatedBackend:
         if shared is None:
             shared = self._outputs[key] = DecodeOutputs(d_stub, self.subscriber, decode.info.worker_id)
         return shared
-
-    def _spawn_abort(self, d_stub: object, attempt_id: str, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(_abort_quietly(d_stub, attempt_id, reason))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
 
     async def _prefill(
         self,
@@ -314,8 +310,7 @@ class DisaggregatedBackend:
     async def close(self) -> None:
         for shared in self._outputs.values():
             await shared.close()
-        if self._aborts:
-            await asyncio.wait(self._aborts, timeout=5)
+        await self._aborts.wait(5)
         await self.directory.close()
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
-from baton.shared.engine.outputs import EngineOutput, merge_outputs
+from baton.shared.engine.outputs import EngineOutput, merge_outputs, merge_queued
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken
 
@@ -78,7 +78,7 @@ class Reservation:
 
     block_ids: list[int]
     outputs: AsyncGenerator[EngineOutput, None] | None  # starts once commit() runs; None with a sink
-    ready: Any = None  # a torch.cuda.Event (None off the GPU): the blocks may be written once it completed
+    ready: Any = None  # a torch.cuda.Event, when writers outside the engine need one: write once it completed
 
 
 @dataclass
@@ -184,9 +184,13 @@ class AsyncEngine:
         self._check_alive()
         self.core.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, sink)
+        written_outside = self._release is not None  # then the writer needs the fence
         try:
             block_ids, fence = await self.call(
-                lambda core: (core.reserve(request_id, prompt_token_ids, params), core.fence())
+                lambda core: (
+                    core.reserve(request_id, prompt_token_ids, params),
+                    core.fence() if written_outside else None,
+                )
             )
         except BaseException:
             self._close_stream(request_id)
@@ -194,7 +198,7 @@ class AsyncEngine:
         if block_ids is None:
             self._close_stream(request_id)
             return None
-        if self._release is not None:
+        if written_outside:
             self._uncommitted[request_id] = asyncio.get_running_loop()
         return Reservation(block_ids, self._outputs(request_id, stream) if sink is None else None, fence)
 
@@ -232,12 +236,8 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await queue.get()
-                while isinstance(item, EngineOutput) and not item.finished and not queue.empty():
-                    following = queue.get_nowait()
-                    if isinstance(following, BaseException):
-                        queue.put_nowait(following)  # raised on the next visit, after this output
-                        break
-                    item = merge_outputs(item, following)
+                if isinstance(item, EngineOutput):
+                    item = merge_queued(queue, item)
                 if isinstance(item, BaseException):
                     if held is not None:
                         queue.put_nowait(item)  # raised on the next visit, after what was held

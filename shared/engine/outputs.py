@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field, replace
 
 
@@ -52,6 +53,19 @@ def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
     if first.new_logprobs is not None or then.new_logprobs is not None:
         logprobs = [*(first.new_logprobs or []), *(then.new_logprobs or [])]
     return replace(then, new_token_ids=[*first.new_token_ids, *then.new_token_ids], new_logprobs=logprobs)
+
+
+def merge_queued(queue: asyncio.Queue[EngineOutput | BaseException], out: EngineOutput) -> EngineOutput:
+    """`out` merged with the outputs of its request already queued behind it, so a consumer that fell
+    behind sends one message per visit; stops at the request's end, or at an exception, which is put
+    back to be raised on the next visit."""
+    while not out.finished and not queue.empty():
+        following = queue.get_nowait()
+        if isinstance(following, BaseException):
+            queue.put_nowait(following)
+            break
+        out = merge_outputs(out, following)
+    return out
 
 
 @dataclass

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from baton.shared.background import BackgroundTasks
 from baton.shared.transfer.base import (
     KVLayout,
     KVPushSession,
@@ -433,12 +434,10 @@ class PushSession(KVPushSession):
         self._release_slot()
         if tell_receiver and not connection.closed:
             abort = {"type": "abort", "request_id": self.request_id, "reason": told or reason}
-            task = asyncio.get_running_loop().create_task(_send_quietly(connection, abort))
-            _BACKGROUND.add(task)
-            task.add_done_callback(_BACKGROUND.discard)
+            _BACKGROUND.spawn(_send_quietly(connection, abort))
 
 
-_BACKGROUND: set[asyncio.Task[None]] = set()  # aborts on their way out (a task needs a reference)
+_BACKGROUND = BackgroundTasks()  # aborts on their way out
 
 
 async def _send_quietly(connection: OutboundConnection, msg: dict[str, Any]) -> None:
@@ -481,7 +480,7 @@ class InboundConnection:
         self._active_ids = active_ids
         self.peer = peer
         self.requests: dict[str, _Inbound] = {}
-        self._finishing: set[asyncio.Task[None]] = set()
+        self._finishing = BackgroundTasks()
 
     async def serve(self, channel: Channel, idle_timeout_s: float) -> None:
         """Handle the connection until it closes; when requests are in progress and nothing arrives
@@ -501,8 +500,7 @@ class InboundConnection:
         finally:
             self.fail_active("connection closed")
             channel.close("receiver dropped the connection")
-            if self._finishing:  # their replies find the channel closed; let their handoffs end
-                await asyncio.wait(self._finishing)
+            await self._finishing.wait()  # their replies find the channel closed; let their handoffs end
 
     async def _serve(self, channel: Channel, idle_timeout_s: float) -> None:
         reply = self.on_hello(await channel.recv_message(idle_timeout_s))
@@ -637,9 +635,7 @@ class InboundConnection:
         return None
 
     def _on_finish(self, request_id: str, msg: dict[str, Any], channel: Channel) -> None:
-        task = asyncio.get_running_loop().create_task(self._finish(request_id, msg, channel))
-        self._finishing.add(task)
-        task.add_done_callback(self._finishing.discard)
+        self._finishing.spawn(self._finish(request_id, msg, channel))
 
     async def _finish(self, request_id: str, msg: dict[str, Any], channel: Channel) -> None:
         with contextlib.suppress(ChannelClosed):  # the sender is gone; it learns nothing more
