@@ -4,6 +4,7 @@ worker's KV cache shared with it. The worker's side is a recording HandoffHandle
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -236,7 +237,9 @@ def test_the_child_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
     """kill -9 of a decode worker must not leave its receiving process holding the UCX port."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER_SCRIPT.format(layout=LAYOUT.to_dict()))
-    worker = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, cwd=tmp_path, text=True)
+    worker = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, cwd=tmp_path, text=True, start_new_session=True
+    )
     try:
         assert worker.stdout is not None
         lines = iter(worker.stdout.readline, "")
@@ -254,4 +257,6 @@ def test_the_child_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the receiving process outlived its worker by 10 s")
     finally:
-        worker.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the worker's process group
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait(10)
