@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from baton.services.decode.output_mux import OutputMux
 from baton.shared.background import BackgroundTasks
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import CapacityError, UnavailableError
+from baton.shared.output_mux import Failed, OutputMux
 from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
@@ -179,7 +179,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 if mux.closed:
                     return
                 message = worker_pb2.TokenDeltaBatch()
-                for out in batch:
+                for item in batch:
+                    out = _as_output(item)
                     tracked = self._tracked.get(out.request_id)
                     top = tracked.num_top_logprobs if tracked is not None else 0
                     message.deltas.append(delta_from_output(out, top, out.request_id))
@@ -339,3 +340,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         for mux in muxes:
             self._close_mux(mux)
         await self._background.wait(timeout_s)
+
+
+def _as_output(item: EngineOutput | Failed) -> EngineOutput:
+    """A failed request's last output: the engine died under it."""
+    if isinstance(item, Failed):
+        return EngineOutput(
+            item.request_id, [], finish_reason="error", error=f"engine failed: {item.error!r}"
+        )
+    return item

@@ -1,4 +1,4 @@
-"""One HTTP request becomes one Router `Generate` stream per choice (n choices for each prompt). Each
+"""One HTTP request becomes one Router request per choice (n choices for each prompt). Each
 stream's text goes through the stop-string matcher; the streams are merged into one sequence of
 events, in arrival order. Closing the sequence cancels every stream still open, which aborts those
 requests on the router and the workers."""
@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 
@@ -68,7 +69,16 @@ class ChoiceTimings:
         self.last_token_s = now_s
 
 
-OpenCall = Callable[[router_pb2.GenerateRequest], grpc.aio.UnaryStreamCall]
+class ResponseStream(Protocol):
+    """One request's responses from the Router (a Generate call, or a request on a shared stream)."""
+
+    def __aiter__(self) -> AsyncIterator[router_pb2.GenerateResponse]: ...
+
+    def cancel(self) -> object:
+        """Abort the request unless it ended."""
+
+
+OpenCall = Callable[[router_pb2.GenerateRequest], ResponseStream]
 OnFinish = Callable[[ChoiceEvent, ChoiceTimings], None]
 
 

@@ -1,26 +1,47 @@
-"""The gateway's connection to the Router: the served model (asked once, then remembered), Generate
-streams, cluster stats and readiness."""
+"""The gateway's connection to the Router: the served model (asked once, then remembered), requests
+and their responses, cluster stats and readiness.
+
+Requests are Submitted for this gateway's subscriber, and every request's responses come back on one
+Subscribe stream, batched: one gRPC message per Router wake-up instead of one per token per request,
+which is most of what a gateway streaming hundreds of completions spends otherwise."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
 from baton.services.gateway.errors import OpenAIError, unavailable
+from baton.shared.background import BackgroundTasks
 from baton.shared.grpc_server import open_channel
 from baton.shared.rpc import router_pb2, router_pb2_grpc
+from baton.shared.subscription import Subscription, rpc_error
+
+logger = logging.getLogger(__name__)
 
 INFO_TIMEOUT_S = 5.0
+ABORT_TIMEOUT_S = 5.0
 
 
 class RouterClient:
     def __init__(self, address: str) -> None:
         self.address = address
+        self.subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
         self._channel = open_channel(address)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._model: router_pb2.ModelInfo | None = None
         self._model_lock = asyncio.Lock()
+        self._responses: Subscription[router_pb2.GenerateResponse] = Subscription(
+            f"the router's output stream at {address}",
+            lambda: self._stub.Subscribe(router_pb2.SubscribeRequest(subscriber=self.subscriber)),
+            _split,
+            merge_responses,
+            lambda response: response.finish_reason != 0,
+        )
+        self._aborts = BackgroundTasks()
 
     async def model(self) -> router_pb2.ModelInfo:
         """The Router's model (name, context length, vocabulary); 503 while the Router is unreachable."""
@@ -47,8 +68,9 @@ class RouterClient:
             )  # fmt: skip
         return model
 
-    def generate(self, request: router_pb2.GenerateRequest) -> grpc.aio.UnaryStreamCall:
-        return self._stub.Generate(request)
+    def generate(self, request: router_pb2.GenerateRequest) -> SubmittedRequest:
+        """The request's responses, read like a Generate call's (`request.request_id` must be set)."""
+        return SubmittedRequest(self, request)
 
     async def cluster_stats(self, timeout_s: float) -> router_pb2.ClusterStats | None:
         """The workers' counters, or None when the Router does not answer in time."""
@@ -58,4 +80,87 @@ class RouterClient:
             return None
 
     async def close(self) -> None:
+        await self._aborts.wait(ABORT_TIMEOUT_S)
+        await self._responses.close()
         await self._channel.close()
+
+    async def _abort(self, request_id: str) -> None:
+        try:
+            await self._stub.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:  # the router went away: it aborts what it held itself
+            logger.warning("request %s: abort not delivered: %s", request_id, exc.details())
+
+
+class SubmittedRequest:
+    """One request on the shared stream: iterate for its responses (gRPC errors are raised as a
+    Generate call raises them); `cancel()` aborts it unless it ended."""
+
+    def __init__(self, client: RouterClient, request: router_pb2.GenerateRequest) -> None:
+        self._client = client
+        self._request = request
+        self._submitted = False
+        self._ended = False
+        self._detached = False
+
+    def __aiter__(self) -> AsyncIterator[router_pb2.GenerateResponse]:
+        return self._read()
+
+    def cancel(self) -> None:
+        if not self._ended and self._submitted:
+            self._client._aborts.spawn(self._client._abort(self._request.request_id))
+        self._ended = True
+        self._detach()
+
+    def _detach(self) -> None:
+        if not self._detached:
+            self._detached = True
+            self._client._responses.detach(self._request.request_id)
+
+    async def _read(self) -> AsyncIterator[router_pb2.GenerateResponse]:
+        client = self._client
+        try:
+            responses = client._responses.attach(self._request.request_id)
+        except ValueError as exc:
+            self._detached = True  # the id is another request's
+            raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        try:
+            await client._responses.open()
+            submit = router_pb2.SubmitRequest(request=self._request, subscriber=client.subscriber)
+            await client._stub.Submit(submit)
+            self._submitted = True
+            async for response in responses:
+                self._ended = response.finish_reason != 0
+                yield response
+        except grpc.aio.AioRpcError:
+            self._ended = True  # refused, failed, or the stream was lost: over on the router too
+            raise
+        finally:
+            if self._ended:
+                self._detach()
+
+
+def merge_responses(
+    first: router_pb2.GenerateResponse, then: router_pb2.GenerateResponse
+) -> router_pb2.GenerateResponse:
+    """One response carrying both pieces (`first` is extended in place); the end state is `then`'s."""
+    first.token_ids.extend(then.token_ids)
+    first.text += then.text
+    first.logprobs.extend(then.logprobs)
+    first.finish_reason = then.finish_reason
+    first.usage.CopyFrom(then.usage)
+    first.error = then.error
+    if then.HasField("stop_token_id"):
+        first.stop_token_id = then.stop_token_id
+    return first
+
+
+def _split(
+    batch: router_pb2.GenerateResponseBatch,
+) -> Iterable[tuple[str, router_pb2.GenerateResponse | BaseException]]:
+    for response in batch.responses:
+        yield response.request_id, response
+    for failure in batch.failures:
+        yield failure.request_id, rpc_error(_STATUS_BY_CODE[failure.code], failure.message)
+
+
+_STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from baton.services.router.cluster_stats import summed_stats
-from baton.services.router.decode_outputs import DecodeOutputs
+from baton.services.router.decode_outputs import decode_outputs
 from baton.services.router.directory import WorkerDirectory
 from baton.services.router.placement import (
     Placement,
@@ -34,6 +34,7 @@ from baton.shared.grpc_server import CapacityError, UnavailableError
 from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
 from baton.shared.rpc import router_pb2, worker_pb2
 from baton.shared.rpc_convert import sampling_to_proto
+from baton.shared.subscription import Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class DisaggregatedBackend:
         self.num_local_prefills = 0
         self.num_retries = 0
         self.subscriber = f"router-{uuid.uuid4().hex[:12]}"  # this router on decode workers' output streams
-        self._outputs: dict[tuple[str, str], DecodeOutputs] = {}  # by decode worker id and address
+        self._outputs: dict[
+            tuple[str, str], Subscription[EngineOutput]
+        ] = {}  # by decode worker id and address
         self._aborts = BackgroundTasks()
 
     async def generate(
@@ -167,11 +170,7 @@ class DisaggregatedBackend:
         shared = self._outputs_of(decode, d_stub)
         try:
             await shared.open()
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError):
-                exc = grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE, None, None, "output stream not opened"
-                )
+        except grpc.aio.AioRpcError as exc:
             self._decode_failed(decode, exc, failures, before_reserve=True)
         outputs = shared.attach(attempt_id)  # before Reserve: a local prefill's token may come at once
         sampling = sampling_to_proto(params)
@@ -228,11 +227,11 @@ class DisaggregatedBackend:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await prefill_task
 
-    def _outputs_of(self, decode: WorkerRecord, d_stub: object) -> DecodeOutputs:
+    def _outputs_of(self, decode: WorkerRecord, d_stub: object) -> Subscription[EngineOutput]:
         key = (decode.info.worker_id, decode.info.grpc_address)
         shared = self._outputs.get(key)
         if shared is None:
-            shared = self._outputs[key] = DecodeOutputs(d_stub, self.subscriber, decode.info.worker_id)
+            shared = self._outputs[key] = decode_outputs(d_stub, self.subscriber, decode.info.worker_id)
         return shared
 
     async def _prefill(

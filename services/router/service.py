@@ -15,7 +15,9 @@ import grpc
 
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
+from baton.shared.grpc_server import UnavailableError, error_message, status_for
 from baton.shared.models import ModelConfig
+from baton.shared.output_mux import Failed, OutputMux
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 from baton.shared.rpc_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
 from baton.shared.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -40,63 +42,145 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.max_model_len = max_model_len or self.model_config.max_position_embeddings
         self.backend = backend
-        self._active: dict[str, asyncio.Task[object]] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}  # by request id, until the backend is done
+        self._muxes: dict[str, OutputMux] = {}  # by subscriber
+        self._writers: dict[str, _ResponseWriter] = {}  # submitted requests, until their end is sent
 
     async def Generate(
         self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
-        prompt = self._prompt(request)
-        params = sampling_from_proto(request.sampling)
-        if rid in self._active:
-            raise ValueError(f"request_id {rid!r} is already in flight")
-        detok = (
-            IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens)
-            if self.tokenizer is not None
-            else None
-        )
-        outputs: asyncio.Queue[EngineOutput | BaseException | None] = asyncio.Queue()
-        pump = asyncio.create_task(self._pump(rid, prompt, params, outputs))
-        self._active[rid] = pump
-        num_completion = 0
-        finish = "cancelled by the caller"
-        logger.info("request %s: %d prompt tokens, max_tokens %d", rid, len(prompt), params.max_tokens)
+        writer = self._start_checks(rid, request)
+        outputs: asyncio.Queue[EngineOutput | BaseException] = asyncio.Queue()
+        pump = self._start(rid, writer, outputs)
         try:
-            while (out := await outputs.get()) is not None:
+            while True:
+                out = await outputs.get()
                 if isinstance(out, BaseException):
-                    finish = f"failed ({out})"
+                    writer.finish = f"failed ({out})"
                     raise out
-                num_completion += len(out.new_token_ids)
+                yield writer.response(out)
                 if out.finished:
-                    finish = out.finish_reason or "finished"
-                yield self._response(rid, out, detok, params, len(prompt), num_completion)
+                    return
         finally:
-            logger.info("request %s: %s after %d tokens", rid, finish, num_completion)
-            self._active.pop(rid, None)
+            writer.log_end()
             if not pump.done():  # the client went away: stop the request everywhere
                 pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pump
 
-    async def _pump(
-        self,
-        rid: str,
-        prompt: list[int],
-        params: SamplingParams,
-        outputs: asyncio.Queue[EngineOutput | BaseException | None],
-    ) -> None:
-        """Move the backend's outputs to the Generate stream; Abort cancels this task, which ends the
-        stream with finish_reason ABORT."""
+    async def Subscribe(
+        self, request: router_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[router_pb2.GenerateResponseBatch]:
+        subscriber = request.subscriber
+        if not subscriber:
+            raise ValueError("subscriber must not be empty")
+        previous = self._muxes.pop(subscriber, None)
+        if previous is not None:
+            logger.warning("subscriber %s opened a new output stream: ending its old one", subscriber)
+            self._close_mux(previous)
+        mux = self._muxes[subscriber] = OutputMux(subscriber)
+        logger.info("subscriber %s opened its output stream", subscriber)
         try:
-            async for out in self.backend.generate(rid, prompt, params):
-                outputs.put_nowait(out)
+            yield router_pb2.GenerateResponseBatch()  # subscribed: Submit may name it now
+            while True:
+                batch = await mux.next_batch()
+                if mux.closed:
+                    return
+                yield self._response_batch(batch)
+        finally:
+            if self._muxes.get(subscriber) is mux:
+                del self._muxes[subscriber]
+            self._close_mux(mux)
+
+    async def Submit(
+        self, request: router_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.SubmitResponse:
+        mux = self._muxes.get(request.subscriber)
+        if mux is None:
+            raise UnavailableError(f"no Subscribe stream is open for subscriber {request.subscriber!r}")
+        rid = request.request.request_id
+        if not rid:
+            raise ValueError("request.request_id must be set: the subscriber's stream names requests by it")
+        self._writers[rid] = writer = self._start_checks(rid, request.request)
+        self._start(rid, writer, mux.attach(rid))
+        return router_pb2.SubmitResponse()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Until every request ended and its end was sent (or `timeout_s` passed), then end the
+        subscribers' streams (they never end by themselves: the server's stop would wait for them);
+        requests still running then are aborted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (self._active or self._writers) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            self._close_mux(mux)
+
+    def _start_checks(self, rid: str, request: router_pb2.GenerateRequest) -> _ResponseWriter:
+        """The request's response writer, once its input is valid and its id free (ValueError if not)."""
+        prompt = self._prompt(request)
+        params = sampling_from_proto(request.sampling)
+        if rid in self._active or rid in self._writers:
+            raise ValueError(f"request_id {rid!r} is already in flight")
+        return _ResponseWriter(rid, prompt, params, self.tokenizer)
+
+    def _start(self, rid: str, writer: _ResponseWriter, sink: _OutputSink) -> asyncio.Task[None]:
+        logger.info(
+            "request %s: %d prompt tokens, max_tokens %d", rid, len(writer.prompt), writer.params.max_tokens
+        )
+        pump = self._active[rid] = asyncio.create_task(self._pump(rid, writer, sink))
+        return pump
+
+    async def _pump(self, rid: str, writer: _ResponseWriter, sink: _OutputSink) -> None:
+        """Move the backend's outputs to the request's sink; Abort cancels this task, which ends the
+        request with finish_reason ABORT."""
+        try:
+            async for out in self.backend.generate(rid, writer.prompt, writer.params):
+                sink.put_nowait(out)
                 if out.finished:
-                    break
+                    return
+            sink.put_nowait(RuntimeError("the backend ended the request without a last output"))
         except asyncio.CancelledError:
-            outputs.put_nowait(EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=len(prompt)))
+            sink.put_nowait(
+                EngineOutput(rid, [], finish_reason="abort", num_prompt_tokens=len(writer.prompt))
+            )
         except Exception as exc:
-            outputs.put_nowait(exc)
-        outputs.put_nowait(None)
+            sink.put_nowait(exc)
+        finally:
+            self._active.pop(rid, None)
+
+    def _response_batch(self, batch: list[EngineOutput | Failed]) -> router_pb2.GenerateResponseBatch:
+        message = router_pb2.GenerateResponseBatch()
+        for item in batch:
+            writer = self._writers[item.request_id]
+            if isinstance(item, Failed):
+                code = status_for(item.error)
+                message.failures.append(
+                    router_pb2.RequestFailure(
+                        request_id=item.request_id, code=code.value[0], message=error_message(item.error)
+                    )
+                )
+                writer.finish = f"failed ({item.error})"
+            else:
+                message.responses.append(writer.response(item))
+                if not item.finished:
+                    continue
+            del self._writers[item.request_id]
+            writer.log_end()
+        return message
+
+    def _close_mux(self, mux: OutputMux) -> None:
+        """The subscriber is gone: its requests have no reader, so they are aborted."""
+        for rid in mux.close():
+            writer = self._writers.pop(rid, None)
+            if writer is not None:
+                writer.finish = "aborted: its subscriber went away"
+                writer.log_end()
+            pump = self._active.get(rid)
+            if pump is not None:
+                pump.cancel("its subscriber went away")
 
     async def Abort(
         self, request: router_pb2.AbortRequest, context: grpc.aio.ServicerContext
@@ -155,42 +239,62 @@ class RouterService(router_pb2_grpc.RouterServicer):
             )
         return prompt
 
-    def _response(
-        self,
-        rid: str,
-        out: EngineOutput,
-        detok: IncrementalDetokenizer | None,
-        params: SamplingParams,
-        num_prompt: int,
-        num_completion: int,
-    ) -> router_pb2.GenerateResponse:
+
+class _OutputSink(Protocol):
+    def put_nowait(self, item: EngineOutput | BaseException) -> None: ...
+
+
+class _ResponseWriter:
+    """One request's responses: the text its tokens add, logprobs with their text, usage so far."""
+
+    def __init__(
+        self, rid: str, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer | None
+    ) -> None:
+        self.rid = rid
+        self.prompt = prompt
+        self.params = params
+        self.finish = "cancelled by the caller"  # what ended it, for the log
+        self._tokenizer = tokenizer
+        self._detok = (
+            IncrementalDetokenizer(tokenizer, prompt, params.skip_special_tokens)
+            if tokenizer is not None
+            else None
+        )
+        self._num_completion = 0
+
+    def response(self, out: EngineOutput) -> router_pb2.GenerateResponse:
+        self._num_completion += len(out.new_token_ids)
+        if out.finished:
+            self.finish = out.finish_reason or "finished"
         msg = router_pb2.GenerateResponse(
-            request_id=rid,
+            request_id=self.rid,
             token_ids=out.new_token_ids,
-            text=_text_of(out, detok),
+            text=self._text_of(out),
             finish_reason=finish_reason_to_proto(out.finish_reason),
             error=out.error or "",
             usage=common_pb2.Usage(
-                prompt_tokens=num_prompt,
-                completion_tokens=num_completion,
+                prompt_tokens=len(self.prompt),
+                completion_tokens=self._num_completion,
                 cached_prompt_tokens=out.num_cached_tokens,
             ),
         )
         if out.new_logprobs is not None:
-            positions = logprobs_to_proto(out.new_token_ids, out.new_logprobs, params.logprobs or 0)
-            if self.tokenizer is not None:
+            positions = logprobs_to_proto(out.new_token_ids, out.new_logprobs, self.params.logprobs or 0)
+            if self._tokenizer is not None:
                 for position in positions:
                     for entry in (position.sampled, *position.top):
-                        entry.text = self.tokenizer.decode([entry.token_id], skip_special_tokens=False)
+                        entry.text = self._tokenizer.decode([entry.token_id], skip_special_tokens=False)
             msg.logprobs.extend(positions)
         if out.stop_reason is not None:
             msg.stop_token_id = out.stop_reason
         return msg
 
+    def log_end(self) -> None:
+        logger.info("request %s: %s after %d tokens", self.rid, self.finish, self._num_completion)
 
-def _text_of(out: EngineOutput, detok: IncrementalDetokenizer | None) -> str:
-    """The text the output's tokens add; the last output also releases any text held back."""
-    if detok is None:
-        return ""
-    text = detok.push(out.new_token_ids)
-    return text + detok.flush() if out.finished else text
+    def _text_of(self, out: EngineOutput) -> str:
+        """The text the output's tokens add; the last output also releases any text held back."""
+        if self._detok is None:
+            return ""
+        text = self._detok.push(out.new_token_ids)
+        return text + self._detok.flush() if out.finished else text

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -55,17 +59,31 @@ def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
     return replace(then, new_token_ids=[*first.new_token_ids, *then.new_token_ids], new_logprobs=logprobs)
 
 
-def merge_queued(queue: asyncio.Queue[EngineOutput | BaseException], out: EngineOutput) -> EngineOutput:
-    """`out` merged with the outputs of its request already queued behind it, so a consumer that fell
-    behind sends one message per visit; stops at the request's end, or at an exception, which is put
+def merge_pending(
+    queue: asyncio.Queue[_T | BaseException],
+    item: _T,
+    merge: Callable[[_T, _T], _T],
+    is_last: Callable[[_T], bool],
+) -> _T:
+    """`item` merged with the pieces of its request already queued behind it, so a reader that fell
+    behind handles one per visit; stops at the request's last piece, or at an exception, which is put
     back to be raised on the next visit."""
-    while not out.finished and not queue.empty():
+    while not is_last(item) and not queue.empty():
         following = queue.get_nowait()
         if isinstance(following, BaseException):
             queue.put_nowait(following)
             break
-        out = merge_outputs(out, following)
-    return out
+        item = merge(item, following)
+    return item
+
+
+def merge_queued(queue: asyncio.Queue[EngineOutput | BaseException], out: EngineOutput) -> EngineOutput:
+    """`out` merged with the outputs of its request already queued behind it (see `merge_pending`)."""
+    return merge_pending(queue, out, merge_outputs, _is_finished)
+
+
+def _is_finished(out: EngineOutput) -> bool:
+    return out.finished
 
 
 @dataclass

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from baton.shared.rpc import common_pb2 as baton_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/router.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\r\n\x05\x65rror\x18\x08 \x01(\tB\x10\n\x0e_stop_token_id\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"Z\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x18\n\x16GetClusterStatsRequest\"\xea\x02\n\x0c\x43lusterStats\x12\x1a\n\x12num_decode_workers\x18\x01 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x02 \x01(\r\x12\x1f\n\x17num_unreachable_workers\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x06 \x01(\r\x12\x19\n\x11num_decode_blocks\x18\x07 \x01(\x04\x12\x1e\n\x16num_decode_held_blocks\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\n \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0b \x01(\x04\x12\x15\n\rnum_transfers\x18\x0c \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\r \x01(\x04\x32\x9d\x02\n\x06Router\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12K\n\x0fGetClusterStats\x12 .baton.v1.GetClusterStatsRequest\x1a\x16.baton.v1.ClusterStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x62\x61ton/v1/router.proto\x12\x08\x62\x61ton.v1\x1a\x15\x62\x61ton/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12\'\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x12.baton.v1.TokenIdsH\x00\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.baton.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x81\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.baton.v1.PositionLogprobs\x12-\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x16.baton.v1.FinishReason\x12\x1a\n\rstop_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x1e\n\x05usage\x18\x07 \x01(\x0b\x32\x0f.baton.v1.Usage\x12\r\n\x05\x65rror\x18\x08 \x01(\tB\x10\n\x0e_stop_token_id\"&\n\x10SubscribeRequest\x12\x12\n\nsubscriber\x18\x01 \x01(\t\"O\n\rSubmitRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.baton.v1.GenerateRequest\x12\x12\n\nsubscriber\x18\x02 \x01(\t\"\x10\n\x0eSubmitResponse\"r\n\x15GenerateResponseBatch\x12-\n\tresponses\x18\x01 \x03(\x0b\x32\x1a.baton.v1.GenerateResponse\x12*\n\x08\x66\x61ilures\x18\x02 \x03(\x0b\x32\x18.baton.v1.RequestFailure\"C\n\x0eRequestFailure\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"Z\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\r\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.baton.v1.ModelInfo\"\x18\n\x16GetClusterStatsRequest\"\xea\x02\n\x0c\x43lusterStats\x12\x1a\n\x12num_decode_workers\x18\x01 \x01(\r\x12\x1b\n\x13num_prefill_workers\x18\x02 \x01(\r\x12\x1f\n\x17num_unreachable_workers\x18\x03 \x01(\r\x12\x13\n\x0bnum_running\x18\x04 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\r\x12\x14\n\x0cnum_reserved\x18\x06 \x01(\r\x12\x19\n\x11num_decode_blocks\x18\x07 \x01(\x04\x12\x1e\n\x16num_decode_held_blocks\x18\x08 \x01(\x04\x12\x17\n\x0fnum_preemptions\x18\t \x01(\x04\x12\x1b\n\x13prefix_query_tokens\x18\n \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x0b \x01(\x04\x12\x15\n\rnum_transfers\x18\x0c \x01(\x04\x12\x1d\n\x15num_transfer_failures\x18\r \x01(\x04\x32\xa6\x03\n\x06Router\x12\x43\n\x08Generate\x12\x19.baton.v1.GenerateRequest\x1a\x1a.baton.v1.GenerateResponse0\x01\x12J\n\tSubscribe\x12\x1a.baton.v1.SubscribeRequest\x1a\x1f.baton.v1.GenerateResponseBatch0\x01\x12;\n\x06Submit\x12\x17.baton.v1.SubmitRequest\x1a\x18.baton.v1.SubmitResponse\x12\x38\n\x05\x41\x62ort\x12\x16.baton.v1.AbortRequest\x1a\x17.baton.v1.AbortResponse\x12G\n\nListModels\x12\x1b.baton.v1.ListModelsRequest\x1a\x1c.baton.v1.ListModelsResponse\x12K\n\x0fGetClusterStats\x12 .baton.v1.GetClusterStatsRequest\x1a\x16.baton.v1.ClusterStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=247
   _globals['_GENERATERESPONSE']._serialized_start=250
   _globals['_GENERATERESPONSE']._serialized_end=507
-  _globals['_ABORTREQUEST']._serialized_start=509
-  _globals['_ABORTREQUEST']._serialized_end=543
-  _globals['_ABORTRESPONSE']._serialized_start=545
-  _globals['_ABORTRESPONSE']._serialized_end=575
-  _globals['_LISTMODELSREQUEST']._serialized_start=577
-  _globals['_LISTMODELSREQUEST']._serialized_end=596
-  _globals['_MODELINFO']._serialized_start=598
-  _globals['_MODELINFO']._serialized_end=688
-  _globals['_LISTMODELSRESPONSE']._serialized_start=690
-  _globals['_LISTMODELSRESPONSE']._serialized_end=747
-  _globals['_GETCLUSTERSTATSREQUEST']._serialized_start=749
-  _globals['_GETCLUSTERSTATSREQUEST']._serialized_end=773
-  _globals['_CLUSTERSTATS']._serialized_start=776
-  _globals['_CLUSTERSTATS']._serialized_end=1138
-  _globals['_ROUTER']._serialized_start=1141
-  _globals['_ROUTER']._serialized_end=1426
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=509
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=547
+  _globals['_SUBMITREQUEST']._serialized_start=549
+  _globals['_SUBMITREQUEST']._serialized_end=628
+  _globals['_SUBMITRESPONSE']._serialized_start=630
+  _globals['_SUBMITRESPONSE']._serialized_end=646
+  _globals['_GENERATERESPONSEBATCH']._serialized_start=648
+  _globals['_GENERATERESPONSEBATCH']._serialized_end=762
+  _globals['_REQUESTFAILURE']._serialized_start=764
+  _globals['_REQUESTFAILURE']._serialized_end=831
+  _globals['_ABORTREQUEST']._serialized_start=833
+  _globals['_ABORTREQUEST']._serialized_end=867
+  _globals['_ABORTRESPONSE']._serialized_start=869
+  _globals['_ABORTRESPONSE']._serialized_end=899
+  _globals['_LISTMODELSREQUEST']._serialized_start=901
+  _globals['_LISTMODELSREQUEST']._serialized_end=920
+  _globals['_MODELINFO']._serialized_start=922
+  _globals['_MODELINFO']._serialized_end=1012
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1014
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1071
+  _globals['_GETCLUSTERSTATSREQUEST']._serialized_start=1073
+  _globals['_GETCLUSTERSTATSREQUEST']._serialized_end=1097
+  _globals['_CLUSTERSTATS']._serialized_start=1100
+  _globals['_CLUSTERSTATS']._serialized_end=1462
+  _globals['_ROUTER']._serialized_start=1465
+  _globals['_ROUTER']._serialized_end=1887
 # @@protoc_insertion_point(module_scope)

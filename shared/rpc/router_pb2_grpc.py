@@ -40,6 +40,16 @@ class RouterStub:
                 request_serializer=baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/baton.v1.Router/Subscribe',
+                request_serializer=baton_dot_v1_dot_router__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_router__pb2.GenerateResponseBatch.FromString,
+                _registered_method=True)
+        self.Submit = channel.unary_unary(
+                '/baton.v1.Router/Submit',
+                request_serializer=baton_dot_v1_dot_router__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_router__pb2.SubmitResponse.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/baton.v1.Router/Abort',
                 request_serializer=baton_dot_v1_dot_router__pb2.AbortRequest.SerializeToString,
@@ -66,6 +76,27 @@ class RouterServicer:
         response carries finish_reason and usage. Bad input fails with INVALID_ARGUMENT before any work;
         no capacity fails fast with RESOURCE_EXHAUSTED; a worker failure after tokens were sent ends
         the stream with finish_reason ERROR and a message. Cancelling the call aborts the request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Subscribe(self, request, context):
+        """Open a subscriber's output stream: the responses of every request Submitted for it, batched (one
+        message carries whatever is due for all of them, a request's pieces merged while the reader
+        lags). A gateway serving many streams at once opens one and Submits its requests, instead of one
+        Generate stream per request. Opening it again for the same subscriber ends the old stream; ending
+        the stream aborts the subscriber's requests still running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Submit(self, request, context):
+        """Start a request whose responses go to `subscriber`'s Subscribe stream (which must be open:
+        UNAVAILABLE otherwise). Bad input fails here with INVALID_ARGUMENT; a failure once the request
+        started (no capacity: RESOURCE_EXHAUSTED) arrives on the stream as a RequestFailure. Abort
+        cancels it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,6 +130,16 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=baton_dot_v1_dot_router__pb2.GenerateRequest.FromString,
                     response_serializer=baton_dot_v1_dot_router__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=baton_dot_v1_dot_router__pb2.SubscribeRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_router__pb2.GenerateResponseBatch.SerializeToString,
+            ),
+            'Submit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Submit,
+                    request_deserializer=baton_dot_v1_dot_router__pb2.SubmitRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_router__pb2.SubmitResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -144,6 +185,60 @@ class Router:
             '/baton.v1.Router/Generate',
             baton_dot_v1_dot_router__pb2.GenerateRequest.SerializeToString,
             baton_dot_v1_dot_router__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.Router/Subscribe',
+            baton_dot_v1_dot_router__pb2.SubscribeRequest.SerializeToString,
+            baton_dot_v1_dot_router__pb2.GenerateResponseBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Submit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Router/Submit',
+            baton_dot_v1_dot_router__pb2.SubmitRequest.SerializeToString,
+            baton_dot_v1_dot_router__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

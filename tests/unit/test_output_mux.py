@@ -1,11 +1,11 @@
-"""The decode worker's shared output stream: what is due, merged per request, in one batch."""
+"""A subscriber's shared output stream: what is due, merged per request, in one batch."""
 
 from __future__ import annotations
 
 import asyncio
 
-from baton.services.decode.output_mux import OutputMux
 from baton.shared.engine.outputs import EngineOutput
+from baton.shared.output_mux import Failed, OutputMux
 
 
 def step(rid: str, *tokens: int, finish: str | None = None) -> EngineOutput:
@@ -52,17 +52,21 @@ def test_after_the_first_token_an_output_waits_for_the_stream_interval() -> None
     asyncio.run(main())
 
 
-def test_an_engine_error_ends_the_request_and_close_hands_back_the_orphans() -> None:
+def test_an_exception_ends_the_request_and_close_hands_back_the_orphans() -> None:
     async def main() -> None:
         mux = OutputMux("router-1")
         broken, running, never = mux.attach("broken"), mux.attach("running"), mux.attach("never")
-        broken.put_nowait(RuntimeError("device lost"))
+        broken.put_nowait(step("broken", 1))
+        error = RuntimeError("device lost")
+        broken.put_nowait(error)  # replaces what was held: the request failed
+        broken.put_nowait(step("broken", 2))  # after its failure: ignored
         running.put_nowait(step("running", 1))
-        mux.detach("never")  # its Reserve failed
+        mux.detach("never")  # it failed to start
         never.put_nowait(step("never", 9))
         batch = await mux.next_batch()
-        assert [(o.request_id, o.finish_reason) for o in batch] == [("broken", "error"), ("running", None)]
-        assert "device lost" in (batch[0].error or "")
+        assert batch[0] == Failed("broken", error)
+        assert [(o.request_id, o.new_token_ids) for o in batch[1:]] == [("running", [1])]  # type: ignore[union-attr]
+        assert mux.request_ids == {"running"}
         waiting = asyncio.ensure_future(mux.next_batch())
         await asyncio.sleep(0)
         assert mux.close() == {"running"}

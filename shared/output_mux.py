@@ -1,24 +1,33 @@
-"""One subscriber's shared output stream on a decode worker (the StreamOutputs RPC).
+"""One subscriber's shared output stream: the outputs of many requests, batched.
 
 A decode step produces a token for every running request; sent as one gRPC message per request, a
-batch of 256 costs the worker's event loop 256 writes a step, and that loop shares the GIL with the
-engine thread. Requests reserved for a subscriber (a router) put their outputs here instead, and the
-subscriber's stream sends everything that is due in one message per wake-up, as SGLang's and
-Dynamo's batched output links do. A request whose outputs queued up meanwhile gets them merged, and
-after its first token an output is due once it carries `stream_interval` tokens (or the end).
+batch of 256 costs the sender's event loop 256 writes a step (and the reader's 256 reads). Requests
+that name a subscriber put their outputs here instead, and the subscriber's stream sends everything
+that is due in one message per wake-up, as SGLang's and Dynamo's batched output links do. A request
+whose outputs queued up meanwhile gets them merged, and after its first token an output is due once it
+carries `stream_interval` tokens (or the end). The decode worker's StreamOutputs and the Router's
+Subscribe streams are built on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from baton.shared.engine.outputs import EngineOutput, merge_outputs
 
 
+class Failed(NamedTuple):
+    """A request that ended with an exception instead of a last output."""
+
+    request_id: str
+    error: BaseException
+
+
 @dataclass
 class _Sink:
-    """One request's handle on the mux (what the engine puts its outputs into)."""
+    """One request's handle on the mux (what its producer puts outputs, or its exception, into)."""
 
     mux: OutputMux
     request_id: str
@@ -33,8 +42,8 @@ class OutputMux:
         self.stream_interval = stream_interval
         self.request_ids: set[str] = set()  # attached and not yet finished
         self.closed = False
-        self._held: dict[str, EngineOutput] = {}  # merged outputs not handed out yet
-        self._due: dict[str, None] = {}  # requests whose held output is due, in order
+        self._held: dict[str, EngineOutput | Failed] = {}  # not handed out yet (outputs merged)
+        self._due: dict[str, None] = {}  # requests whose held item is due, in order
         self._started: set[str] = set()  # requests whose first output was handed out
         self._wake = asyncio.Event()
 
@@ -43,18 +52,22 @@ class OutputMux:
         return _Sink(self, request_id)
 
     def detach(self, request_id: str) -> None:
-        """Forget a request that was never queued (its Reserve failed)."""
+        """Forget a request that was never queued (it failed to start)."""
         self.request_ids.discard(request_id)
         self._held.pop(request_id, None)
         self._due.pop(request_id, None)
 
     def put(self, request_id: str, item: EngineOutput | BaseException) -> None:
+        """Queue a request's output; an exception ends the request (what was held for it is dropped)."""
         if self.closed or request_id not in self.request_ids:
             return
-        if isinstance(item, BaseException):  # the engine died: the request ends with its error
-            item = EngineOutput(request_id, [], finish_reason="error", error=f"engine failed: {item!r}")
         held = self._held.get(request_id)
-        if held is not None and held.finished:
+        if isinstance(held, Failed) or (held is not None and held.finished):
+            return
+        if isinstance(item, BaseException):
+            self._held[request_id] = Failed(request_id, item)
+            self._due[request_id] = None
+            self._wake.set()
             return
         held = self._held[request_id] = item if held is None else merge_outputs(held, item)
         if (
@@ -65,18 +78,19 @@ class OutputMux:
             self._due[request_id] = None
             self._wake.set()
 
-    async def next_batch(self) -> list[EngineOutput]:
-        """What is due, one output per request; waits until something is (or the mux closed: [])."""
+    async def next_batch(self) -> list[EngineOutput | Failed]:
+        """What is due, one item per request; waits until something is (or the mux closed: [])."""
         while not self._due and not self.closed:
             self._wake.clear()
             await self._wake.wait()
         due, self._due = list(self._due), {}
         batch = [self._held.pop(rid) for rid in due]
-        for out in batch:
-            self._started.add(out.request_id)
-            if out.finished:
-                self.request_ids.discard(out.request_id)
-                self._started.discard(out.request_id)
+        for item in batch:
+            rid = item.request_id
+            self._started.add(rid)
+            if isinstance(item, Failed) or item.finished:
+                self.request_ids.discard(rid)
+                self._started.discard(rid)
         return batch
 
     def close(self) -> set[str]:
