@@ -11,7 +11,6 @@ Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -21,8 +20,9 @@ from typing import Any
 import torch
 from bench_model_dir import write_bench_model_dir
 
+from baton.services.bench.client_processes import run_load_in_processes
 from baton.services.bench.datasets import random_requests
-from baton.services.bench.serve import LoadConfig, run_load, summarize
+from baton.services.bench.serve import LoadConfig, summarize
 from baton.services.launcher import ClusterSpec, LocalCluster
 from baton.shared.models.model_config import ModelConfig
 
@@ -60,9 +60,10 @@ def run_layout(
                 # a fresh seed per run: no prompt is in any prefix cache
                 requests = random_requests(args.num_prompts, (1024, 4096), (64, 256), vocab, seed=100 + index)
                 config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=index, progress=False)
-                records, elapsed = asyncio.run(run_load(config, requests))
-                summary = summarize(records, elapsed, SLO_TTFT_MS, SLO_TPOT_MS)
-                summary["slo_fraction"] = summary["slo"]["met"] / len(records)
+                run = run_load_in_processes(config, requests, args.client_processes)
+                summary = summarize(run.records, run.elapsed_s, SLO_TTFT_MS, SLO_TPOT_MS)
+                summary["slo_fraction"] = summary["slo"]["met"] / len(run.records)
+                summary["client_cpu_busy"] = run.cpu_s / run.elapsed_s
                 if index == 0:
                     continue  # warm-up: compiles kernels and fills the allocator's pools
                 runs.append({"request_rate": rate, "summary": summary})
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--rates", default="2,4,6,8,10,12,16", help="Poisson rates, requests/s")
     parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
     parser.add_argument("--warmup-rate", type=float, default=4.0)
+    parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
     if torch.cuda.device_count() < 2:

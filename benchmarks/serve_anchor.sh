@@ -3,6 +3,8 @@
 # one GPU), then the same requests offline, on the same machine. Results go to $1 (default: .).
 #     bash benchmarks/serve_anchor.sh OUT_DIR [--served-only]
 # SERVE_ARGS adds flags to `baton serve` (e.g. SERVE_ARGS="--gpus 0,1" to give each worker a GPU).
+# CLIENT_PROCESSES (default 4) load processes drive it: one alone is saturated by this workload's
+# ~20k streamed events a second (the report's client_cpu_busy says how busy the busiest one was).
 set -euo pipefail
 out=${1:-.}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,9 +21,9 @@ for _ in $(seq 1 300); do
 done
 # a warm-up pass on other prompts first, as the offline benchmark warms up before it times
 python3 -m baton.services.cli bench serve --url http://127.0.0.1:8000 --model "$model" --num-prompts 256 \
-  --dataset-seed 1 --out "$out/serve_warmup.json"
+  --dataset-seed 1 --client-processes "${CLIENT_PROCESSES:-4}" --out "$out/serve_warmup.json"
 python3 -m baton.services.cli bench serve --url http://127.0.0.1:8000 --model "$model" --num-prompts 256 \
-  --out "$out/serve_anchor.json"
+  --client-processes "${CLIENT_PROCESSES:-4}" --out "$out/serve_anchor.json"
 kill -TERM $server; wait $server || true
 trap - EXIT
 [ "${2:-}" = --served-only ] && exit 0

@@ -577,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_flags(serve_bench)
     serve_bench.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate, req/s")
     serve_bench.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    serve_bench.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="load processes sharing the requests and their schedule (one process saturates at some "
+        "tens of thousands of streamed events a second; the report says when it was the limit)",
+    )
     serve_bench.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT limit")
     serve_bench.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
     serve_bench.add_argument("--api-key", default=None, help="bearer key, if the gateway wants one")

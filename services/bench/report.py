@@ -89,14 +89,18 @@ def _print(report: dict[str, Any]) -> None:
         print(f"  baton / hf output throughput: {report['speedup_vs_hf']:.1f}x")
 
 
+CLIENT_SATURATED = 0.9  # a load process busier than this reads its streams late
+
+
 def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     """Drive a running gateway with the request set; print and (with --out) save the summary."""
-    import asyncio
-
-    from baton.services.bench.serve import LoadConfig, run_load, summarize
+    from baton.services.bench.client_processes import run_load_in_processes
+    from baton.services.bench.serve import LoadConfig, summarize
 
     if args.request_rate <= 0:
         raise ValueError(f"--request-rate must be > 0 (or inf), got {args.request_rate}")
+    if args.client_processes < 1:
+        raise ValueError(f"--client-processes must be >= 1, got {args.client_processes}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     requests, workload = build_requests(args, model_dir)
@@ -108,13 +112,15 @@ def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, A
         seed=args.dataset_seed,
         api_key=args.api_key,
     )
-    records, elapsed = asyncio.run(run_load(config, requests))
-    summary = summarize(records, elapsed, args.slo_ttft_ms, args.slo_tpot_ms)
+    run = run_load_in_processes(config, requests, args.client_processes)
+    summary = summarize(run.records, run.elapsed_s, args.slo_ttft_ms, args.slo_tpot_ms)
+    summary["client_cpu_busy"] = run.cpu_s / run.elapsed_s
     report = {
         "url": config.url,
         "workload": workload | {"num_requests": len(requests)},
         "request_rate": args.request_rate,
         "max_concurrency": args.max_concurrency,
+        "client_processes": args.client_processes,
         "summary": summary,
     }
     _print_serve(report)
@@ -137,3 +143,9 @@ def _print_serve(report: dict[str, Any]) -> None:
         stats = s[name]
         cells = "  ".join(f"{k} {v:9.2f}" if v is not None else f"{k} -" for k, v in stats.items())
         print(f"  {name:>8}: {cells}")
+    busy = s["client_cpu_busy"]
+    if busy > CLIENT_SATURATED:
+        print(
+            f"  warning: the busiest load process was on the CPU {busy:.0%} of the run, so the client may "
+            "have limited these figures; raise --client-processes"
+        )

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import random
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import grpc
 import httpx
@@ -70,21 +71,45 @@ class _Chunk(NamedTuple):
 _Stream = Callable[[BenchRequest], AsyncIterator[_Chunk]]
 
 
-async def run_load(config: LoadConfig, requests: list[BenchRequest]) -> tuple[list[RequestRecord], float]:
-    """Send every request; returns the records (in request order) and the wall time of the run."""
+@dataclass
+class LoadRun:
+    """What one load-generating process measured."""
+
+    records: list[RequestRecord]
+    """One per request, in request order."""
+    started_s: float
+    """Wall-clock time (time.time()) of the run's start."""
+    elapsed_s: float
+    cpu_s: float
+    """This process's CPU time during the run: near `elapsed_s`, the client itself was the limit."""
+
+
+async def run_load(
+    config: LoadConfig,
+    requests: list[BenchRequest],
+    send_at_s: list[float] | None = None,
+    ready: Callable[[], object] | None = None,
+    progress: ProgressSink | None = None,
+) -> LoadRun:
+    """Send every request, each at its offset from the start (default: the config's arrival process).
+    `ready` (blocking; e.g. a barrier shared with other load processes) is called once connected."""
     limit = asyncio.Semaphore(config.max_concurrency or len(requests))
-    progress = _Progress(len(requests), config.progress)
-    gaps = _arrival_gaps(len(requests), config.request_rate, config.seed)
+    progress = progress or Progress(len(requests), config.progress)
+    if send_at_s is None:
+        send_at_s = send_times(len(requests), config.request_rate, config.seed)
     async with _client(config) as stream:
-        start = time.perf_counter()
+        if ready is not None:
+            await asyncio.to_thread(ready)
+        started, start, cpu_start = time.time(), time.perf_counter(), time.process_time()
         tasks = []
-        for request, gap in zip(requests, gaps, strict=True):
-            await asyncio.sleep(gap)
+        for request, at in zip(requests, send_at_s, strict=True):
+            if (delay := start + at - time.perf_counter()) > 0:
+                await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(_one(stream, request, limit, progress)))
         records = await asyncio.gather(*tasks)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     progress.close()
-    return list(records), elapsed
+    return LoadRun(list(records), started, elapsed, cpu)
 
 
 @contextlib.asynccontextmanager
@@ -116,6 +141,11 @@ def _headers(config: LoadConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
 
 
+def send_times(num: int, rate: float, seed: int) -> list[float]:
+    """Seconds from the run's start at which each request goes out."""
+    return list(itertools.accumulate(_arrival_gaps(num, rate, seed)))
+
+
 def _arrival_gaps(num: int, rate: float, seed: int) -> list[float]:
     """Seconds to wait before each send: exponential gaps (a Poisson process), or none for rate inf."""
     if rate == float("inf"):
@@ -125,7 +155,7 @@ def _arrival_gaps(num: int, rate: float, seed: int) -> list[float]:
 
 
 async def _one(
-    stream: _Stream, request: BenchRequest, limit: asyncio.Semaphore, progress: _Progress
+    stream: _Stream, request: BenchRequest, limit: asyncio.Semaphore, progress: ProgressSink
 ) -> RequestRecord:
     record = RequestRecord(len(request.prompt_token_ids), request.output_len)
     async with limit:
@@ -200,14 +230,22 @@ async def _grpc_chunks(
         yield _Chunk(bool(response.token_ids), response.usage.completion_tokens)
 
 
-class _Progress:
+class ProgressSink(Protocol):
+    """Told of every request that ended."""
+
+    def advance(self, count: int = 1) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Progress:
     """A one-line progress bar on stderr (no dependency), redrawn at most ten times a second."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.done, self.enabled, self._drawn = total, 0, enabled and sys.stderr.isatty(), 0.0
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
         now = time.monotonic()
         if self.enabled and (now - self._drawn > 0.1 or self.done == self.total):
             filled = 30 * self.done // self.total

@@ -434,9 +434,9 @@ def test_requests_beyond_the_pending_bound_get_503_at_once(guarded: str) -> None
 
 
 # -- baton bench serve against this gateway -------------------------------------------------------
-@pytest.mark.parametrize("target", ["gateway", "router"])
+@pytest.mark.parametrize(("target", "processes"), [("gateway", 1), ("router", 1), ("gateway", 3)])
 def test_bench_serve_measures_every_request(
-    cluster: LocalCluster, llama_dir: Path, tmp_path: Path, target: str
+    cluster: LocalCluster, llama_dir: Path, tmp_path: Path, target: str, processes: int
 ) -> None:
     from baton.services.cli import main
 
@@ -444,8 +444,11 @@ def test_bench_serve_measures_every_request(
     url = cluster.gateway_url if target == "gateway" else f"grpc://{cluster.router_address}"
     argv = ["bench", "serve", "--url", url, "--model", str(llama_dir), "--num-prompts", "12"]
     argv += ["--input-len", "8,40", "--output-len", "4,12", "--request-rate", "20", "--max-concurrency", "4"]
+    argv += ["--client-processes", str(processes)]
     assert main([*argv, "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out)]) == 0
-    summary = json.loads(out.read_text())["summary"]
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert report["client_processes"] == processes and 0 < summary["client_cpu_busy"] < 1.5
     assert summary["completed"] == 12 and summary["failed"] == 0
     assert summary["output_throughput"] > 0 and summary["request_throughput"] > 0
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):

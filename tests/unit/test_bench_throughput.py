@@ -75,3 +75,17 @@ def test_poisson_gaps_have_the_rate_and_summary_percentiles() -> None:
     assert summary["tpot_ms"]["p99"] == pytest.approx(100)  # (0.4 s after the first token) / 4 tokens
     assert summary["slo"]["met"] == 5 and summary["goodput"] == pytest.approx(2.5)
     assert summary["output_throughput"] == pytest.approx(25)
+
+
+def test_load_processes_shares_merge_back_in_request_order() -> None:
+    from baton.services.bench.client_processes import _merged
+    from baton.services.bench.serve import LoadRun, RequestRecord
+
+    def share(first: int, count: int, started: float, elapsed: float, cpu: float) -> LoadRun:
+        records = [RequestRecord(prompt_tokens=i, output_len=1) for i in range(first, 7, 3)][:count]
+        return LoadRun(records, started, elapsed, cpu)
+
+    run = _merged([share(0, 3, 100.0, 2.0, 0.5), share(1, 2, 100.1, 2.4, 2.2), share(2, 2, 99.9, 1.0, 0.1)])
+    assert [r.prompt_tokens for r in run.records] == list(range(7))
+    assert run.started_s == 99.9 and abs(run.elapsed_s - 2.6) < 1e-9
+    assert abs(run.cpu_s / run.elapsed_s - 2.2 / 2.4) < 1e-9  # the busiest share's fraction
