@@ -194,7 +194,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
     )
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_requests)
     asyncio.run(run_worker(config))
     return 0
 
@@ -214,7 +214,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         max_model_len=engine.max_model_len,
     )
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_requests)
     if args.threads is not None:
         import torch
 
@@ -235,7 +235,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_pending_requests=args.max_pending_requests,
     )
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_requests)
     asyncio.run(run_gateway(config))
     return 0
 
@@ -259,6 +259,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         router_args=["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)],
         gateway_args=["--max-pending-requests", str(args.max_pending_requests)],
         log_level=args.log_level,
+        log_requests=args.log_requests,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
         gpus=_parse_gpus(args.gpus),
     )
@@ -394,6 +395,7 @@ def _add_service_flags(
     _flag(group, "--port", port_help, type=int, default=default_port)
     _flag(group, "--threads", "torch CPU threads", type=int, default=None)
     _flag(group, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
+    _flag(group, "--log-requests", "log each request's lifecycle (admitted, placed, ended)", action="store_true")
 
 
 def _add_router_flags(parser: argparse.ArgumentParser) -> None:
@@ -477,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "--host", "interface to bind (0.0.0.0: all)", default="127.0.0.1")
     _flag(gateway, "--port", "HTTP port (0: any free port)", type=int, default=8000)
     _flag(gateway, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
+    _flag(gateway, "--log-requests", "log each request's lifecycle (admitted, aborted)", action="store_true")
     _add_gateway_flags(gateway)
     gateway.set_defaults(func=_cmd_gateway)
 

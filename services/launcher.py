@@ -53,6 +53,8 @@ class ClusterSpec:
     worker_args: Sequence[str] = ()
     prefill_args: Sequence[str] = ()
     log_level: str = "INFO"
+    log_requests: bool = False
+    """Every process logs each request's lifecycle (--log-requests)."""
     threads: int | None = None
     """Torch threads per engine process; None: the machine's cores shared between them."""
     env: dict[str, str] = field(default_factory=dict)
@@ -128,8 +130,12 @@ class LocalCluster:
             "--model", self.spec.model,
             "--threads", str(threads),
             "--log-level", self.spec.log_level,
+            *self._log_requests_argv(),
             *self.spec.engine_args,
         ]  # fmt: skip
+
+    def _log_requests_argv(self) -> list[str]:
+        return ["--log-requests"] if self.spec.log_requests else []
 
     def _registry_argv(self) -> list[str]:
         return [
@@ -166,6 +172,7 @@ class LocalCluster:
             "--host", self.spec.host,
             "--port", str(port),
             "--log-level", self.spec.log_level,
+            *self._log_requests_argv(),
             *self.spec.gateway_args,
         ]  # fmt: skip
 

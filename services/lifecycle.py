@@ -9,15 +9,24 @@ import signal
 import sys
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REQUEST_LOGGER = "baton.requests"
 
 
-def setup_logging(level: str = "INFO") -> None:
+def request_logger(module: str) -> logging.Logger:
+    """Where a service logs each request's lifecycle (admitted, placed, prefilled, ended, aborted): a
+    child of `baton.requests`, shown only with --log-requests. A burst of 256 requests writes some
+    two thousand such lines across the services, which took ~6 % of the served anchor's time."""
+    return logging.getLogger(f"{REQUEST_LOGGER}.{module.removeprefix('baton.services.')}")
+
+
+def setup_logging(level: str = "INFO", log_requests: bool = False) -> None:
     logging.basicConfig(
         level=level.upper(),
         format=LOG_FORMAT,
         stream=sys.stderr,
         force=True,
     )
+    logging.getLogger(REQUEST_LOGGER).setLevel(logging.NOTSET if log_requests else logging.WARNING)
 
 
 async def wait_for_stop_signal() -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from baton.services.lifecycle import request_logger
 from baton.shared.background import BackgroundTasks
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from baton.services.decode.receiver_process import ReceiverProcess
 
 logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 
 @dataclass
@@ -137,7 +139,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             timeout_s = self.config.reservation_timeout_s
             tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
         how = "prefilled here" if request.local_prefill else f"{len(block_ids)} blocks reserved"
-        logger.info("request %s: %d prompt tokens, %s", rid, len(prompt), how)
+        request_log.info("request %s: %d prompt tokens, %s", rid, len(prompt), how)
         return worker_pb2.ReserveResponse(
             worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
         )
@@ -204,7 +206,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
             return worker_pb2.AbortResponse(found=False)
-        logger.info("abort %s: %s", request.request_id, request.reason or "by request")
+        request_log.info("abort %s: %s", request.request_id, request.reason or "by request")
         self.engine.abort(request.request_id)
         if not tracked.streamed:  # nobody will read the stream: settle here
             self._background.spawn(self._drain(request.request_id, tracked))
@@ -261,7 +263,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.engine.commit(request_id, first_token, num_cached)
         self.counters.num_transfers += 1
         self.counters.transfer_bytes += nbytes
-        logger.info(
+        request_log.info(
             "request %s: KV from %s complete (handoff recorded in %.1f ms)",
             request_id, prefill_worker, (time.monotonic_ns() - start_ns) / 1e6,
         )  # fmt: skip
@@ -305,7 +307,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         if tracked is None:
             return
         self.counters.num_finished += 1
-        logger.info("request %s: ended", request_id)
+        request_log.info("request %s: ended", request_id)
         try:
             await self.registry.end_request(request_id, self.worker_id)
         except (RegistryError, RegistryUnavailable) as exc:

@@ -34,9 +34,11 @@ from baton.services.gateway.errors import (
 )
 from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest, ParameterError
 from baton.services.gateway.serving import ClientDisconnected
+from baton.services.lifecycle import request_logger
 from baton.shared.config import GatewayConfig
 
 logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 READY_TIMEOUT_S = 2.0
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
@@ -135,7 +137,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientDisconnected)
     async def gone(request: Request, exc: ClientDisconnected) -> Response:
-        logger.info("request %s: client disconnected, aborted", request.state.request_id)
+        request_log.info("request %s: client disconnected, aborted", request.state.request_id)
         return Response(status_code=499)
 
     @app.exception_handler(HTTPException)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,11 @@ from baton.services.gateway.errors import bad_request
 from baton.services.gateway.metrics import GatewayMetrics
 from baton.services.gateway.protocol import SamplingFields
 from baton.services.gateway.router_client import RouterClient
+from baton.services.lifecycle import request_logger
 from baton.shared.config import GatewayConfig
 from baton.shared.tokenizer import Tokenizer
 
-logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 
 class GatewayContext:
@@ -44,7 +44,7 @@ class GatewayContext:
         """Log the request (its shape, never its text) and count its prompt tokens."""
         num_tokens = [len(p) for p in prompts]
         self.metrics.on_prompts(sum(num_tokens))
-        logger.info(
+        request_log.info(
             "request %s: %s, prompt tokens %s, n=%d, stream=%s%s",
             request_id, endpoint, num_tokens, req.n, req.stream,
             f", ignored fields {req.unknown_fields[:10]}" if req.unknown_fields else "",

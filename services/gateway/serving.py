@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -17,8 +16,9 @@ from fastapi.responses import StreamingResponse
 from baton.services.gateway.errors import from_grpc, unavailable
 from baton.services.gateway.generation import ChoiceEvent, ChoiceResult, gather_choices
 from baton.services.gateway.responses import sse
+from baton.services.lifecycle import request_logger
 
-logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 _T = TypeVar("_T")
 
@@ -107,7 +107,7 @@ def sse_response(
         except grpc.aio.AioRpcError as exc:
             yield sse(from_grpc(exc).body())
         except asyncio.CancelledError:
-            logger.info("request %s: client disconnected mid-stream, aborted", request_id)
+            request_log.info("request %s: client disconnected mid-stream, aborted", request_id)
             raise
         finally:
             await events.aclose()

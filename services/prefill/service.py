@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import torch
 
+from baton.services.lifecycle import request_logger
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
@@ -26,6 +27,7 @@ from baton.shared.transfer import KVPushSession, KVSender
 from baton.shared.worker_runtime import TransferCounters, request_record, stats_reply
 
 logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 _LayerItem = tuple[int, torch.Tensor, "torch.cuda.Event | None"]  # (first layer, run, ready)
 
@@ -134,7 +136,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self.counters.num_transfers += 1
         self.counters.num_finished += 1
         self.counters.transfer_bytes += nbytes
-        logger.info(
+        request_log.info(
             "request %s: prefilled %d tokens (%d cached), pushed %d bytes to %s "
             "(%.0f ms for a transfer slot, %.0f ms to compute and push: %s; %.0f ms for the ack: %s)",
             rid, len(prompt), first.num_cached_tokens, nbytes, request.decode_worker_id,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from baton.services.lifecycle import request_logger
 from baton.services.router.cluster_stats import summed_stats
 from baton.services.router.decode_outputs import decode_outputs
 from baton.services.router.directory import WorkerDirectory
@@ -37,6 +38,7 @@ from baton.shared.rpc_convert import sampling_to_proto
 from baton.shared.subscription import Subscription
 
 logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 RESERVE_TIMEOUT_S = 10.0
 PREFILL_TIMEOUT_S = 300.0
@@ -85,7 +87,7 @@ class DisaggregatedBackend:
         failures = _Failures()
         for attempt in range(1, self.config.max_attempts + 1):
             placement = await self._place(prompt, failures)
-            logger.info(
+            request_log.info(
                 "request %s attempt %d: decode %s, prefill %s",
                 request_id, attempt, placement.decode.info.worker_id,
                 placement.prefill.info.worker_id if placement.prefill else "local",

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import grpc
 
+from baton.services.lifecycle import request_logger
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import UnavailableError, error_message, status_for
@@ -23,6 +24,7 @@ from baton.shared.rpc_convert import finish_reason_to_proto, logprobs_to_proto, 
 from baton.shared.tokenizer import IncrementalDetokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
+request_log = request_logger(__name__)
 
 
 class Backend(Protocol):
@@ -127,7 +129,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return _ResponseWriter(rid, prompt, params, self.tokenizer)
 
     def _start(self, rid: str, writer: _ResponseWriter, sink: _OutputSink) -> asyncio.Task[None]:
-        logger.info(
+        request_log.info(
             "request %s: %d prompt tokens, max_tokens %d", rid, len(writer.prompt), writer.params.max_tokens
         )
         pump = self._active[rid] = asyncio.create_task(self._pump(rid, writer, sink))
@@ -290,7 +292,7 @@ class _ResponseWriter:
         return msg
 
     def log_end(self) -> None:
-        logger.info("request %s: %s after %d tokens", self.rid, self.finish, self._num_completion)
+        request_log.info("request %s: %s after %d tokens", self.rid, self.finish, self._num_completion)
 
     def _text_of(self, out: EngineOutput) -> str:
         """The text the output's tokens add; the last output also releases any text held back."""

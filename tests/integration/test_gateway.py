@@ -37,7 +37,7 @@ CHAT = [
 
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
-    cluster = start_cluster(llama_dir, redis_server, http_port=0)
+    cluster = start_cluster(llama_dir, redis_server, http_port=0, log_requests=True)
     try:
         yield cluster
     finally:
