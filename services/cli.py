@@ -395,7 +395,9 @@ def _add_service_flags(
     _flag(group, "--port", port_help, type=int, default=default_port)
     _flag(group, "--threads", "torch CPU threads", type=int, default=None)
     _flag(group, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
-    _flag(group, "--log-requests", "log each request's lifecycle (admitted, placed, ended)", action="store_true")
+    _flag(
+        group, "--log-requests", "log each request's lifecycle (admitted, placed, ended)", action="store_true"
+    )
 
 
 def _add_router_flags(parser: argparse.ArgumentParser) -> None:

@@ -6,16 +6,20 @@ that name a subscriber put their outputs here instead, and the subscriber's stre
 that is due in one message per wake-up, as SGLang's and Dynamo's batched output links do. A request
 whose outputs queued up meanwhile gets them merged, and after its first token an output is due once it
 carries `stream_interval` tokens (or the end). The decode worker's StreamOutputs and the Router's
-Subscribe streams are built on it.
+Subscribe streams are built on it (Subscribers).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from baton.shared.engine.outputs import EngineOutput, merge_outputs
+
+logger = logging.getLogger(__name__)
 
 
 class Failed(NamedTuple):
@@ -101,3 +105,54 @@ class OutputMux:
         self._held.clear()
         self._due.clear()
         return orphans
+
+
+_M = TypeVar("_M")
+
+
+class Subscribers:
+    """A server's open subscriber streams, one OutputMux each. Opening a stream again for the same
+    subscriber ends the old one; a stream that ends hands its unfinished requests to `on_orphans`
+    (which aborts them)."""
+
+    def __init__(self, on_orphans: Callable[[set[str]], None], stream_interval: int = 1) -> None:
+        self._on_orphans = on_orphans
+        self._stream_interval = stream_interval
+        self._muxes: dict[str, OutputMux] = {}
+
+    def get(self, subscriber: str) -> OutputMux | None:
+        return self._muxes.get(subscriber)
+
+    async def stream(
+        self, subscriber: str, opening: _M, render: Callable[[list[EngineOutput | Failed]], _M]
+    ) -> AsyncIterator[_M]:
+        """The subscriber's messages: `opening` (the subscription is in place once it is read), then
+        one rendered batch per wake-up, until the stream is closed from either end."""
+        if not subscriber:
+            raise ValueError("subscriber must not be empty")
+        previous = self._muxes.pop(subscriber, None)
+        if previous is not None:
+            logger.warning("subscriber %s opened a new output stream: ending its old one", subscriber)
+            self._close(previous)
+        mux = self._muxes[subscriber] = OutputMux(subscriber, self._stream_interval)
+        logger.info("subscriber %s opened its output stream", subscriber)
+        try:
+            yield opening
+            while True:
+                batch = await mux.next_batch()
+                if mux.closed:
+                    return
+                yield render(batch)
+        finally:
+            if self._muxes.get(subscriber) is mux:
+                del self._muxes[subscriber]
+            self._close(mux)
+
+    def close_all(self) -> None:
+        """End every stream (their requests go to `on_orphans`)."""
+        muxes, self._muxes = list(self._muxes.values()), {}
+        for mux in muxes:
+            self._close(mux)
+
+    def _close(self, mux: OutputMux) -> None:
+        self._on_orphans(mux.close())

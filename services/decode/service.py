@@ -25,7 +25,7 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import CapacityError, UnavailableError
-from baton.shared.output_mux import Failed, OutputMux
+from baton.shared.output_mux import Failed, Subscribers
 from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 from baton.shared.rpc_convert import delta_from_output, first_token_from_dict, sampling_from_proto
@@ -73,8 +73,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.num_layers = num_layers
         self.transfer_address = ""
         self._tracked: dict[str, _Tracked] = {}
-        self._muxes: dict[str, OutputMux] = {}  # by subscriber
         self._background = BackgroundTasks()
+        self._subscribers = Subscribers(self._abort_orphans, engine.stream_interval)
         self.counters = TransferCounters()
         self.draining = False
 
@@ -90,7 +90,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         params = sampling_from_proto(request.sampling)
         mux = None
         if request.subscriber:
-            mux = self._muxes.get(request.subscriber)
+            mux = self._subscribers.get(request.subscriber)
             if mux is None:
                 raise UnavailableError(
                     f"decode worker {self.worker_id} has no StreamOutputs stream open for subscriber "
@@ -166,37 +166,25 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def StreamOutputs(
         self, request: worker_pb2.StreamOutputsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[worker_pb2.TokenDeltaBatch]:
-        subscriber = request.subscriber
-        if not subscriber:
-            raise ValueError("subscriber must not be empty")
-        previous = self._muxes.pop(subscriber, None)
-        if previous is not None:
-            logger.warning("subscriber %s opened a new output stream: ending its old one", subscriber)
-            self._close_mux(previous)
-        mux = self._muxes[subscriber] = OutputMux(subscriber, self.engine.stream_interval)
-        try:
-            yield worker_pb2.TokenDeltaBatch()  # subscribed: Reserve may name it now
-            while True:
-                batch = await mux.next_batch()
-                if mux.closed:
-                    return
-                message = worker_pb2.TokenDeltaBatch()
-                for item in batch:
-                    out = _as_output(item)
-                    tracked = self._tracked.get(out.request_id)
-                    top = tracked.num_top_logprobs if tracked is not None else 0
-                    message.deltas.append(delta_from_output(out, top, out.request_id))
-                    if out.finished:
-                        self._background.spawn(self._settle(out.request_id))
-                yield message
-        finally:
-            if self._muxes.get(subscriber) is mux:
-                del self._muxes[subscriber]
-            self._close_mux(mux)
+        # the first (empty) message says the subscription is in place: Reserve may name it
+        opening = worker_pb2.TokenDeltaBatch()
+        async for message in self._subscribers.stream(request.subscriber, opening, self._delta_batch):
+            yield message
 
-    def _close_mux(self, mux: OutputMux) -> None:
-        """The subscriber is gone: its requests' outputs have no reader, so they end here."""
-        for request_id in mux.close():
+    def _delta_batch(self, batch: list[EngineOutput | Failed]) -> worker_pb2.TokenDeltaBatch:
+        message = worker_pb2.TokenDeltaBatch()
+        for item in batch:
+            out = _as_output(item)
+            tracked = self._tracked.get(out.request_id)
+            top = tracked.num_top_logprobs if tracked is not None else 0
+            message.deltas.append(delta_from_output(out, top, out.request_id))
+            if out.finished:
+                self._background.spawn(self._settle(out.request_id))
+        return message
+
+    def _abort_orphans(self, request_ids: set[str]) -> None:
+        """A subscriber is gone: its requests' outputs have no reader, so they end here."""
+        for request_id in request_ids:
             self.engine.abort(request_id)
             self._background.spawn(self._settle(request_id))
 
@@ -338,9 +326,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             if not tracked.streamed:
                 self._background.spawn(self._drain(request_id, tracked))
         await self._until_settled(timeout_s)  # the aborts reach the subscribers
-        muxes, self._muxes = list(self._muxes.values()), {}
-        for mux in muxes:
-            self._close_mux(mux)
+        self._subscribers.close_all()
         await self._background.wait(timeout_s)
 
 

@@ -126,8 +126,8 @@ class SubmittedRequest:
         try:
             await client._responses.open()
             submit = router_pb2.SubmitRequest(request=self._request, subscriber=client.subscriber)
+            self._submitted = True  # from here a cancel aborts it: the router may have it already
             await client._stub.Submit(submit)
-            self._submitted = True
             async for response in responses:
                 self._ended = response.finish_reason != 0
                 yield response

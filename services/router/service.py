@@ -18,7 +18,7 @@ from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import UnavailableError, error_message, status_for
 from baton.shared.models import ModelConfig
-from baton.shared.output_mux import Failed, OutputMux
+from baton.shared.output_mux import Failed, Subscribers
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 from baton.shared.rpc_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto
 from baton.shared.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -45,7 +45,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.max_model_len = max_model_len or self.model_config.max_position_embeddings
         self.backend = backend
         self._active: dict[str, asyncio.Task[None]] = {}  # by request id, until the backend is done
-        self._muxes: dict[str, OutputMux] = {}  # by subscriber
+        self._subscribers = Subscribers(self._abort_orphans)
         self._writers: dict[str, _ResponseWriter] = {}  # submitted requests, until their end is sent
 
     async def Generate(
@@ -74,31 +74,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def Subscribe(
         self, request: router_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[router_pb2.GenerateResponseBatch]:
-        subscriber = request.subscriber
-        if not subscriber:
-            raise ValueError("subscriber must not be empty")
-        previous = self._muxes.pop(subscriber, None)
-        if previous is not None:
-            logger.warning("subscriber %s opened a new output stream: ending its old one", subscriber)
-            self._close_mux(previous)
-        mux = self._muxes[subscriber] = OutputMux(subscriber)
-        logger.info("subscriber %s opened its output stream", subscriber)
-        try:
-            yield router_pb2.GenerateResponseBatch()  # subscribed: Submit may name it now
-            while True:
-                batch = await mux.next_batch()
-                if mux.closed:
-                    return
-                yield self._response_batch(batch)
-        finally:
-            if self._muxes.get(subscriber) is mux:
-                del self._muxes[subscriber]
-            self._close_mux(mux)
+        # the first (empty) message says the subscription is in place: Submit may name it
+        opening = router_pb2.GenerateResponseBatch()
+        async for message in self._subscribers.stream(request.subscriber, opening, self._response_batch):
+            yield message
 
     async def Submit(
         self, request: router_pb2.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.SubmitResponse:
-        mux = self._muxes.get(request.subscriber)
+        mux = self._subscribers.get(request.subscriber)
         if mux is None:
             raise UnavailableError(f"no Subscribe stream is open for subscriber {request.subscriber!r}")
         rid = request.request.request_id
@@ -116,9 +100,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         deadline = loop.time() + timeout_s
         while (self._active or self._writers) and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        muxes, self._muxes = list(self._muxes.values()), {}
-        for mux in muxes:
-            self._close_mux(mux)
+        self._subscribers.close_all()
 
     def _start_checks(self, rid: str, request: router_pb2.GenerateRequest) -> _ResponseWriter:
         """The request's response writer, once its input is valid and its id free (ValueError if not)."""
@@ -173,9 +155,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
             writer.log_end()
         return message
 
-    def _close_mux(self, mux: OutputMux) -> None:
-        """The subscriber is gone: its requests have no reader, so they are aborted."""
-        for rid in mux.close():
+    def _abort_orphans(self, request_ids: set[str]) -> None:
+        """A subscriber is gone: its requests have no reader, so they are aborted."""
+        for rid in request_ids:
             writer = self._writers.pop(rid, None)
             if writer is not None:
                 writer.finish = "aborted: its subscriber went away"

@@ -91,6 +91,16 @@ def run(llama_dir: Path, scenario: Scenario) -> None:
     asyncio.run(main())
 
 
+async def started(
+    client: RouterClient, backend: ScriptedBackend, rid: str
+) -> tuple[AsyncIterator[router_pb2.GenerateResponse], asyncio.Future[router_pb2.GenerateResponse]]:
+    """Submit `rid` through the client; once the backend has it: its responses and the first one, due."""
+    responses = aiter(client.generate(request(rid)))
+    first = asyncio.ensure_future(anext(responses))
+    await backend.started.setdefault(rid, asyncio.Event()).wait()
+    return responses, first
+
+
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
@@ -103,10 +113,7 @@ def test_pieces_queued_while_the_reader_lags_arrive_merged_with_their_text(llama
     async def scenario(
         service: RouterService, backend: ScriptedBackend, client: RouterClient, _: str
     ) -> None:
-        call = client.generate(request("r1"))
-        responses = aiter(call)
-        first = asyncio.ensure_future(anext(responses))
-        await backend.started.setdefault("r1", asyncio.Event()).wait()
+        responses, first = await started(client, backend, "r1")
         feed = backend.feed("r1")
         feed.put_nowait(out("r1", 40))
         got = [await first]
@@ -163,10 +170,7 @@ def test_bad_submissions_are_refused_before_any_work(llama_dir: Path) -> None:
             await stub.Submit(router_pb2.SubmitRequest(request=request("x"), subscriber="nobody"))
         assert no_stream.value.code() is grpc.StatusCode.UNAVAILABLE
 
-        held = client.generate(request("twice"))
-        responses = aiter(held)
-        first = asyncio.ensure_future(anext(responses))
-        await backend.started.setdefault("twice", asyncio.Event()).wait()
+        _responses, first = await started(client, backend, "twice")
         for bad, status, words in [
             (request("twice"), grpc.StatusCode.INVALID_ARGUMENT, "already in flight"),
             (request(""), grpc.StatusCode.INVALID_ARGUMENT, "request_id must be set"),
@@ -209,16 +213,13 @@ def test_drain_lets_running_requests_finish_then_ends_the_streams(llama_dir: Pat
     async def scenario(
         service: RouterService, backend: ScriptedBackend, client: RouterClient, _: str
     ) -> None:
-        call = client.generate(request("last"))
-        responses = aiter(call)
-        first = asyncio.ensure_future(anext(responses))
-        await backend.started.setdefault("last", asyncio.Event()).wait()
+        _responses, first = await started(client, backend, "last")
         drained = asyncio.ensure_future(service.drain(10.0))
         await asyncio.sleep(0.1)
         assert not drained.done()  # "last" still runs
         backend.feed("last").put_nowait(out("last", 40, finish="stop"))
         assert (await first).finish_reason == common_pb2.FINISH_REASON_STOP
         await drained
-        assert service._muxes == {}
+        assert service._subscribers.get(client.subscriber) is None  # its stream ended
 
     run(llama_dir, scenario)
