@@ -234,8 +234,13 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key,
         max_pending_requests=args.max_pending_requests,
+        processes=args.gateway_processes,
     )
     setup_logging(args.log_level, args.log_requests)
+    if config.processes > 1:
+        from baton.services.gateway.processes import serve_processes
+
+        return serve_processes(config, args.log_level, args.log_requests)
     asyncio.run(run_gateway(config))
     return 0
 
@@ -243,7 +248,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from baton.services.launcher import ClusterSpec, serve_forever
 
-    GatewayConfig(model="-", api_key=args.api_key, max_pending_requests=args.max_pending_requests)  # validate
+    GatewayConfig(  # validates the gateway flags before anything starts
+        model="-",
+        api_key=args.api_key,
+        max_pending_requests=args.max_pending_requests,
+        processes=args.gateway_processes,
+    )
     spec = ClusterSpec(
         model=args.model or str(demo_model_dir()),
         num_prefill=args.prefill_workers,
@@ -257,13 +267,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         lease_ttl_s=args.lease_ttl_s,
         engine_args=_engine_argv(args),
         router_args=["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)],
-        gateway_args=["--max-pending-requests", str(args.max_pending_requests)],
+        gateway_args=_gateway_argv(args),
         log_level=args.log_level,
         log_requests=args.log_requests,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
         gpus=_parse_gpus(args.gpus),
     )
     return serve_forever(spec)
+
+
+def _gateway_argv(args: argparse.Namespace) -> list[str]:
+    """The gateway flags given to `serve`, passed on to the gateway."""
+    return [
+        "--max-pending-requests", str(args.max_pending_requests),
+        "--gateway-processes", str(args.gateway_processes),
+    ]  # fmt: skip
 
 
 def _parse_gpus(text: str) -> list[str]:
@@ -423,6 +441,14 @@ def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "requests in flight at the gateway; more get 503 at once",
         type=int,
         default=512,
+    )
+    _flag(
+        group,
+        "--gateway-processes",
+        "gateway processes sharing the HTTP port (as vLLM's --api-server-count); the in-flight "
+        "limit is split between them",
+        type=int,
+        default=1,
     )
 
 

@@ -26,6 +26,7 @@ from typing import TextIO, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from baton.services.lifecycle import terminate_with_parent
 from baton.shared.registry import Registry, RegistryUnavailable
 
 STOP_TIMEOUT_S = 20.0
@@ -194,7 +195,7 @@ class LocalCluster:
             stdin=subprocess.DEVNULL,
             env=env,
             start_new_session=True,
-            preexec_fn=_terminate_with_parent,
+            preexec_fn=terminate_with_parent,  # in the child, before exec
         )
         self.processes[name] = process
         pump = threading.Thread(target=self._pump_log, args=(name, process), daemon=True)
@@ -320,15 +321,6 @@ def serve_forever(spec: ClusterSpec) -> int:
     print("baton serve: stopping", file=sys.stderr, flush=True)
     cluster.stop()
     return code
-
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: Linux sends SIGTERM when the launcher dies (no orphans)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _url_host(host: str) -> str:

@@ -47,6 +47,16 @@ async def wait_for_stop_signal() -> str:
             loop.remove_signal_handler(sig)
 
 
+def terminate_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies, so a killed supervisor leaves no
+    orphans (call it first thing in the child)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def request_stop() -> None:
     """Stop this process the way SIGTERM does (drain, then exit)."""
     os.kill(os.getpid(), signal.SIGTERM)

@@ -154,3 +154,14 @@ class GatewayConfig(BaseModel):
     max_pending_requests: int = Field(
         512, ge=1, description="Requests in flight at the gateway; more are refused with 503 at once."
     )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Gateway processes sharing the HTTP port (the gateway is stateless; more processes "
+        "take more requests and stream more tokens a second). The in-flight limit is split between them.",
+    )
+
+    @property
+    def max_pending_per_process(self) -> int:
+        return -(-self.max_pending_requests // self.processes)

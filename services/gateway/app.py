@@ -153,13 +153,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class EdgeMiddleware:
     """Every HTTP request: takes or makes its X-Request-Id (echoed on the response), checks the API
-    key on /v1 routes (constant-time), and refuses generation requests beyond `max_pending_requests`
-    with 503 before any work is spent."""
+    key on /v1 routes (constant-time), and refuses generation requests beyond this process's share of
+    `max_pending_requests` with 503 before any work is spent."""
 
     def __init__(self, app: ASGIApp, config: GatewayConfig) -> None:
         self.app = app
         self.api_key = config.api_key.get_secret_value().encode() if config.api_key else None
-        self.max_pending = config.max_pending_requests
+        self.max_pending = config.max_pending_per_process
         self.pending = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

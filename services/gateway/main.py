@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 
@@ -26,9 +27,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def run_gateway(config: GatewayConfig) -> None:
+async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C; then stop accepting connections, let requests in flight finish
-    (up to DRAIN_TIMEOUT_S; streams still open then are cut, which aborts them), and return."""
+    (up to DRAIN_TIMEOUT_S; streams still open then are cut, which aborts them), and return.
+    `sockets`: listening sockets to serve (one process of several); None binds config's host:port."""
     server = _Server(
         uvicorn.Config(
             create_app(config),
@@ -39,7 +41,7 @@ async def run_gateway(config: GatewayConfig) -> None:
             timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
         )
     )
-    serving = asyncio.create_task(server.serve())
+    serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))
     stop = asyncio.create_task(wait_for_stop_signal())
     await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
     if stop.done():

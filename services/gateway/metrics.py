@@ -1,12 +1,17 @@
 """Prometheus metrics under vLLM's names, so existing dashboards work: latencies and token counts as
 the gateway sees them, load and cache counters summed over the workers (asked of the Router when
-/metrics is scraped). Every series is labelled with `model_name`."""
+/metrics is scraped). Every series is labelled with `model_name`.
+
+With more than one gateway process, PROMETHEUS_MULTIPROC_DIR names a directory every process writes
+its series to (prometheus_client's multiprocess mode), so whichever process answers a scrape shows
+the sums over all of them."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from baton.services.gateway.generation import ChoiceEvent, ChoiceTimings
@@ -16,6 +21,9 @@ _LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5
                       7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
 _ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                   20.0, 40.0, 80.0)  # fmt: skip
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""Set (before prometheus_client is imported) in every process of a multi-process gateway."""
 
 
 class GatewayMetrics:
@@ -66,7 +74,12 @@ class GatewayMetrics:
         """The text format, with the cluster's counters as of `cluster` (None: the Router did not
         answer; only the gateway's own series and `baton:router_up 0` are shown)."""
         self.cluster.stats = cluster
-        return generate_latest(self.registry)
+        registry = self.registry
+        if os.environ.get(MULTIPROCESS_DIR_ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self.cluster)
+        return generate_latest(registry)
 
 
 class _ClusterCollector:

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -377,25 +378,35 @@ def test_abandoned_requests_are_aborted_everywhere(cluster: LocalCluster, model:
     assert metrics[f'vllm:num_requests_running{{model_name="{model}"}}'] == 0
 
 
-# -- a second gateway: API key and the bound on requests in flight ---------------------------------
+# -- more gateways on the same router: API key and the bound on requests in flight; two processes --
+def _start_gateway(
+    cluster: LocalCluster, llama_dir: Path, *args: str, **env: str
+) -> tuple[subprocess.Popen, str]:
+    """`baton gateway ARGS` in front of the cluster's router, once it answers /health."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "baton.services.cli", "gateway", "--model", str(llama_dir)]
+    argv += ["--router", cluster.router_address, "--port", str(port), *args]
+    process = subprocess.Popen(
+        argv, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, stdin=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("the gateway did not start")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def guarded(cluster: LocalCluster, llama_dir: Path) -> Iterator[str]:
-    port = _free_port()
-    env = {**os.environ, "BATON_API_KEY": "s3cret", "PYTHONUNBUFFERED": "1"}
-    argv = [sys.executable, "-m", "baton.services.cli", "gateway", "--model", str(llama_dir)]
-    argv += ["--router", cluster.router_address, "--port", str(port), "--max-pending-requests", "1"]
-    process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    process, url = _start_gateway(cluster, llama_dir, "--max-pending-requests", "1", BATON_API_KEY="s3cret")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "gateway did not start"
-            time.sleep(0.2)
         yield url
     finally:
         process.terminate()
@@ -431,6 +442,91 @@ def test_requests_beyond_the_pending_bound_get_503_at_once(guarded: str) -> None
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert reply.status_code == 200
+
+
+def test_a_gateway_of_two_processes_serves_and_sums_its_metrics(
+    cluster: LocalCluster, llama_dir: Path, offline: LLM
+) -> None:
+    process, url = _start_gateway(
+        cluster, llama_dir, "--gateway-processes", "2", "--max-pending-requests", "64"
+    )
+    try:
+        children = _children(process.pid)
+        assert len(children) == 2
+
+        async def streamed(i: int) -> str:  # concurrent streams hold connections open on both processes
+            async with AsyncOpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0) as client:
+                stream = await client.completions.create(
+                    model=llama_dir.name, prompt=f"{PROMPT} {i}", max_tokens=12, temperature=0, stream=True
+                )
+                return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+        texts = asyncio.run(_gather(streamed(i) for i in range(24)))
+        assert texts[3] == greedy_text(offline, f"{PROMPT} 3", 12)
+        # each process writes its series to the shared directory; any process answers with the sums
+        metrics_dir = Path(_environ(children[0])["PROMETHEUS_MULTIPROC_DIR"])
+        writers = {int(f.stem.rpartition("_")[2]) for f in metrics_dir.glob("counter_*.db")}
+        assert writers == set(children), "both processes should have served some of 24 concurrent streams"
+        deadline = time.monotonic() + 10  # a stream's metrics are recorded just after its last event
+        while _finished(url) != 24:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [_finished(url) for _ in range(6)] == [24] * 6  # fresh connections: both processes answer
+        process.terminate()
+        assert process.wait(timeout=40) == 0
+        assert not metrics_dir.exists() and not any(_alive(pid) for pid in children)
+    finally:
+        process.kill()
+
+
+def test_a_gateway_process_that_dies_stops_the_others(cluster: LocalCluster, llama_dir: Path) -> None:
+    process, _ = _start_gateway(cluster, llama_dir, "--gateway-processes", "2")
+    try:
+        first, second = _children(process.pid)
+        os.kill(first, signal.SIGKILL)
+        assert process.wait(timeout=40) == 1  # the orchestrator restarts the gateway whole
+        assert not _alive(second)
+    finally:
+        process.kill()
+
+
+def _finished(url: str) -> float:
+    """Finished choices (every finish reason) as the gateway's /metrics counts them."""
+    samples = _samples(httpx.get(f"{url}/metrics").text)
+    return sum(v for name, v in samples.items() if name.startswith("vllm:request_success_total{"))
+
+
+async def _gather(work: Iterable[Awaitable[str]]) -> list[str]:
+    return list(await asyncio.gather(*work))
+
+
+def _children(pid: int) -> list[int]:
+    """The gateway's serving processes (multiprocessing may add a resource tracker: not counted)."""
+    deadline = time.monotonic() + 10
+    while True:
+        pids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        serving = [p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]
+        if len(serving) >= 2 or time.monotonic() > deadline:
+            return sorted(serving)
+        time.sleep(0.1)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode().partition("=")[::2] for p in pairs if p)
+
+
+def _alive(pid: int) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            return False
+        if state == "Z":
+            return False
+        time.sleep(0.1)
+    return True
 
 
 # -- baton bench serve against this gateway -------------------------------------------------------

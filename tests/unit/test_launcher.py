@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from baton.services.cli import _parse_gpus
+from baton.services.cli import _gateway_argv, _parse_gpus, build_parser, main
 from baton.services.launcher import ClusterSpec, LocalCluster
+from baton.shared.config import GatewayConfig
 
 
 def test_gpus_are_dealt_round_robin_decode_workers_first() -> None:
@@ -44,3 +45,14 @@ def test_request_lines_are_logged_only_when_asked_for() -> None:
         run = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True)
         assert "router ready" in run.stderr
         assert ("baton.requests.router.service: request r1: admitted" in run.stderr) is shown, run.stderr
+
+
+def test_gateway_processes_reach_the_gateway_and_split_the_in_flight_limit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["serve", "--gateway-processes", "3", "--max-pending-requests", "10"])
+    assert _gateway_argv(args) == ["--max-pending-requests", "10", "--gateway-processes", "3"]
+    assert GatewayConfig(model="m", max_pending_requests=10, processes=3).max_pending_per_process == 4
+    assert GatewayConfig(model="m", max_pending_requests=512).max_pending_per_process == 512
+    assert main(["serve", "--gateway-processes", "0"]) == 2  # a clear message, nothing started
+    assert "processes" in capsys.readouterr().err
