@@ -48,6 +48,14 @@ class EngineConfig(BaseModel):
         description="Served requests: tokens gathered per streamed output after the first (1: every step). "
         "Fewer, larger messages relieve the event loops of the workers, router and gateway.",
     )
+    burst_step_interval_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="Decode worker: while more requests wait for their pushed KV than are decoding (a burst "
+        "being prefilled), run at most one step per this many ms, so that a prefill worker sharing the GPU "
+        "gets it for the burst (0: step as fast as possible). Bounds the extra time between tokens.",
+    )
     load_format: Literal["auto", "dummy"] = Field(
         "auto",
         description="auto: read the checkpoint; dummy: seeded random weights (needs only config.json).",

@@ -7,8 +7,9 @@ Each process listens on its own socket bound to the one port with SO_REUSEPORT, 
 new connections evenly between them (one shared listening socket would not: the first process to
 wake accepts a whole burst). The parent holds the port from the start, spawns the processes and
 supervises them: SIGTERM or SIGINT is passed on (each process drains as a single gateway does) and
-the parent exits 0 once all have; a process that dies on its own stops the others and the parent exits 1, so the orchestrator
-restarts the gateway whole rather than serving at a fraction of its capacity."""
+the parent exits 0 once all have; a process that dies on its own stops the others and the parent
+exits 1, so the orchestrator restarts the gateway whole rather than serving at a fraction of its
+capacity."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -295,11 +296,16 @@ class AsyncEngine:
 
     # -- engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
+        pacing_s = self.core.config.burst_step_interval_ms / 1e3
+        last_step = 0.0
         try:
             while True:
                 if not self._apply_commands(block=not self.core.has_work()):
                     break
+                if pacing_s and self._in_burst() and not self._hold(last_step + pacing_s):
+                    break
                 if self.core.has_work():
+                    last_step = time.monotonic()
                     self._deliver(self.core.step())
         except BaseException as exc:  # fatal: every caller must hear about it, nobody may hang
             logger.exception("engine thread died")
@@ -311,6 +317,23 @@ class AsyncEngine:
         self._deliver(self.core.abort_requests(in_flight))
         self._fail_all(EngineDeadError("engine shut down"))
 
+    def _in_burst(self) -> bool:
+        """More requests wait for their pushed KV than are decoding: a burst is being prefilled."""
+        scheduler = self.core.scheduler
+        return len(scheduler.reserved) > len(scheduler.running)
+
+    def _hold(self, until: float) -> bool:
+        """Apply commands as they come until `until` or the end of the burst (see
+        EngineConfig.burst_step_interval_ms). False once asked to stop."""
+        while self._in_burst() and (left := until - time.monotonic()) > 0:
+            try:
+                command = self._commands.get(timeout=left)
+            except queue.Empty:
+                return True
+            if not self._apply(command):
+                return False
+        return True
+
     def _apply_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts; wait for one if `block`. False once asked to stop."""
         while True:
@@ -319,19 +342,25 @@ class AsyncEngine:
             except queue.Empty:
                 return True
             block = False
-            if command is _STOP:
+            if not self._apply(command):
                 return False
-            if isinstance(command, _Add):
-                self._add(command)
-            elif isinstance(command, _Abort):
-                self._deliver(self.core.abort_requests([command.request_id]))
-            elif isinstance(command, _Commit):
-                self._commit(command)
-            elif isinstance(command, _Fail):
-                failed = self.core.fail_request(command.request_id, command.message)
-                self._deliver([failed] if failed is not None else [])
-            elif isinstance(command, _Call):
-                self._call(command)
+
+    def _apply(self, command: Any) -> bool:
+        """Apply one command; False if it is the request to stop."""
+        if command is _STOP:
+            return False
+        if isinstance(command, _Add):
+            self._add(command)
+        elif isinstance(command, _Abort):
+            self._deliver(self.core.abort_requests([command.request_id]))
+        elif isinstance(command, _Commit):
+            self._commit(command)
+        elif isinstance(command, _Fail):
+            failed = self.core.fail_request(command.request_id, command.message)
+            self._deliver([failed] if failed is not None else [])
+        elif isinstance(command, _Call):
+            self._call(command)
+        return True
 
     def _commit(self, command: _Commit) -> None:
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -244,3 +246,39 @@ def test_an_uncommitted_reservation_is_released_before_its_blocks_are_freed(llam
             engine.core.assert_no_leaks()
 
     run(main())
+
+
+def test_a_burst_of_reservations_paces_the_decode_steps(llama_dir: Path) -> None:
+    """While more requests wait for their KV than decode, steps are at least
+    burst_step_interval_ms apart (a prefill worker sharing the GPU gets it); after the burst, not."""
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def gaps(engine: AsyncEngine, request_id: str) -> list[float]:
+        reservation = await engine.reserve(request_id, list(range(20)), params)
+        assert reservation is not None
+        engine.commit(request_id, SampledToken(7), 0)
+        loop = asyncio.get_running_loop()
+        times = [loop.time() async for _ in reservation.outputs]
+        return [b - a for a, b in itertools.pairwise(times[1:])]  # from the first decode step
+
+    async def main() -> tuple[list[float], list[float]]:
+        config = EngineConfig(model=str(llama_dir), burst_step_interval_ms=300)
+        async with AsyncEngine.from_config(config) as engine:
+            waiting = {f"w{i}": await engine.reserve(f"w{i}", list(range(30)), params) for i in range(2)}
+            paced = await gaps(engine, "paced")  # 1 decoding, 2 waiting for KV: a burst
+            for request_id in waiting:
+                engine.commit(request_id, SampledToken(7), 0)
+            await asyncio.gather(*(_drain(r.outputs) for r in waiting.values() if r is not None))
+            free = await gaps(engine, "free")  # nobody waits for KV
+            engine.core.assert_no_leaks()
+            return paced, free
+
+    paced, free = run(main())
+    assert len(paced) == 4 and min(paced) >= 0.25
+    assert sorted(free)[len(free) // 2] < 0.15
+
+
+async def _drain(outputs: AsyncIterator[object] | None) -> None:
+    assert outputs is not None
+    async for _ in outputs:
+        pass

@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from baton.services.cli import _gateway_argv, _parse_gpus, build_parser, main
+from baton.services.cli import (
+    SHARED_GPU_BURST_STEP_INTERVAL_MS,
+    _burst_step_interval_ms,
+    _gateway_argv,
+    _parse_gpus,
+    build_parser,
+    main,
+)
 from baton.services.launcher import ClusterSpec, LocalCluster
 from baton.shared.config import GatewayConfig
 
@@ -56,3 +63,22 @@ def test_gateway_processes_reach_the_gateway_and_split_the_in_flight_limit(
     assert GatewayConfig(model="m", max_pending_requests=512).max_pending_per_process == 512
     assert main(["serve", "--gateway-processes", "0"]) == 2  # a clear message, nothing started
     assert "processes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], SHARED_GPU_BURST_STEP_INTERVAL_MS),  # every process sees every GPU: they share one
+        (["--gpus", "0"], SHARED_GPU_BURST_STEP_INTERVAL_MS),
+        (["--gpus", "0,1"], 0.0),  # decode on GPU 0, prefill on GPU 1
+        (["--gpus", "0,1", "--decode-workers", "2"], SHARED_GPU_BURST_STEP_INTERVAL_MS),  # prefill-0 on 0
+        (["--prefill-workers", "0"], 0.0),  # colocated replicas push no KV
+        (["--burst-step-interval-ms", "0"], 0.0),
+        (["--gpus", "0,1", "--burst-step-interval-ms", "7"], 7.0),
+    ],
+)
+def test_serve_paces_decode_bursts_where_a_prefill_worker_shares_its_gpu(
+    argv: list[str], expected: float
+) -> None:
+    args = build_parser().parse_args(["serve", *argv])
+    assert _burst_step_interval_ms(args, _parse_gpus(args.gpus)) == expected
