@@ -94,7 +94,7 @@ def _stop(processes: Sequence[BaseProcess]) -> None:
     """SIGTERM every process still running, wait for it to drain, SIGKILL what is left."""
     running = [p for p in processes if p.pid is not None and p.is_alive()]
     for process in running:
-        os.kill(process.pid, signal.SIGTERM)  # type: ignore[arg-type]
+        process.terminate()  # SIGTERM: the process drains
     for process in running:
         process.join(DRAIN_TIMEOUT_S + STOP_MARGIN_S)
         if process.is_alive():
