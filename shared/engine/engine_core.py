@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
-import math
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.cuda_graphs import DecodeGraphs
-from baton.shared.engine.host_to_device import host_to_device
+from baton.shared.engine.host_to_device import arrays_to_device, host_to_device
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes, check_kv_run, scatter_kv_run
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
 from baton.shared.engine.model_runner import ModelRunner
@@ -40,6 +41,39 @@ request's prompt KV, copied out as soon as the run's last layer computed it,
 kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
 from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
 travels in one message and a long one layer by layer. On CUDA, read kv only after the event `ready`."""
+
+
+@dataclass(frozen=True)
+class _ExportPlan:
+    """Where one step's exported prompts go in each run's buffer. A run of `count` layers holds the
+    prompts one after the other, each as [count, 2, its blocks, *block]: for layer i of the run, K of
+    prompt r's j-th block goes to block count*2*starts[r] + 2*i*counts[r] + j of the buffer, and V
+    counts[r] blocks after it."""
+
+    block_ids: torch.Tensor  # [num_blocks]: every prompt's blocks, prompt after prompt
+    counts: np.ndarray  # blocks per prompt
+    starts: np.ndarray  # the blocks of the prompts before each
+    slots: dict[int, torch.Tensor]  # by run length: [count, 2, num_blocks] targets in the buffer
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.counts.sum())
+
+    @classmethod
+    def of(cls, blocks: list[list[int]], run_len: int, num_layers: int, device: torch.device) -> _ExportPlan:
+        counts = np.array([len(b) for b in blocks], dtype=np.int64)
+        starts = np.cumsum(counts) - counts
+        within = np.arange(counts.sum()) - np.repeat(starts, counts)  # j
+        n_of, start_of = np.repeat(counts, counts), np.repeat(starts, counts)
+        lengths = {run_len, num_layers - (num_layers - 1) // run_len * run_len}  # full runs, the last one
+        tables = {}
+        for count in sorted(lengths):
+            layer = np.arange(count)[:, None]
+            k = count * 2 * start_of + 2 * layer * n_of + within  # [count, num_blocks]
+            tables[count] = np.stack((k, k + n_of), axis=1)  # [count, 2, num_blocks]
+        ids = np.fromiter(itertools.chain.from_iterable(blocks), np.int64, int(counts.sum()))
+        on_device = arrays_to_device([ids, *tables.values()], np.int64, device)  # one copy
+        return cls(on_device[0], counts, starts, dict(zip(tables, on_device[1:], strict=True)))
 
 
 class _QueuedStep(NamedTuple):
@@ -313,7 +347,7 @@ class EngineCore:
         """Compile the kernel variants steps need before serving (a first request would otherwise wait
         seconds for Triton's JIT): a full-budget prefill chunk, then decodes beside a chunk that has a
         cached prefix, then the block copies of a KV transfer. Nothing lands in the KV cache: every
-        slot is -1 and the copied block is written back unchanged."""
+        slot is -1, the copied block is written back unchanged, the exporter's copies go to scratch."""
         bs, longest = self.config.block_size, self.max_model_len
         n = min(self.config.max_num_batched_tokens, longest)
         shapes = [([n], [0])]
@@ -329,6 +363,11 @@ class EngineCore:
         self.attention.scatter_blocks(
             self.attention.gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block
         )
+        # the exporter's copy, each way Triton specializes the slots' row stride (1, a multiple of 16, other)
+        for n in (1, 2, 16):
+            scratch = torch.empty((2 * n, *k_cache.shape[1:]), dtype=k_cache.dtype, device=self.device)
+            slots = torch.arange(2 * n, device=self.device).view(2, n)
+            self.attention.gather_blocks_into(k_cache, v_cache, block.repeat(n), slots, scratch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -342,44 +381,44 @@ class EngineCore:
 
     def _layer_exporter(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         """A per-layer hook copying out the prompt KV of prefill-only requests whose prompt ends in
-        this step (every earlier chunk's KV of that layer is already in place by then)."""
+        this step (every earlier chunk's KV of that layer is already in place by then). The step's
+        prompts share their runs' boundaries, so each layer is one copy for all of them, into one
+        buffer per run that holds each prompt's run contiguously, one after the other."""
         sink = self.layer_kv_sink
         shipping = [c.request for c in sched.chunks if c.samples and c.request.prefill_only]
         if sink is None or not shipping:
             return None
         bs = self.config.block_size
-        index = [
-            (r.request_id, self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)])
-            for r in shipping
-        ]
-        num_layers = len(self.kv_caches)
+        blocks = [self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)] for r in shipping]
         k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
-        shipments = []  # (request id, its block ids, one layer's shape, layers per run)
-        for rid, blocks in index:
-            # one layer: [2, num_prompt_blocks, block_size, kv_heads, head_dim]
-            layer_shape = (2, len(blocks), *k_cache.shape[1:])
-            run_len = max(1, self.layer_kv_run_bytes // (math.prod(layer_shape) * k_cache.element_size()))
-            shipments.append((rid, host_to_device(blocks, torch.long, self.device), layer_shape, run_len))
-        runs: dict[str, torch.Tensor] = {}  # the run each request is filling
+        block_bytes = k_cache[0].numel() * k_cache.element_size()
+        num_layers = len(self.kv_caches)
+        run_len = max(1, self.layer_kv_run_bytes // (2 * max(map(len, blocks)) * block_bytes))
+        plan = _ExportPlan.of(blocks, run_len, num_layers, self.device)
+        runs: list[torch.Tensor] = []  # the run being filled: [count * 2 * plan.num_blocks, *block]
 
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
-            for request_id, block_ids, layer_shape, run_len in shipments:
-                first = layer - layer % run_len
-                if layer == first:  # allocated here, on the stream that writes it
-                    count = min(run_len, num_layers - first)
-                    runs[request_id] = torch.empty(
-                        (count, *layer_shape), dtype=k_cache.dtype, device=self.device
-                    )
-                run = runs[request_id]  # run: [count, 2, num_prompt_blocks, block_size, kv_heads, head_dim]
-                self.attention.gather_blocks(k_cache, v_cache, block_ids, out=run[layer - first])
-                if layer - first + 1 < run.shape[0]:
-                    continue
-                ready = None
-                if self.device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record()
-                sink(request_id, first, runs.pop(request_id), ready)
+            first = layer - layer % run_len
+            count = min(run_len, num_layers - first)
+            if layer == first:  # allocated here, on the stream that writes it
+                shape = (count * 2 * plan.num_blocks, *k_cache.shape[1:])
+                runs.append(torch.empty(shape, dtype=k_cache.dtype, device=self.device))
+            run = runs[-1]
+            self.attention.gather_blocks_into(
+                k_cache, v_cache, plan.block_ids, plan.slots[count][layer - first], run
+            )
+            if layer - first + 1 < count:
+                return
+            ready = None
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+            for request, start, n in zip(shipping, plan.starts.tolist(), plan.counts.tolist(), strict=True):
+                kv = run[count * 2 * start : count * 2 * (start + n)]
+                # kv: [count, 2, n, block_size, num_kv_heads, head_dim], one prompt's run
+                sink(request.request_id, first, kv.view(count, 2, n, *k_cache.shape[1:]), ready)
+            runs.clear()
 
         return export
 

@@ -11,6 +11,7 @@ import torch
 
 from baton.shared.engine.attention import AttentionMetadata
 from baton.shared.engine.cuda_graphs import DecodeGraphs
+from baton.shared.engine.host_to_device import arrays_to_device
 from baton.shared.engine.kv_cache import KVCaches
 from baton.shared.engine.kv_cache_manager import KVCacheManager
 from baton.shared.engine.sampler import Sampler, SamplingRow
@@ -117,10 +118,12 @@ class ModelRunner:
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         logits_indices = cu[1:][sampling] - 1
         # two host-to-device copies in all, one per dtype
-        slot_mapping_d, input_ids_d, positions_d, logits_indices_d = self._to_device(
-            [slot_mapping, input_ids, positions, logits_indices], np.int64
+        slot_mapping_d, input_ids_d, positions_d, logits_indices_d = arrays_to_device(
+            [slot_mapping, input_ids, positions, logits_indices], np.int64, self.device
         )
-        cu_d, seq_lens_d, block_tables_d = self._to_device([cu, seq_lens, block_tables], np.int32)
+        cu_d, seq_lens_d, block_tables_d = arrays_to_device(
+            [cu, seq_lens, block_tables], np.int32, self.device
+        )
         meta = AttentionMetadata(
             slot_mapping=slot_mapping_d,
             query_start_loc=cu_d,
@@ -139,21 +142,6 @@ class ModelRunner:
             logits_indices=logits_indices_d,
             sampling_chunks=[chunks[i] for i in sampling],
         )
-
-    def _to_device(self, arrays: list[np.ndarray], dtype: type[np.generic]) -> list[torch.Tensor]:
-        """The arrays as `dtype` tensors on the device, with their shapes, moved in one copy. Each
-        starts 64-byte aligned, as a tensor of its own would (Triton specializes on alignment)."""
-        padded = [-(-a.size // 16) * 16 for a in arrays]
-        offsets = np.cumsum([0, *padded])
-        packed = np.zeros(int(offsets[-1]), dtype=dtype)
-        for array, offset in zip(arrays, offsets, strict=False):
-            packed[offset : offset + array.size] = array.reshape(-1)
-        tensor = torch.from_numpy(packed)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return [
-            tensor[offset : offset + a.size].view(a.shape) for a, offset in zip(arrays, offsets, strict=False)
-        ]
 
 
 def _sampling_row(chunk: ScheduledChunk) -> SamplingRow:
