@@ -116,8 +116,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(
         group,
         "--burst-step-interval-ms",
-        "decode worker: while more requests wait for pushed KV than decode, at most one step per this "
-        "many ms, leaving a shared GPU to the prefill (0: off; default: off, except that `serve` uses "
+        "decode worker: while 16+ requests wait for pushed KV, more than decode, at most one step per "
+        "this many ms, leaving a shared GPU to the prefill (0: off; default: off, except that `serve` uses "
         f"{SHARED_GPU_BURST_STEP_INTERVAL_MS:g} where a prefill and a decode worker share a GPU)",
         type=float,
         default=None,

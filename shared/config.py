@@ -52,9 +52,10 @@ class EngineConfig(BaseModel):
         0.0,
         ge=0,
         le=1000,
-        description="Decode worker: while more requests wait for their pushed KV than are decoding (a burst "
-        "being prefilled), run at most one step per this many ms, so that a prefill worker sharing the GPU "
-        "gets it for the burst (0: step as fast as possible). Bounds the extra time between tokens.",
+        description="Decode worker: while at least 16 requests wait for their pushed KV and more than are "
+        "decoding (a burst being prefilled), run at most one step per this many ms, so that a prefill worker "
+        "sharing the GPU gets it for the burst (0: step as fast as possible). Bounds the extra time between "
+        "tokens.",
     )
     load_format: Literal["auto", "dummy"] = Field(
         "auto",

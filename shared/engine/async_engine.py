@@ -21,6 +21,10 @@ from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken
 
 logger = logging.getLogger(__name__)
+
+BURST_MIN_RESERVED = 16
+"""Fewer requests waiting for their KV are not a burst: a light load never paces decode steps."""
+
 T = TypeVar("T")
 
 
@@ -318,9 +322,10 @@ class AsyncEngine:
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _in_burst(self) -> bool:
-        """More requests wait for their pushed KV than are decoding: a burst is being prefilled."""
-        scheduler = self.core.scheduler
-        return len(scheduler.reserved) > len(scheduler.running)
+        """At least BURST_MIN_RESERVED requests wait for their pushed KV, and more than are decoding:
+        a burst is being prefilled."""
+        waiting = len(self.core.scheduler.reserved)
+        return waiting >= BURST_MIN_RESERVED and waiting > len(self.core.scheduler.running)
 
     def _hold(self, until: float) -> bool:
         """Apply commands as they come until `until` or the end of the burst (see

@@ -11,7 +11,7 @@ import pytest
 
 from baton import LLM, SamplingParams
 from baton.shared.config import EngineConfig
-from baton.shared.engine.async_engine import AsyncEngine, EngineDeadError
+from baton.shared.engine.async_engine import AsyncEngine, EngineDeadError, Reservation
 from baton.shared.engine.scheduler import SampledToken
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -249,8 +249,8 @@ def test_an_uncommitted_reservation_is_released_before_its_blocks_are_freed(llam
 
 
 def test_a_burst_of_reservations_paces_the_decode_steps(llama_dir: Path) -> None:
-    """While more requests wait for their KV than decode, steps are at least
-    burst_step_interval_ms apart (a prefill worker sharing the GPU gets it); after the burst, not."""
+    """While 16 or more requests wait for their KV, more than decode, steps are at least
+    burst_step_interval_ms apart (a prefill worker sharing the GPU gets it); before and after, not."""
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
     async def gaps(engine: AsyncEngine, request_id: str) -> list[float]:
@@ -261,21 +261,30 @@ def test_a_burst_of_reservations_paces_the_decode_steps(llama_dir: Path) -> None
         times = [loop.time() async for _ in reservation.outputs]
         return [b - a for a, b in itertools.pairwise(times[1:])]  # from the first decode step
 
-    async def main() -> tuple[list[float], list[float]]:
+    async def wait_for_kv(engine: AsyncEngine, ids: range) -> dict[str, Reservation | None]:
+        return {f"w{i}": await engine.reserve(f"w{i}", [i + 1, 2, 3], params) for i in ids}
+
+    async def commit_all(engine: AsyncEngine, waiting: dict[str, Reservation | None]) -> None:
+        for request_id in waiting:
+            engine.commit(request_id, SampledToken(7), 0)
+        await asyncio.gather(*(_drain(r.outputs) for r in waiting.values() if r is not None))
+
+    async def main() -> dict[str, list[float]]:
         config = EngineConfig(model=str(llama_dir), burst_step_interval_ms=300)
         async with AsyncEngine.from_config(config) as engine:
-            waiting = {f"w{i}": await engine.reserve(f"w{i}", list(range(30)), params) for i in range(2)}
-            paced = await gaps(engine, "paced")  # 1 decoding, 2 waiting for KV: a burst
-            for request_id in waiting:
-                engine.commit(request_id, SampledToken(7), 0)
-            await asyncio.gather(*(_drain(r.outputs) for r in waiting.values() if r is not None))
-            free = await gaps(engine, "free")  # nobody waits for KV
+            few = await wait_for_kv(engine, range(2))
+            light = await gaps(engine, "light")  # 1 decoding, 2 waiting for KV: no burst
+            burst = await wait_for_kv(engine, range(2, 16))
+            paced = await gaps(engine, "paced")  # 1 decoding, 16 waiting for KV: a burst
+            await commit_all(engine, {**few, **burst})
+            after = await gaps(engine, "after")  # nobody waits for KV
             engine.core.assert_no_leaks()
-            return paced, free
+            return {"light": light, "paced": paced, "after": after}
 
-    paced, free = run(main())
-    assert len(paced) == 4 and min(paced) >= 0.25
-    assert sorted(free)[len(free) // 2] < 0.15
+    got = run(main())
+    assert len(got["paced"]) == 4 and min(got["paced"]) >= 0.25
+    for free in (got["light"], got["after"]):
+        assert sorted(free)[len(free) // 2] < 0.15
 
 
 async def _drain(outputs: AsyncIterator[object] | None) -> None:
