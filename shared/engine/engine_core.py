@@ -39,8 +39,10 @@ LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None
 """Receives (request_id, first_layer, kv, ready): a run of consecutive layers of a prefill-only
 request's prompt KV, copied out as soon as the run's last layer computed it,
 kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
-from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
-travels in one message and a long one layer by layer. On CUDA, read kv only after the event `ready`."""
+from layer 0; the prompts one step ships share the runs' boundaries, sized so that the largest of
+them holds about `EngineCore.layer_kv_run_bytes` a run (at least one layer): a short prompt alone
+travels in one message, a long one layer by layer. kv may be a view into a buffer the step's other
+prompts share. On CUDA, read kv only after the event `ready`."""
 
 
 @dataclass(frozen=True)
