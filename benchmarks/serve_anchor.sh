@@ -5,6 +5,9 @@
 # SERVE_ARGS adds flags to `baton serve` (e.g. SERVE_ARGS="--gpus 0,1" to give each worker a GPU).
 # CLIENT_PROCESSES (default 4) load processes drive it: one alone is saturated by this workload's
 # ~20k streamed events a second (the report's client_cpu_busy says how busy the busiest one was).
+# PASSES (default 1) measured passes on the one cluster, each after emptying every prefix cache
+# (`baton reset-prefix-cache`), so each starts as cold as the first: serve_anchor.json is the first,
+# serve_anchor_N.json the N-th, and the last line printed gives every pass's time and their median.
 set -euo pipefail
 out=${1:-.}
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,11 +22,20 @@ for _ in $(seq 1 300); do
   kill -0 $server 2>/dev/null || { tail -30 "$out/serve.log"; exit 1; }
   sleep 1
 done
+load=(bench serve --url http://127.0.0.1:8000 --model "$model" --num-prompts 256 --client-processes "${CLIENT_PROCESSES:-4}")
 # a warm-up pass on other prompts first, as the offline benchmark warms up before it times
-python3 -m baton.services.cli bench serve --url http://127.0.0.1:8000 --model "$model" --num-prompts 256 \
-  --dataset-seed 1 --client-processes "${CLIENT_PROCESSES:-4}" --out "$out/serve_warmup.json"
-python3 -m baton.services.cli bench serve --url http://127.0.0.1:8000 --model "$model" --num-prompts 256 \
-  --client-processes "${CLIENT_PROCESSES:-4}" --out "$out/serve_anchor.json"
+python3 -m baton.services.cli "${load[@]}" --dataset-seed 1 --out "$out/serve_warmup.json"
+for pass in $(seq 1 "${PASSES:-1}"); do
+  python3 -m baton.services.cli reset-prefix-cache --address 127.0.0.1:50051
+  name=serve_anchor$([ "$pass" = 1 ] || echo "_$pass")
+  python3 -m baton.services.cli "${load[@]}" --out "$out/$name.json"
+done
+python3 - "$out" <<'PY'
+import json, pathlib, statistics, sys
+runs = sorted(pathlib.Path(sys.argv[1]).glob("serve_anchor*.json"), key=lambda p: (len(p.name), p.name))
+times = [json.loads(p.read_text())["summary"]["duration_s"] for p in runs]
+print(f"served passes: {', '.join(f'{t:.2f}' for t in times)} s; median {statistics.median(times):.2f} s")
+PY
 kill -TERM $server; wait $server || true
 trap - EXIT
 [ "${2:-}" = --served-only ] && exit 0

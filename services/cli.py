@@ -437,6 +437,27 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reset_prefix_cache(args: argparse.Namespace) -> int:
+    """Empty every worker's prefix cache through a running Router (benchmarks: a cold cache again)."""
+    import grpc
+
+    from baton.shared.rpc import router_pb2, router_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = router_pb2_grpc.RouterStub(channel).ResetPrefixCache(
+                router_pb2.ResetClusterPrefixCacheRequest(), timeout=args.timeout_s
+            )
+        except grpc.RpcError as exc:
+            print(f"baton: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    print(f"forgot {reply.num_blocks} cached blocks on {reply.num_workers} workers")
+    if reply.num_unreachable_workers:
+        print(f"baton: {reply.num_unreachable_workers} workers did not answer", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_service_flags(
     parser: argparse.ArgumentParser, default_port: int, port_help: str = "gRPC port (0: any free port)"
 ) -> None:
@@ -593,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     complete.add_argument("--timeout-s", type=float, default=60.0)
     complete.set_defaults(func=_cmd_complete)
+
+    reset = sub.add_parser(
+        "reset-prefix-cache", help="empty every worker's prefix cache through a running Router (benchmarks)"
+    )
+    reset.add_argument("--address", default="127.0.0.1:50051", help="the Router's host:port")
+    reset.add_argument("--timeout-s", type=float, default=10.0)
+    reset.set_defaults(func=_cmd_reset_prefix_cache)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

@@ -207,6 +207,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self.engine, self.worker_id, "decode", self._tracked, request.check_integrity, self.counters
         )
 
+    async def ResetPrefixCache(
+        self, request: worker_pb2.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ResetPrefixCacheResponse:
+        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        return worker_pb2.ResetPrefixCacheResponse(num_blocks=num_blocks)
+
     @property
     def request_ids(self) -> list[str]:
         return list(self._tracked)

@@ -212,6 +212,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self.engine, self.worker_id, "prefill", self._tasks, request.check_integrity, self.counters
         )
 
+    async def ResetPrefixCache(
+        self, request: worker_pb2.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ResetPrefixCacheResponse:
+        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        return worker_pb2.ResetPrefixCacheResponse(num_blocks=num_blocks)
+
     async def drain(self, timeout_s: float) -> None:
         """Refuse new prefills and give the ones in flight `timeout_s` to finish their push."""
         self.draining = True

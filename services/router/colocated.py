@@ -30,5 +30,9 @@ class ColocatedBackend:
         summary.num_decode_workers = 1
         return summary
 
+    async def reset_prefix_cache(self) -> router_pb2.ResetClusterPrefixCacheResponse:
+        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        return router_pb2.ResetClusterPrefixCacheResponse(num_blocks=num_blocks, num_workers=1)
+
     async def close(self) -> None:
         self.engine.shutdown()

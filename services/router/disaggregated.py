@@ -293,20 +293,38 @@ class DisaggregatedBackend:
 
     async def cluster_stats(self) -> router_pb2.ClusterStats:
         """Every live worker's GetStats, asked concurrently, summed."""
-        decodes = await self.directory.live("decode")
-        prefills = await self.directory.live("prefill")
-        calls = [self.directory.decode_stub(w).GetStats for w in decodes]
-        calls += [self.directory.prefill_stub(w).GetStats for w in prefills]
-        replies = await asyncio.gather(
-            *(call(worker_pb2.GetStatsRequest(), timeout=STATS_TIMEOUT_S) for call in calls),
-            return_exceptions=True,
-        )
+        decodes, prefills, replies = await self._ask_every_worker("GetStats", worker_pb2.GetStatsRequest())
         answered = [r for r in replies if isinstance(r, worker_pb2.WorkerStats)]
         stats = summed_stats(answered)
         stats.num_decode_workers = len(decodes)
         stats.num_prefill_workers = len(prefills)
         stats.num_unreachable_workers = len(replies) - len(answered)
         return stats
+
+    async def reset_prefix_cache(self) -> router_pb2.ResetClusterPrefixCacheResponse:
+        """Every live worker's ResetPrefixCache, asked concurrently."""
+        _, _, replies = await self._ask_every_worker("ResetPrefixCache", worker_pb2.ResetPrefixCacheRequest())
+        answered = [r for r in replies if isinstance(r, worker_pb2.ResetPrefixCacheResponse)]
+        return router_pb2.ResetClusterPrefixCacheResponse(
+            num_blocks=sum(r.num_blocks for r in answered),
+            num_workers=len(answered),
+            num_unreachable_workers=len(replies) - len(answered),
+        )
+
+    async def _ask_every_worker(
+        self, method: str, message: object
+    ) -> tuple[list[WorkerRecord], list[WorkerRecord], list[object]]:
+        """`method` (a unary RPC both worker services have) on every live worker at once: the live
+        decode and prefill workers, and each one's reply or exception, decode workers first."""
+        decodes = await self.directory.live("decode")
+        prefills = await self.directory.live("prefill")
+        stubs = [self.directory.decode_stub(w) for w in decodes]
+        stubs += [self.directory.prefill_stub(w) for w in prefills]
+        replies = await asyncio.gather(
+            *(getattr(stub, method)(message, timeout=STATS_TIMEOUT_S) for stub in stubs),
+            return_exceptions=True,
+        )
+        return decodes, prefills, list(replies)
 
     async def close(self) -> None:
         for shared in self._outputs.values():

@@ -34,6 +34,8 @@ class Backend(Protocol):
 
     async def cluster_stats(self) -> router_pb2.ClusterStats: ...
 
+    async def reset_prefix_cache(self) -> router_pb2.ResetClusterPrefixCacheResponse: ...
+
     async def close(self) -> None: ...
 
 
@@ -193,6 +195,16 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self, request: router_pb2.GetClusterStatsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.ClusterStats:
         return await self.backend.cluster_stats()
+
+    async def ResetPrefixCache(
+        self, request: router_pb2.ResetClusterPrefixCacheRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.ResetClusterPrefixCacheResponse:
+        reply = await self.backend.reset_prefix_cache()
+        logger.info(
+            "prefix caches reset: %d blocks on %d workers (%d did not answer)",
+            reply.num_blocks, reply.num_workers, reply.num_unreachable_workers,
+        )  # fmt: skip
+        return reply
 
     # -- edge ------------------------------------------------------------------------------------
     def _prompt(self, request: router_pb2.GenerateRequest) -> list[int]:

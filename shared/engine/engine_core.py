@@ -460,6 +460,14 @@ class EngineCore:
             request_ids=tuple(self.scheduler.request_ids),
         )
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the content of every cached block that no request holds (they become free blocks);
+        returns how many. Blocks in use keep their data but leave the cache index."""
+        pool = self.kv_manager.pool
+        num_cached = pool.usage().num_cached
+        pool.reset_prefix_cache()
+        return num_cached
+
     def check_integrity(self) -> None:
         """Raise IntegrityError if any block's state or refcount is inconsistent (I1)."""
         self.kv_manager.check_integrity()

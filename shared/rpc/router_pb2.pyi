@@ -117,6 +117,20 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
+class ResetClusterPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetClusterPrefixCacheResponse(_message.Message):
+    __slots__ = ("num_blocks", "num_workers", "num_unreachable_workers")
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNREACHABLE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    num_blocks: int
+    num_workers: int
+    num_unreachable_workers: int
+    def __init__(self, num_blocks: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_unreachable_workers: _Optional[int] = ...) -> None: ...
+
 class GetClusterStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -65,6 +65,11 @@ class RouterStub:
                 request_serializer=baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_router__pb2.ClusterStats.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/baton.v1.Router/ResetPrefixCache',
+                request_serializer=baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -123,6 +128,14 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Empty every worker's prefix cache (as vLLM's /reset_prefix_cache): benchmarks repeat a
+        workload from a cold cache without restarting. Requests in flight go on; blocks they hold stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +168,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.GetClusterStats,
                     request_deserializer=baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_router__pb2.ClusterStats.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +338,33 @@ class Router:
             '/baton.v1.Router/GetClusterStats',
             baton_dot_v1_dot_router__pb2.GetClusterStatsRequest.SerializeToString,
             baton_dot_v1_dot_router__pb2.ClusterStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.Router/ResetPrefixCache',
+            baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheRequest.SerializeToString,
+            baton_dot_v1_dot_router__pb2.ResetClusterPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

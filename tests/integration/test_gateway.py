@@ -333,6 +333,30 @@ def test_health_ready_and_metrics(cluster: LocalCluster, client: OpenAI, model: 
     assert samples[f'baton:workers{{model_name="{model}",role="decode"}}'] == 1
 
 
+def test_reset_prefix_cache_empties_every_workers_cache(
+    cluster: LocalCluster, client: OpenAI, model: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from baton.services.cli import main
+
+    prompt = " ".join([PROMPT] * 6)  # several full blocks
+    hits_name = f'vllm:prefix_cache_hits_total{{model_name="{model}"}}'
+
+    def hits_after_one_request() -> float:
+        client.completions.create(model=model, prompt=prompt, max_tokens=2, temperature=0)
+        return _samples(httpx.get(f"{cluster.gateway_url}/metrics").text)[hits_name]
+
+    first = hits_after_one_request()
+    warm = hits_after_one_request()
+    assert warm > first  # the second time, the prompt's blocks were cached
+    capsys.readouterr()
+    assert main(["reset-prefix-cache", "--address", cluster.router_address]) == 0
+    forgot = capsys.readouterr().out
+    assert forgot.startswith("forgot ") and forgot.rstrip().endswith("on 2 workers"), forgot
+    assert int(forgot.split()[1]) > 0
+    assert hits_after_one_request() == warm  # cold again: no hit
+    assert_no_leaks(cluster)
+
+
 def _samples(exposition: str) -> dict[str, float]:
     out = {}
     for line in exposition.splitlines():

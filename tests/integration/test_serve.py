@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from baton import LLM, SamplingParams
 from baton.services.launcher import _free_port
 from baton.shared.registry import Registry
+from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -194,6 +195,13 @@ def test_colocated_mode_matches_offline(llama_dir: Path, redis_server: str) -> N
         body = {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0, "ignore_eos": True}
         reply = httpx.post(f"{cluster.gateway_url}/v1/completions", json=body, timeout=60).json()
         assert reply["choices"][0]["text"] == want[1].text
+        with grpc.insecure_channel(cluster.router_address) as channel:
+            reset = router_pb2_grpc.RouterStub(channel).ResetPrefixCache(
+                router_pb2.ResetClusterPrefixCacheRequest()
+            )
+        assert (
+            reset.num_workers == 1 and reset.num_blocks > 0
+        )  # the router's own engine had cached the prompts
     finally:
         codes = cluster.stop()
     assert codes == {"router": 0, "gateway": 0}

@@ -153,3 +153,16 @@ def test_prompts_shipped_in_one_step_share_their_runs_boundaries(llama_dir: Path
         # batched with another prompt, the same values up to float rounding; a misplaced block would not be
         torch.testing.assert_close(got, torch.stack([per_layer[rid][i] for i in range(num_layers)]))
     engine.assert_no_leaks()
+
+
+def test_reset_prefix_cache_forgets_the_cached_blocks(llama_dir: Path) -> None:
+    prefill = EngineCore(EngineConfig(model=str(llama_dir)))
+    prompt = list(range(50, 100))  # three full blocks, cached once prefilled
+    shipped_prefill(prefill, "a", prompt, GREEDY)
+    cached = prefill.stats().num_cached_blocks
+    assert cached >= 3
+    assert prefill.reset_prefix_cache() == cached
+    assert prefill.stats().num_cached_blocks == 0
+    _, again = shipped_prefill(prefill, "b", prompt, GREEDY)
+    assert again.num_cached_tokens == 0  # a cold cache: nothing to reuse
+    prefill.assert_no_leaks()
