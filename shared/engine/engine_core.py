@@ -39,43 +39,36 @@ LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None
 """Receives (request_id, first_layer, kv, ready): a run of consecutive layers of a prefill-only
 request's prompt KV, copied out as soon as the run's last layer computed it,
 kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
-from layer 0; the prompts one step ships share the runs' boundaries, sized so that the largest of
-them holds about `EngineCore.layer_kv_run_bytes` a run (at least one layer): a short prompt alone
-travels in one message, a long one layer by layer. kv may be a view into a buffer the step's other
+from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
+travels in one message and a long one layer by layer. kv may be a view into a buffer the step's other
 prompts share. On CUDA, read kv only after the event `ready`."""
 
 
 @dataclass(frozen=True)
 class _ExportPlan:
-    """Where one step's exported prompts go in each run's buffer. A run of `count` layers holds the
-    prompts one after the other, each as [count, 2, its blocks, *block]: for layer i of the run, K of
-    prompt r's j-th block goes to block count*2*starts[r] + 2*i*counts[r] + j of the buffer, and V
-    counts[r] blocks after it."""
+    """Where one step's exported prompts go in the step's buffer: prompt after prompt, each as
+    [num_layers, 2, its blocks, *block], so any run of a prompt's consecutive layers is a contiguous
+    view. For layer l, K of prompt r's j-th block goes to buffer block
+    num_layers*2*starts[r] + 2*l*counts[r] + j, and V counts[r] blocks after it."""
 
     block_ids: torch.Tensor  # [num_blocks]: every prompt's blocks, prompt after prompt
-    counts: np.ndarray  # blocks per prompt
-    starts: np.ndarray  # the blocks of the prompts before each
-    slots: dict[int, torch.Tensor]  # by run length: [count, 2, num_blocks] targets in the buffer
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.counts.sum())
+    counts: list[int]  # blocks per prompt
+    starts: list[int]  # the blocks of the prompts before each
+    slots: torch.Tensor  # [num_layers, 2, num_blocks]: targets in the buffer
 
     @classmethod
-    def of(cls, blocks: list[list[int]], run_len: int, num_layers: int, device: torch.device) -> _ExportPlan:
+    def of(cls, blocks: list[list[int]], num_layers: int, device: torch.device) -> _ExportPlan:
         counts = np.array([len(b) for b in blocks], dtype=np.int64)
         starts = np.cumsum(counts) - counts
         within = np.arange(counts.sum()) - np.repeat(starts, counts)  # j
         n_of, start_of = np.repeat(counts, counts), np.repeat(starts, counts)
-        lengths = {run_len, num_layers - (num_layers - 1) // run_len * run_len}  # full runs, the last one
-        tables = {}
-        for count in sorted(lengths):
-            layer = np.arange(count)[:, None]
-            k = count * 2 * start_of + 2 * layer * n_of + within  # [count, num_blocks]
-            tables[count] = np.stack((k, k + n_of), axis=1)  # [count, 2, num_blocks]
+        layer = np.arange(num_layers)[:, None]
+        k = num_layers * 2 * start_of + 2 * layer * n_of + within  # [num_layers, num_blocks]
         ids = np.fromiter(itertools.chain.from_iterable(blocks), np.int64, int(counts.sum()))
-        on_device = arrays_to_device([ids, *tables.values()], np.int64, device)  # one copy
-        return cls(on_device[0], counts, starts, dict(zip(tables, on_device[1:], strict=True)))
+        ids_d, slots_d = arrays_to_device(
+            [ids, np.stack((k, k + n_of), axis=1)], np.int64, device
+        )  # one copy
+        return cls(ids_d, counts.tolist(), starts.tolist(), slots_d)
 
 
 class _QueuedStep(NamedTuple):
@@ -383,44 +376,39 @@ class EngineCore:
 
     def _layer_exporter(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
         """A per-layer hook copying out the prompt KV of prefill-only requests whose prompt ends in
-        this step (every earlier chunk's KV of that layer is already in place by then). The step's
-        prompts share their runs' boundaries, so each layer is one copy for all of them, into one
-        buffer per run that holds each prompt's run contiguously, one after the other."""
+        this step (every earlier chunk's KV of that layer is already in place by then): each layer is
+        one copy for all of them, into one buffer for the step (see _ExportPlan); each prompt's runs
+        of layers go to the sink as views of it."""
         sink = self.layer_kv_sink
         shipping = [c.request for c in sched.chunks if c.samples and c.request.prefill_only]
         if sink is None or not shipping:
             return None
         bs = self.config.block_size
         blocks = [self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)] for r in shipping]
-        k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
-        block_bytes = k_cache[0].numel() * k_cache.element_size()
         num_layers = len(self.kv_caches)
-        run_len = max(1, self.layer_kv_run_bytes // (2 * max(map(len, blocks)) * block_bytes))
-        plan = _ExportPlan.of(blocks, run_len, num_layers, self.device)
-        runs: list[torch.Tensor] = []  # the run being filled: [count * 2 * plan.num_blocks, *block]
+        plan = _ExportPlan.of(blocks, num_layers, self.device)
+        k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
+        block_shape, block_bytes = k_cache.shape[1:], k_cache[0].numel() * k_cache.element_size()
+        run_lens = [max(1, self.layer_kv_run_bytes // (2 * n * block_bytes)) for n in plan.counts]
+        buffers: list[torch.Tensor] = []  # [num_layers * 2 * num_blocks, *block], made at layer 0
 
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
-            first = layer - layer % run_len
-            count = min(run_len, num_layers - first)
-            if layer == first:  # allocated here, on the stream that writes it
-                shape = (count * 2 * plan.num_blocks, *k_cache.shape[1:])
-                runs.append(torch.empty(shape, dtype=k_cache.dtype, device=self.device))
-            run = runs[-1]
-            self.attention.gather_blocks_into(
-                k_cache, v_cache, plan.block_ids, plan.slots[count][layer - first], run
-            )
-            if layer - first + 1 < count:
-                return
+            if not buffers:  # allocated here, on the stream that writes it
+                shape = (num_layers * 2 * int(plan.block_ids.shape[0]), *block_shape)
+                buffers.append(torch.empty(shape, dtype=k_cache.dtype, device=self.device))
+            self.attention.gather_blocks_into(k_cache, v_cache, plan.block_ids, plan.slots[layer], buffers[0])
             ready = None
-            if self.device.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record()
-            for request, start, n in zip(shipping, plan.starts.tolist(), plan.counts.tolist(), strict=True):
-                kv = run[count * 2 * start : count * 2 * (start + n)]
-                # kv: [count, 2, n, block_size, num_kv_heads, head_dim], one prompt's run
-                sink(request.request_id, first, kv.view(count, 2, n, *k_cache.shape[1:]), ready)
-            runs.clear()
+            for request, start, n, run_len in zip(shipping, plan.starts, plan.counts, run_lens, strict=True):
+                first = layer - layer % run_len
+                if layer + 1 < min(first + run_len, num_layers):
+                    continue  # this prompt's run goes on
+                if ready is None and self.device.type == "cuda":
+                    ready = torch.cuda.Event()
+                    ready.record()
+                prompt = buffers[0][num_layers * 2 * start : num_layers * 2 * (start + n)]
+                kv = prompt.view(num_layers, 2, n, *block_shape)[first : layer + 1]
+                sink(request.request_id, first, kv, ready)  # kv: [run layers, 2, n, *block], contiguous
 
         return export
 

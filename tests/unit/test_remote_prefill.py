@@ -131,8 +131,8 @@ def test_exported_runs_cover_every_layer_once_in_runs_of_the_asked_size(llama_di
     engine.assert_no_leaks()
 
 
-def test_prompts_shipped_in_one_step_share_their_runs_boundaries(llama_dir: Path) -> None:
-    """Each layer is one copy for every prompt the step ships; the run length follows the largest."""
+def test_prompts_shipped_in_one_step_keep_their_own_runs(llama_dir: Path) -> None:
+    """Each layer is one copy for every prompt a step ships; each prompt's runs are sized for it."""
     prompts = {"long": list(range(3, 40)), "short": [7, 8, 9]}  # 3 blocks and 1 block
     per_layer = {
         rid: shipped_prefill(EngineCore(EngineConfig(model=str(llama_dir))), rid, p, GREEDY)[0]
@@ -140,15 +140,16 @@ def test_prompts_shipped_in_one_step_share_their_runs_boundaries(llama_dir: Path
     }
     engine = EngineCore(EngineConfig(model=str(llama_dir)))
     long_layer = per_layer["long"][0]
-    engine.layer_kv_run_bytes = 3 * long_layer.numel() * long_layer.element_size()  # runs of 3 layers
+    engine.layer_kv_run_bytes = 3 * long_layer.numel() * long_layer.element_size()
     runs: dict[str, list[tuple[int, torch.Tensor]]] = {rid: [] for rid in prompts}
     engine.layer_kv_sink = lambda rid, first, kv, ready: runs[rid].append((first, kv.clone()))
     for rid, prompt in prompts.items():
         engine.add_request(rid, prompt, GREEDY, prefill_only=True)
     assert len(engine.step()) == 2  # both prompts in one step
     num_layers = engine.model_config.num_layers
+    assert [(first, kv.shape[0]) for first, kv in runs["long"]] == [(0, 3), (3, num_layers - 3)]
+    assert [(first, kv.shape[0]) for first, kv in runs["short"]] == [(0, num_layers)]  # 9 layers' worth
     for rid in prompts:
-        assert [(first, kv.shape[0]) for first, kv in runs[rid]] == [(0, 3), (3, num_layers - 3)]
         got = torch.cat([kv for _, kv in runs[rid]])
         # batched with another prompt, the same values up to float rounding; a misplaced block would not be
         torch.testing.assert_close(got, torch.stack([per_layer[rid][i] for i in range(num_layers)]))
