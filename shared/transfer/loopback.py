@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from baton.shared.transfer.base import KVLayout, KVReceiveHandler, KVReceiver, TransferError
-from baton.shared.transfer.faults import FaultConfig
 from baton.shared.transfer.pool import PooledKVSender
 from baton.shared.transfer.protocol import (
     Channel,
@@ -144,16 +143,6 @@ class LoopbackKVReceiver(KVReceiver):
 
 class LoopbackKVSender(PooledKVSender):
     """Pushes to `LoopbackKVReceiver`s of this process over pooled connections (see `pool.py`)."""
-
-    def __init__(
-        self,
-        layout: KVLayout,
-        faults: FaultConfig | None = None,
-        reply_timeout_s: float = 10.0,
-        max_pushes_per_address: int = 128,
-        connections_per_address: int = 2,
-    ) -> None:
-        super().__init__(layout, faults, reply_timeout_s, max_pushes_per_address, connections_per_address)
 
     def _check_address(self, address: str) -> None:
         if not address.startswith(SCHEME):

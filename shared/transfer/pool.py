@@ -22,10 +22,10 @@ class PooledKVSender(KVSender):
     def __init__(
         self,
         layout: KVLayout,
-        faults: FaultConfig | None,
-        reply_timeout_s: float,
-        max_pushes_per_address: int,
-        connections_per_address: int,
+        faults: FaultConfig | None = None,
+        reply_timeout_s: float = 10.0,
+        max_pushes_per_address: int = 128,
+        connections_per_address: int = 2,
     ) -> None:
         if max_pushes_per_address < 1:
             raise ValueError(f"max_pushes_per_address must be >= 1, got {max_pushes_per_address}")
