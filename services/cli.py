@@ -296,14 +296,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def _burst_step_interval_ms(args: argparse.Namespace, gpus: list[str]) -> float:
     """The flag when given; else SHARED_GPU_BURST_STEP_INTERVAL_MS if some prefill worker shares a
-    GPU with a decode worker (GPUs are dealt as LocalCluster deals them), else 0."""
+    GPU with a decode worker (as the launcher deals them; with none listed, all share the first),
+    else 0."""
+    from baton.services.launcher import dealt_gpu
+
     if args.burst_step_interval_ms is not None:
         return float(args.burst_step_interval_ms)
     if args.colocated or args.prefill_workers == 0:
         return 0.0
-    if not gpus:
-        return SHARED_GPU_BURST_STEP_INTERVAL_MS  # every process sees every GPU: they share the first
-    dealt = [gpus[i % len(gpus)] for i in range(args.decode_workers + args.prefill_workers)]
+    dealt = [dealt_gpu(gpus, i) for i in range(args.decode_workers + args.prefill_workers)]
     shared = set(dealt[: args.decode_workers]) & set(dealt[args.decode_workers :])
     return SHARED_GPU_BURST_STEP_INTERVAL_MS if shared else 0.0
 

@@ -64,6 +64,12 @@ class ClusterSpec:
     router when colocated) through CUDA_VISIBLE_DEVICES; empty: every process sees every GPU."""
 
 
+def dealt_gpu(gpus: Sequence[str], engine_index: int) -> str | None:
+    """The GPU the `engine_index`-th engine process gets (decode workers first, then prefill
+    workers): the listed GPUs round-robin; None when none are listed (it sees every GPU)."""
+    return gpus[engine_index % len(gpus)] if gpus else None
+
+
 class LocalCluster:
     def __init__(self, spec: ClusterSpec, log: TextIO = sys.stderr) -> None:
         if spec.num_prefill < 0 or spec.num_decode < (0 if spec.colocated else 1):
@@ -178,8 +184,8 @@ class LocalCluster:
         ]  # fmt: skip
 
     def _gpu_env(self, engine_index: int) -> dict[str, str]:
-        gpus = self.spec.gpus
-        return {"CUDA_VISIBLE_DEVICES": gpus[engine_index % len(gpus)]} if gpus else {}
+        gpu = dealt_gpu(self.spec.gpus, engine_index)
+        return {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
 
     def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
         if not argv[0].endswith("redis-server"):
