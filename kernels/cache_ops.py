@@ -210,14 +210,7 @@ def gather_kv_blocks_into(
         raise ValueError(
             "each block of out must be contiguous (strides of dims 1..3 those of a contiguous block)"
         )
-    numel = k_cache[0].numel()
-    if not n or not numel:
-        return
-    chunk = min(triton.next_power_of_2(numel), COPY_CHUNK)
-    _copy_blocks_kernel[(n, 2, triton.cdiv(numel, chunk))](
-        k_cache, v_cache, block_ids, out, slots, k_cache.stride(0), v_cache.stride(0), 0, out.stride(0),
-        slots.stride(0), BLOCK_NUMEL=numel, CHUNK=chunk, GATHER=True, SLOTS=True, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    _copy_blocks(k_cache, v_cache, block_ids, out, gather=True, slots=slots)
 
 
 def scatter_kv_blocks(
@@ -231,16 +224,28 @@ def scatter_kv_blocks(
 
 
 def _copy_blocks(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, kv: torch.Tensor, gather: bool
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_ids: torch.Tensor,
+    kv: torch.Tensor,
+    gather: bool,
+    slots: torch.Tensor | None = None,
 ) -> None:
+    """One launch copying whole blocks between the caches and kv: kv [2, n, *block] (K then V, in
+    block_ids order), or with `slots` (gather only) kv [m, *block] at the blocks slots [2, n] names."""
     n = block_ids.shape[0]
     numel = k_cache[0].numel()
     if not n or not numel:
         return
     chunk = min(triton.next_power_of_2(numel), COPY_CHUNK)
+    targeted = slots is not None
+    if slots is None:  # kv's K/V stride and block stride; slots unread
+        kv_s0, kv_s1, slots, slots_s0 = kv.stride(0), kv.stride(1), block_ids, 0
+    else:  # kv's block stride, slots' row stride
+        kv_s0, kv_s1, slots_s0 = 0, kv.stride(0), slots.stride(0)
     _copy_blocks_kernel[(n, 2, triton.cdiv(numel, chunk))](
-        k_cache, v_cache, block_ids, kv, block_ids, k_cache.stride(0), v_cache.stride(0), kv.stride(0),
-        kv.stride(1), 0, BLOCK_NUMEL=numel, CHUNK=chunk, GATHER=gather, SLOTS=False, num_warps=NUM_WARPS,
+        k_cache, v_cache, block_ids, kv, slots, k_cache.stride(0), v_cache.stride(0), kv_s0, kv_s1, slots_s0,
+        BLOCK_NUMEL=numel, CHUNK=chunk, GATHER=gather, SLOTS=targeted, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
