@@ -390,14 +390,16 @@ class EngineCore:
         k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
         block_shape, block_bytes = k_cache.shape[1:], k_cache[0].numel() * k_cache.element_size()
         run_lens = [max(1, self.layer_kv_run_bytes // (2 * n * block_bytes)) for n in plan.counts]
-        buffers: list[torch.Tensor] = []  # [num_layers * 2 * num_blocks, *block], made at layer 0
+        # on the compute stream (_launch), which writes it: [num_layers * 2 * num_blocks, *block]
+        buffer = torch.empty(
+            (num_layers * 2 * int(plan.block_ids.shape[0]), *block_shape),
+            dtype=k_cache.dtype,
+            device=self.device,
+        )
 
         def export(layer: int) -> None:
             k_cache, v_cache = self.kv_caches[layer]
-            if not buffers:  # allocated here, on the stream that writes it
-                shape = (num_layers * 2 * int(plan.block_ids.shape[0]), *block_shape)
-                buffers.append(torch.empty(shape, dtype=k_cache.dtype, device=self.device))
-            self.attention.gather_blocks_into(k_cache, v_cache, plan.block_ids, plan.slots[layer], buffers[0])
+            self.attention.gather_blocks_into(k_cache, v_cache, plan.block_ids, plan.slots[layer], buffer)
             ready = None
             for request, start, n, run_len in zip(shipping, plan.starts, plan.counts, run_lens, strict=True):
                 first = layer - layer % run_len
@@ -406,7 +408,7 @@ class EngineCore:
                 if ready is None and self.device.type == "cuda":
                     ready = torch.cuda.Event()
                     ready.record()
-                prompt = buffers[0][num_layers * 2 * start : num_layers * 2 * (start + n)]
+                prompt = buffer[num_layers * 2 * start : num_layers * 2 * (start + n)]
                 kv = prompt.view(num_layers, 2, n, *block_shape)[first : layer + 1]
                 sink(request.request_id, first, kv, ready)  # kv: [run layers, 2, n, *block], contiguous
 
