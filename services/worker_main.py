@@ -106,6 +106,8 @@ async def run_worker(config: WorkerConfig) -> None:
         await sender.close()
         stop_ucx()
     await asyncio.to_thread(engine.shutdown)
+    if (allocator := core.allocator_summary()) is not None:
+        logger.info("CUDA allocator: %s", allocator)
     await registry.close()
     logger.info("%s worker %s stopped", config.role, worker_id)
 

@@ -450,6 +450,19 @@ class EngineCore:
             request_ids=tuple(self.scheduler.request_ids),
         )
 
+    def allocator_summary(self) -> str | None:
+        """How the CUDA caching allocator fared (None off the GPU): peak memory reserved, and how
+        often it had to ask the driver for memory (each cudaMalloc or cudaFree a stall of the host,
+        a retry after an out-of-memory a synchronization of the device)."""
+        if self.device.type != "cuda":
+            return None
+        stats = torch.cuda.memory_stats(self.device)
+        return (
+            f"peak reserved {stats.get('reserved_bytes.all.peak', 0) / 2**30:.1f} GiB, "
+            f"{stats.get('num_device_alloc', 0)} device allocations, "
+            f"{stats.get('num_device_free', 0)} frees, {stats.get('num_alloc_retries', 0)} retries"
+        )
+
     def reset_prefix_cache(self) -> int:
         """Forget the content of every cached block that no request holds (they become free blocks);
         returns how many. Blocks in use keep their data but leave the cache index."""

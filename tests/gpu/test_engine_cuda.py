@@ -4,6 +4,7 @@ bfloat16. Skipped without CUDA; run through the device tool."""
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,15 @@ def logprob_errors(ref: list, got: list) -> list[float]:
             if have.token_ids[step] != token:
                 break  # the runs diverge from here on
     return errors
+
+
+def test_allocator_summary_counts_the_engines_device_memory(llama_dir: Path) -> None:
+    engine = LLM(str(llama_dir), device="cuda").engine
+    summary = engine.allocator_summary()
+    assert summary is not None
+    found = re.fullmatch(
+        r"peak reserved ([\d.]+) GiB, (\d+) device allocations, (\d+) frees, (\d+) retries", summary
+    )
+    assert found, summary
+    assert float(found[1]) >= round(torch.cuda.max_memory_reserved() / 2**30, 1) - 0.1
+    assert int(found[2]) >= 1  # the KV cache at least

@@ -167,3 +167,7 @@ def test_reset_prefix_cache_forgets_the_cached_blocks(llama_dir: Path) -> None:
     _, again = shipped_prefill(prefill, "b", prompt, GREEDY)
     assert again.num_cached_tokens == 0  # a cold cache: nothing to reuse
     prefill.assert_no_leaks()
+
+
+def test_allocator_summary_is_for_gpus_only(llama_dir: Path) -> None:
+    assert EngineCore(EngineConfig(model=str(llama_dir))).allocator_summary() is None
