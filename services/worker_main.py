@@ -106,6 +106,7 @@ async def run_worker(config: WorkerConfig) -> None:
         await sender.close()
         stop_ucx()
     await asyncio.to_thread(engine.shutdown)
+    logger.info("engine steps: %s", core.step_stats.summary())
     if (allocator := core.allocator_summary()) is not None:
         logger.info("CUDA allocator: %s", allocator)
     await registry.close()

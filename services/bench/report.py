@@ -12,6 +12,7 @@ import torch
 
 from baton.services.bench.datasets import BenchRequest, parse_range, random_requests, sharegpt_requests
 from baton.shared.config import EngineConfig
+from baton.shared.engine.step_stats import describe_steps
 from baton.shared.models import resolve_dtype
 from baton.shared.models.model_config import ModelConfig
 from baton.shared.tokenizer import Tokenizer
@@ -85,6 +86,8 @@ def _print(report: dict[str, Any]) -> None:
             f"  {r['system']:>6}: {r['elapsed_s']:8.2f} s  {r['output_tokens_per_s']:10.1f} output tok/s  "
             f"{r['total_tokens_per_s']:10.1f} total tok/s  {r['settings']}"
         )
+        for kind, totals in (r.get("engine_steps") or {}).items():
+            print(f"          {describe_steps(kind, totals['per_step'])}")
     if "speedup_vs_hf" in report:
         print(f"  baton / hf output throughput: {report['speedup_vs_hf']:.1f}x")
 

@@ -21,6 +21,8 @@ class ThroughputResult:
     prompt_tokens: int
     output_tokens: int
     settings: dict[str, Any]
+    engine_steps: dict[str, Any] | None = None
+    """Baton's: where the timed run's step time went (see StepStats.as_dict)."""
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -50,6 +52,7 @@ def run_baton(model: str, requests: list[BenchRequest], engine_settings: dict[st
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in requests]
     _sync()
+    llm.engine.step_stats.reset()
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params)
     _sync()
@@ -60,7 +63,7 @@ def run_baton(model: str, requests: list[BenchRequest], engine_settings: dict[st
                 f"request {out.request_id} produced {len(out.token_ids)} tokens, not {req.output_len}"
             )
     settings = engine_settings | {"attention_backend": llm.engine.attention_backend}
-    return _result("baton", elapsed, requests, settings)
+    return _result("baton", elapsed, requests, settings, llm.engine.step_stats.as_dict())
 
 
 def run_hf(
@@ -128,7 +131,11 @@ def _hf_batch(hf: Any, requests: list[BenchRequest], new_tokens: int) -> None:
 
 
 def _result(
-    system: str, elapsed: float, requests: list[BenchRequest], settings: dict[str, Any]
+    system: str,
+    elapsed: float,
+    requests: list[BenchRequest],
+    settings: dict[str, Any],
+    engine_steps: dict[str, Any] | None = None,
 ) -> ThroughputResult:
     return ThroughputResult(
         system=system,
@@ -137,6 +144,7 @@ def _result(
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests),
         settings=settings,
+        engine_steps=engine_steps,
     )
 
 

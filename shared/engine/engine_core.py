@@ -8,6 +8,7 @@ import gc
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from baton.shared.engine.request import Request
 from baton.shared.engine.sampler import Sampler
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
+from baton.shared.engine.step_stats import StepStats
 from baton.shared.models import ModelConfig, load_model, resolve_dtype
 from baton.shared.models.model_config import read_json
 
@@ -148,6 +150,8 @@ class EngineCore:
         self._in_flight: _QueuedStep | None = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
+        self.step_stats = StepStats()
+        """Where step time goes (host launch, device wait, finish), per kind of step."""
         self.layer_kv_sink: LayerKVSink | None = None
         """Prefill worker: where a finished prompt's KV goes, in runs of layers (see LayerKVSink)."""
         self.layer_kv_run_bytes = 16 << 20
@@ -323,19 +327,30 @@ class EngineCore:
             if self._in_flight is None:
                 return []
         (sched, result), self._in_flight = self._in_flight, None  # cleared first: a failure leaves none
+        totals = self.step_stats.of(sched)
+        started = time.perf_counter()
         with self._on_compute_stream():  # the copy of the sampled ids queues behind the step
             sampled = result()  # waits for the device
+        waited = time.perf_counter()
         changed = self.scheduler.update(sched, sampled)
+        updated = time.perf_counter()
         if self._overlap_steps:
-            self._in_flight = self._launch()
-        return [self._output(r, sampled[r.request_id]) for r in changed]
+            self._in_flight = self._launch()  # counted as the next step's launch
+        resumed = time.perf_counter()
+        outputs = [self._output(r, sampled[r.request_id]) for r in changed]
+        totals.wait_s += waited - started
+        totals.finish_s += updated - waited + time.perf_counter() - resumed
+        return outputs
 
     def _launch(self) -> _QueuedStep | None:
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
         with self._on_compute_stream():
-            return _QueuedStep(sched, self.runner.launch(sched, self._layer_exporter(sched)))
+            queued = _QueuedStep(sched, self.runner.launch(sched, self._layer_exporter(sched)))
+        self.step_stats.launched(sched, time.perf_counter() - started)
+        return queued
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

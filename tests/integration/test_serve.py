@@ -41,6 +41,7 @@ class Served:
     router_address: str
     gateway_url: str
     redis_url: str
+    log: list[str]  # what it printed after its banner, as it prints it
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,12 @@ def served(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     argv += ["--port", str(http_port), "--router-port", str(router_port), "--max-model-len", "512"]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     banner = _read_until(process, "Press Ctrl-C to stop", timeout_s=180)
-    threading.Thread(target=_drain, args=(process,), daemon=True).start()  # a full pipe would block it
+    log: list[str] = []
+    threading.Thread(target=_drain, args=(process, log), daemon=True).start()  # a full pipe would block it
     redis_url = re.search(r"registry (redis://\S+)\)", banner).group(1)  # type: ignore[union-attr]
     assert f"http://127.0.0.1:{http_port}/v1" in banner
     try:
-        yield Served(process, f"127.0.0.1:{router_port}", f"http://127.0.0.1:{http_port}", redis_url)
+        yield Served(process, f"127.0.0.1:{router_port}", f"http://127.0.0.1:{http_port}", redis_url, log)
     finally:
         if process.poll() is None:
             process.kill()
@@ -78,10 +80,11 @@ def _read_until(process: subprocess.Popen, marker: str, timeout_s: float) -> str
     raise AssertionError(f"baton serve exited ({process.wait()}) before printing {marker!r}")
 
 
-def _drain(process: subprocess.Popen) -> None:
+def _drain(process: subprocess.Popen, log: list[str]) -> None:
     assert process.stdout is not None
     for line in process.stdout:
         sys.stderr.write(line)
+        log.append(line)
 
 
 def readme_example(marker: str, language: str) -> str:
@@ -181,6 +184,17 @@ def test_sigterm_stops_every_process(served: Served) -> None:
         host, p = host_port.rsplit(":", 1)
         with pytest.raises(OSError):
             socket.create_connection((host, int(p)), timeout=1).close()
+    # each worker said at its stop where its steps' time went; short prompts are prefilled where
+    # they decode (--local-prefill-max-tokens), so the prompts' steps may be on either worker
+    steps = dict(re.findall(r"^(prefill-0|decode-0) +\| .* engine steps: (.*)$", "".join(served.log), re.M))
+    counts = {
+        (name, kind): int(n)
+        for name, line in steps.items()
+        for n, kind in re.findall(r"(\d+) (\w+) steps", line)
+    }
+    assert counts[("prefill-0", "prefill")] + counts[("decode-0", "prefill")] >= 1
+    assert counts[("decode-0", "decode")] >= 1
+    assert re.search(r", [1-9]\d* decode steps \(mean \d+ tokens, launch [\d.]+ ms", steps["decode-0"])
 
 
 def test_colocated_mode_matches_offline(llama_dir: Path, redis_server: str) -> None:

@@ -51,6 +51,11 @@ def test_cli_writes_the_report(tmp_path: Path, llama_dir: Path, capsys: pytest.C
     (baton,) = report["results"]
     assert baton["system"] == "baton" and baton["num_requests"] == 6 and baton["output_tokens_per_s"] > 0
     assert report["workload"]["input_len"] == [4, 20]
+    steps = baton["engine_steps"]  # the timed run's: each prompt token once, each output token but the last
+    computed = steps["prefill"]["tokens"] + steps["decode"]["tokens"]
+    assert computed == baton["prompt_tokens"] + baton["output_tokens"] - baton["num_requests"]
+    assert steps["decode"]["steps"] >= 1 and steps["decode"]["per_step"]["launch_ms"] > 0
+    assert "prefill steps (mean" in capsys.readouterr().out
     if not torch.cuda.is_available():  # refused before any work
         assert main(["bench", "throughput", "--model", str(llama_dir), "--baseline", "hf"]) == 2
         assert "CUDA" in capsys.readouterr().err
