@@ -1,6 +1,6 @@
 """The `baton` command line: `serve` (a local cluster), `gateway`, `router`, `prefill`, `decode` (one
 service each), `registry check`, `complete` (a gRPC client), `generate` (offline), `tiny-model`,
-`bench kernels`.
+`bench`, `probe` (a health check for containers) and `settings` (every BATON_* variable).
 
 Every service flag can also come from the environment: `--lease-ttl-s` from BATON_LEASE_TTL_S, and so
 on (flags win)."""
@@ -12,6 +12,7 @@ import asyncio
 import logging
 import sys
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -85,15 +86,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+SETTING_DEFAULTS: weakref.WeakKeyDictionary[argparse.Action, Any] = weakref.WeakKeyDictionary()
+"""The default each flag made by _flag declares, before BATON_* overrides it (see settings_table)."""
+
+
 def _flag(group: Any, name: str, help: str, **kwargs: Any) -> None:
     """A `--name` flag whose default comes from BATON_<NAME> when set (argparse applies `type` to it)."""
+    declared = kwargs.get("default", False if kwargs.get("action") == "store_true" else None)
     from_env = env.setting(name.removeprefix("--"))
     if from_env is not None:
         kwargs["default"] = (
             from_env if kwargs.get("action") is None else from_env.lower() in ("1", "true", "yes")
         )
-    env_name = "BATON_" + name.removeprefix("--").upper().replace("-", "_")
-    group.add_argument(name, help=f"{help} [env {env_name}]", **kwargs)
+    action = group.add_argument(name, help=f"{help} [env {env.variable(name)}]", **kwargs)
+    SETTING_DEFAULTS[action] = declared
 
 
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +163,11 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registry")
     _flag(group, "--redis-url", "Redis holding the registry", default="redis://127.0.0.1:6379/0")
+    _flag(
+        group,
+        "--redis-password",
+        "Redis AUTH password where the URL has none (better: BATON_REDIS_PASSWORD, from a secret)",
+    )
     _flag(group, "--namespace", "prefix of every registry key", default="baton")
     _flag(group, "--lease-ttl-s", "a worker silent this long is dead", type=float, default=10.0)
 
@@ -184,7 +195,12 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def _registry_config(args: argparse.Namespace) -> RegistryConfig:
-    return RegistryConfig(redis_url=args.redis_url, namespace=args.namespace, lease_ttl_s=args.lease_ttl_s)
+    return RegistryConfig(
+        redis_url=args.redis_url,
+        redis_password=args.redis_password,
+        namespace=args.namespace,
+        lease_ttl_s=args.lease_ttl_s,
+    )
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -408,7 +424,7 @@ def _cmd_registry_check(args: argparse.Namespace) -> int:
     from baton.shared.registry import RegistryUnavailable
 
     try:
-        return asyncio.run(run_check(args.redis_url, args.namespace))
+        return asyncio.run(run_check(_registry_config(args)))
     except RegistryUnavailable as exc:
         print(f"baton: registry {args.redis_url} is unreachable: {exc}", file=sys.stderr)
         return 1
@@ -682,6 +698,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--out", help="write the results as JSON here")
     serve_bench.set_defaults(func=_cmd_bench_serve)
 
+    probe = sub.add_parser(
+        "probe", help="health check: exit 0 if a Baton gRPC server (or an http(s) URL) says it serves"
+    )
+    probe.add_argument("target", help="host:port of a gateway, router or worker gRPC port, or an http(s) URL")
+    probe.add_argument("--service", default="", help="gRPC: the service to ask about (default: the server)")
+    probe.add_argument("--timeout-s", type=float, default=2.0)
+    probe.set_defaults(func=_cmd_probe)
+
+    settings = sub.add_parser("settings", help="list every BATON_* setting, its flag and its defaults")
+    settings.add_argument("--markdown", action="store_true", help="as a Markdown table (the README's)")
+    settings.set_defaults(func=_cmd_settings)
+
     registry = sub.add_parser("registry", help="inspect the Redis registry")
     registry_sub = registry.add_subparsers(dest="registry_command", required=True)
     check = registry_sub.add_parser(
@@ -690,6 +718,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_flags(check)
     check.set_defaults(func=_cmd_registry_check)
     return parser
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from baton.services import probe
+
+    return probe.main(args.target, args.service, args.timeout_s)
+
+
+def _cmd_settings(args: argparse.Namespace) -> int:
+    from baton.services import settings_table
+
+    parser = build_parser()
+    if args.markdown:
+        print(settings_table.markdown(parser), end="")
+        return 0
+    for s in settings_table.settings(parser):
+        defaults = ", ".join(f"{command}={default!r}" for command, default in s.defaults.items())
+        print(f"{s.variable:34} {s.flag or '(environment only)':32} {defaults}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from baton.shared.config import RegistryConfig
 from baton.shared.grpc_server import open_channel
 from baton.shared.registry import Registry, WorkerRecord, WorkerReport, audit
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
@@ -67,10 +68,10 @@ async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
     )
 
 
-async def run_check(redis_url: str, namespace: str) -> int:
-    async with Registry(redis_url, namespace) as registry:
+async def run_check(config: RegistryConfig) -> int:
+    async with Registry(config.redis_url, config.namespace, password=config.redis_password) as registry:
         result = await check(registry)
-    where = f"registry {redis_url} (namespace {namespace!r})"
+    where = f"registry {config.redis_url} (namespace {config.namespace!r})"
     if result.problems:
         print(f"{where}: {len(result.problems)} problem(s) with {result.num_workers} live workers:")
         for problem in result.problems:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 import torch
@@ -36,7 +37,13 @@ async def run_worker(config: WorkerConfig) -> None:
     layout = kv_layout(core)
     worker_id = config.worker_id or default_worker_id(config.role)
     reg = config.registry
-    registry = Registry(reg.redis_url, reg.namespace, reg.lease_ttl_s, config.reservation_timeout_s)
+    registry = Registry(
+        reg.redis_url,
+        reg.namespace,
+        reg.lease_ttl_s,
+        config.reservation_timeout_s,
+        password=reg.redis_password,
+    )
     engine = AsyncEngine(core)
     engine.start()
     receiver: ReceiverProcess | None = None
@@ -66,7 +73,7 @@ async def run_worker(config: WorkerConfig) -> None:
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"
         )
     server = await start_server([binding], config.host, config.port)
-    host = config.advertise_host or config.host
+    host = advertised_host(config)
     info = WorkerInfo(
         worker_id=worker_id,
         role=config.role,
@@ -113,12 +120,26 @@ async def run_worker(config: WorkerConfig) -> None:
     logger.info("%s worker %s stopped", config.role, worker_id)
 
 
+def advertised_host(config: WorkerConfig) -> str:
+    """Where others reach this worker: --advertise-host, else --host, except that a worker bound to every
+    interface (0.0.0.0, ::) publishes its host name's address, which is the container's or pod's own
+    address there (on a plain host that may be a loopback alias: set --advertise-host)."""
+    if config.advertise_host:
+        return config.advertise_host
+    if config.host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return config.host
+
+
 def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> ReceiverSpec:
     return ReceiverSpec(
         layout=layout,
         host=config.host,
         port=config.transfer_port,
-        advertise_host=config.advertise_host,
+        advertise_host=advertised_host(config),
         attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),

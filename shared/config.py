@@ -73,6 +73,9 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the registry.")
+    redis_password: str | None = Field(
+        None, repr=False, description="Redis AUTH password, when redis_url carries none (from a secret)."
+    )
     namespace: str = Field("baton", min_length=1, description="Prefix of every registry key.")
     lease_ttl_s: float = Field(
         10.0, gt=0, description="A worker silent this long is dead; its requests are failed and reaped."

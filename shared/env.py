@@ -12,9 +12,20 @@ def cache_dir() -> Path:
     return Path(explicit) if explicit else Path.home() / ".cache" / "baton"
 
 
+ENV_ONLY_SETTINGS = {
+    "BATON_CACHE_DIR": ("~/.cache/baton", "where the demo model is generated (once) and kept"),
+}
+"""Settings that have no command-line flag: variable -> (default, what it sets)."""
+
+
+def variable(name: str) -> str:
+    """The variable of setting `name` (a flag, such as --lease-ttl-s, or its bare name)."""
+    return "BATON_" + name.removeprefix("--").upper().replace("-", "_")
+
+
 def setting(name: str) -> str | None:
     """BATON_<NAME> (name upper-cased, dashes as underscores), or None when unset or empty."""
-    value = os.environ.get("BATON_" + name.upper().replace("-", "_"))
+    value = os.environ.get(variable(name))
     return value or None
 
 

@@ -44,8 +44,9 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """Start redis-server on a free port; retried if another process grabs the port first."""
+def _start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server on a free port (with AUTH if `password`); retried if another process grabs
+    the port first. Returns it and its URL (which carries no password)."""
     for _attempt in range(5):
         port = _free_port()
         proc = subprocess.Popen(
@@ -61,11 +62,12 @@ def _start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
                 "no",
                 "--dir",
                 str(workdir),
+                *(["--requirepass", password] if password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis_sync.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        client = redis_sync.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=0.5)
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:
             try:
@@ -88,6 +90,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
     try:
         yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A private redis-server that wants AUTH: its URL (no password in it) and its password."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    password = "s3cret-for-tests"
+    proc, url = _start_redis(tmp_path_factory.mktemp("redis-auth"), password)
+    try:
+        yield url, password
     finally:
         proc.terminate()
         try:

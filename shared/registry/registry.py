@@ -76,7 +76,9 @@ class Registry:
         connect_timeout_s: float = 2.0,
         socket_timeout_s: float = 2.0,
         max_connections: int = 32,
+        password: str | None = None,
     ) -> None:
+        """`password`: Redis AUTH's, when `url` carries none (a password in the URL wins)."""
         if not namespace:
             raise ValueError("namespace must not be empty")
         if lease_ttl_s <= 0 or reservation_ttl_s <= 0:
@@ -100,6 +102,7 @@ class Registry:
             socket_connect_timeout=connect_timeout_s,
             socket_timeout=socket_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (RedisConnectionError,)),
+            **({"password": password} if password else {}),
         )
         self._redis = redis.Redis.from_pool(pool)
         self._header = [

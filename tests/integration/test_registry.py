@@ -550,3 +550,20 @@ def test_unreachable_redis_raises_registry_unavailable_quickly() -> None:
                 assert time.monotonic() - started < 2.0
 
     run(main())
+
+
+def test_registry_check_authenticates_with_the_password_setting(
+    redis_with_auth: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Redis with AUTH (as compose and k8s run it): refused without BATON_REDIS_PASSWORD, clean with it;
+    the password is never printed."""
+    from baton.services.cli import main
+
+    url, password = redis_with_auth
+    assert main(["registry", "check", "--redis-url", url]) == 1
+    refused = capsys.readouterr().err
+    assert "unreachable" in refused and "auth" in refused.lower()
+    monkeypatch.setenv("BATON_REDIS_PASSWORD", password)
+    assert main(["registry", "check", "--redis-url", url]) == 0
+    out, err = capsys.readouterr()
+    assert "clean (0 live workers" in out and password not in out + err + refused

@@ -151,6 +151,22 @@ def test_health_and_reflection_on_the_workers(served: Served) -> None:
     assert found == {"decode": True, "prefill": True}
 
 
+def test_probe_reports_each_service_as_a_container_health_check_would(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from baton.services.cli import main
+
+    assert main(["probe", served.router_address]) == 0
+    assert main(["probe", served.router_address, "--service", "baton.v1.Router"]) == 0
+    assert main(["probe", f"{served.gateway_url}/ready"]) == 0
+    assert main(["probe", served.router_address, "--service", "no.such.Service"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert main(["probe", f"127.0.0.1:{_free_port()}", "--timeout-s", "0.5"]) == 1
+    assert re.search("UNAVAILABLE|DEADLINE_EXCEEDED", capsys.readouterr().err)  # nothing listens there
+    assert main(["probe", f"{served.gateway_url}/no-such-page"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+
+
 def test_registry_check_is_clean_then_names_a_planted_leak(served: Served) -> None:
     redis_url = served.redis_url
     check = [sys.executable, "-m", "baton.services.cli", "registry", "check"]

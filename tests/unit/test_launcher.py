@@ -82,3 +82,24 @@ def test_serve_paces_decode_bursts_where_a_prefill_worker_shares_its_gpu(
 ) -> None:
     args = build_parser().parse_args(["serve", *argv])
     assert _burst_step_interval_ms(args, _parse_gpus(args.gpus)) == expected
+
+
+def test_a_worker_bound_to_every_interface_advertises_its_own_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    from baton.services.worker_main import advertised_host
+    from baton.shared.config import EngineConfig, WorkerConfig
+
+    def worker(host: str, advertise: str | None = None) -> WorkerConfig:
+        return WorkerConfig(
+            role="decode", engine=EngineConfig(model="m"), host=host, advertise_host=advertise
+        )
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "pod-7")
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: {"pod-7": "10.1.2.3"}[name])
+    assert advertised_host(worker("0.0.0.0")) == "10.1.2.3"  # a container's or pod's own address
+    assert advertised_host(worker("::")) == "10.1.2.3"
+    assert advertised_host(worker("0.0.0.0", "decode-0.baton")) == "decode-0.baton"  # told: as told
+    assert advertised_host(worker("127.0.0.1")) == "127.0.0.1"  # bound to one interface: that one
