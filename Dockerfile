@@ -37,8 +37,11 @@ RUN apt-get update \
     && groupadd --gid 10001 baton \
     && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /opt/baton --shell /usr/sbin/nologin baton
 COPY --from=build /opt/baton/venv /opt/baton/venv
+# Triton's kernel cache goes to /tmp, so that the root filesystem may be read-only (k8s/)
 ENV PATH=/opt/baton/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TRITON_CACHE_DIR=/tmp/triton \
     BATON_CACHE_DIR=/opt/baton/cache \
     BATON_HOST=0.0.0.0
 # the generated demo model, baked in so that every container of a deployment serves the same one
