@@ -479,7 +479,7 @@ def _add_service_flags(
     parser: argparse.ArgumentParser, default_port: int, port_help: str = "gRPC port (0: any free port)"
 ) -> None:
     group = parser.add_argument_group("service")
-    _flag(group, "--host", "interface to bind", default="127.0.0.1")
+    _flag(group, "--host", "interface to bind (0.0.0.0: all)", default="127.0.0.1")
     _flag(group, "--port", port_help, type=int, default=default_port)
     _flag(group, "--threads", "torch CPU threads", type=int, default=None)
     _flag(group, "--log-level", "DEBUG, INFO, WARNING", default="INFO")

@@ -14,9 +14,20 @@ from baton.shared import env
 class Setting:
     variable: str
     flag: str | None  # None: environment only
-    help: str
+    helps: dict[str, str] = field(default_factory=dict)
+    """Command (e.g. `router`, `registry check`) -> what the setting does there."""
     defaults: dict[str, Any] = field(default_factory=dict)
-    """Command (e.g. `router`, `registry check`) -> its default for this setting."""
+    """Command -> its default for this setting."""
+
+    @property
+    def help(self) -> str:
+        """What it sets: one text, or, where commands say it differently, each with its commands."""
+        by_text: dict[str, list[str]] = {}
+        for command, text in self.helps.items():
+            by_text.setdefault(text, []).append(command)
+        if len(by_text) == 1:
+            return next(iter(by_text))
+        return "; ".join(f"{', '.join(commands)}: {text}" for text, commands in by_text.items())
 
 
 def settings(parser: argparse.ArgumentParser) -> list[Setting]:
@@ -31,10 +42,11 @@ def settings(parser: argparse.ArgumentParser) -> list[Setting]:
             flag = action.option_strings[0]
             variable = env.variable(flag)
             help_text = (action.help or "").removesuffix(f" [env {variable}]")
-            entry = found.setdefault(variable, Setting(variable, flag, help_text))
+            entry = found.setdefault(variable, Setting(variable, flag))
+            entry.helps[command] = help_text
             entry.defaults[command] = SETTING_DEFAULTS[action]
     for variable, (default, help_text) in env.ENV_ONLY_SETTINGS.items():
-        found[variable] = Setting(variable, None, help_text, {"every command": default})
+        found[variable] = Setting(variable, None, {"every command": help_text}, {"every command": default})
     return sorted(found.values(), key=lambda s: s.variable)
 
 
