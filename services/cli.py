@@ -242,6 +242,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         max_attempts=args.max_attempts,
         max_model_len=engine.max_model_len,
+        drain_timeout_s=args.drain_timeout_s,
     )
     setup_logging(args.log_level, args.log_requests)
     if args.threads is not None:
@@ -264,6 +265,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_pending_requests=args.max_pending_requests,
         processes=args.gateway_processes,
+        drain_timeout_s=args.drain_timeout_s,
     )
     setup_logging(args.log_level, args.log_requests)
     if config.processes > 1:
@@ -579,12 +581,26 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(gateway, "--log-level", "DEBUG, INFO, WARNING", default="INFO")
     _flag(gateway, "--log-requests", "log each request's lifecycle (admitted, aborted)", action="store_true")
     _add_gateway_flags(gateway)
+    _flag(
+        gateway,
+        "--drain-timeout-s",
+        "on SIGTERM, time streams in flight get to finish (new connections are refused)",
+        type=float,
+        default=30.0,
+    )
     gateway.set_defaults(func=_cmd_gateway)
 
     router = sub.add_parser("router", help="run the Router (public gRPC API, placement, reaper)")
     _add_service_flags(router, default_port=50051)
     _add_router_flags(router)
     _flag(router, "--max-attempts", "placements tried per request", type=int, default=3)
+    _flag(
+        router,
+        "--drain-timeout-s",
+        "on SIGTERM, time requests in flight get to finish (new ones are refused)",
+        type=float,
+        default=10.0,
+    )
     _add_registry_flags(router)
     _add_engine_flags(router)
     router.set_defaults(func=_cmd_router)

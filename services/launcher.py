@@ -29,7 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from baton.services.lifecycle import terminate_with_parent
 from baton.shared.registry import Registry, RegistryUnavailable
 
-STOP_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 45.0
+"""How long stop() waits for each group after SIGTERM before SIGKILL: longer than any service's default
+drain (gateway 30 s, router 10 s, workers 15 s plus their shutdown)."""
 _T = TypeVar("_T")
 
 

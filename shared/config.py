@@ -144,6 +144,11 @@ class RouterConfig(BaseModel):
         description="Prompts with at most this many uncached tokens are prefilled by the decode worker.",
     )
     max_attempts: int = Field(3, ge=1, description="Placements tried for a request before it fails.")
+    drain_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM: how long requests in flight get to finish (new ones are refused).",
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Context length the workers serve; None: the model's max_position_embeddings."
     )
@@ -172,6 +177,11 @@ class GatewayConfig(BaseModel):
         le=64,
         description="Gateway processes sharing the HTTP port (the gateway is stateless; more processes "
         "take more requests and stream more tokens a second). The in-flight limit is split between them.",
+    )
+    drain_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM: how long streams in flight get to finish (new connections are refused).",
     )
 
     @property

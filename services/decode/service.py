@@ -325,13 +325,18 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await asyncio.sleep(0.02)
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Abort what is in flight (streams end with 'abort'), settle every record, and end the
-        subscribers' output streams (they never end by themselves; the server's stop would wait)."""
+        """End what is still in flight with an error naming the stop (a request with no token out yet
+        is placed again by the router), settle every record, and end the subscribers' output streams
+        (they never end by themselves; the server's stop would wait)."""
+        reason = (
+            f"decode worker {self.worker_id} stopped before the request finished "
+            f"(drain timeout {self.config.drain_timeout_s:g} s)"
+        )
         for request_id, tracked in list(self._tracked.items()):
-            self.engine.abort(request_id)
+            self.engine.fail(request_id, reason)
             if not tracked.streamed:
                 self._background.spawn(self._drain(request_id, tracked))
-        await self._until_settled(timeout_s)  # the aborts reach the subscribers
+        await self._until_settled(timeout_s)  # the failures reach the subscribers
         self._subscribers.close_all()
         await self._background.wait(timeout_s)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -15,8 +16,6 @@ from baton.services.lifecycle import wait_for_stop_signal
 from baton.shared.config import GatewayConfig
 
 logger = logging.getLogger(__name__)
-
-DRAIN_TIMEOUT_S = 30
 
 
 class _Server(uvicorn.Server):
@@ -29,7 +28,7 @@ class _Server(uvicorn.Server):
 
 async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C; then stop accepting connections, let requests in flight finish
-    (up to DRAIN_TIMEOUT_S; streams still open then are cut, which aborts them), and return.
+    (up to config.drain_timeout_s; streams still open then are cut, which aborts them), and return.
     `sockets`: listening sockets to serve (one process of several); None binds config's host:port."""
     server = _Server(
         uvicorn.Config(
@@ -38,7 +37,7 @@ async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | 
             port=config.port,
             log_config=None,  # the process's own logging setup
             access_log=False,
-            timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+            timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
         )
     )
     serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))

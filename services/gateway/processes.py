@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 
-from baton.services.gateway.main import DRAIN_TIMEOUT_S, run_gateway
+from baton.services.gateway.main import run_gateway
 from baton.services.gateway.metrics import MULTIPROCESS_DIR_ENV
 from baton.services.lifecycle import setup_logging, terminate_with_parent
 from baton.shared.config import GatewayConfig
@@ -71,7 +71,7 @@ def serve_processes(config: GatewayConfig, log_level: str, log_requests: bool) -
             died = next(p for p in processes if not p.is_alive())
             logger.error("%s exited on its own (code %s): stopping the gateway", died.name, died.exitcode)
     finally:
-        _stop(processes)
+        _stop(processes, config.drain_timeout_s)
         holder.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0 if stopped and all(p.exitcode == 0 for p in processes) else 1
@@ -90,13 +90,13 @@ def _reuse_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _stop(processes: Sequence[BaseProcess]) -> None:
+def _stop(processes: Sequence[BaseProcess], drain_timeout_s: float) -> None:
     """SIGTERM every process still running, wait for it to drain, SIGKILL what is left."""
     running = [p for p in processes if p.pid is not None and p.is_alive()]
     for process in running:
         process.terminate()  # SIGTERM: the process drains
     for process in running:
-        process.join(DRAIN_TIMEOUT_S + STOP_MARGIN_S)
+        process.join(drain_timeout_s + STOP_MARGIN_S)
         if process.is_alive():
             logger.warning("%s did not stop in time: killing it", process.name)
             process.kill()

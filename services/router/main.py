@@ -21,8 +21,6 @@ from baton.shared.rpc import router_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 10.0
-
 
 async def run_router(config: RouterConfig) -> None:
     registry: Registry | None = None
@@ -52,7 +50,8 @@ async def run_router(config: RouterConfig) -> None:
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining", signal_name)
     await server.set_serving(False)
-    await asyncio.gather(server.server.stop(grace=DRAIN_TIMEOUT_S), service.drain(DRAIN_TIMEOUT_S))
+    drain_s = config.drain_timeout_s
+    await asyncio.gather(server.server.stop(grace=drain_s), service.drain(drain_s))
     if reaper is not None:
         reaper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

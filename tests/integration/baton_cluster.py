@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from baton.shared.registry import Registry
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 _namespaces = itertools.count()
+_rng = random.Random(11)
 
 
 @dataclass
@@ -55,6 +58,11 @@ def start_cluster(model: Path, redis_url: str, **spec: object) -> LocalCluster:
     cluster = LocalCluster(ClusterSpec(model=str(model), **{**defaults, **spec}), log=TeeLog())  # type: ignore[arg-type]
     cluster.start(timeout_s=180)
     return cluster
+
+
+def prompts(n: int, low: int = 20, high: int = 150) -> list[list[int]]:
+    """`n` random prompts of `low` to `high - 1` token ids."""
+    return [[_rng.randrange(3, 2000) for _ in range(_rng.randrange(low, high))] for _ in range(n)]
 
 
 def greedy(max_tokens: int, **extra: object) -> common_pb2.SamplingParams:
@@ -143,3 +151,25 @@ def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[li
     """What the offline engine generates greedily (ignoring end-of-sequence) for these prompts."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return [o.token_ids for o in offline.generate(prompts, params)]
+
+
+def wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
+    """The dead worker and every record naming it leave the registry within about a lease."""
+
+    async def named() -> list[str]:
+        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+            workers = [w.info.worker_id for w in await registry.live_workers()]
+            records = [
+                r.request_id
+                for r in await registry.live_requests()
+                if worker_id in (r.owner, r.decode_worker)
+            ]
+            return [w for w in workers if w == worker_id] + records
+
+    within_s = 2 * cluster.spec.lease_ttl_s
+    deadline = time.monotonic() + within_s
+    while asyncio.run(named()):
+        assert time.monotonic() < deadline, (
+            f"{worker_id} not reaped within {within_s} s: {asyncio.run(named())}"
+        )
+        time.sleep(0.2)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import httpx
@@ -20,36 +17,15 @@ from baton_cluster import (
     generate,
     generate_all,
     greedy,
-    start_cluster,
+    prompts,
+    wait_reaped,
     worker_stats,
 )
 
 from baton import LLM
 from baton.services.launcher import LocalCluster
-from baton.shared.registry import Registry
 
 pytestmark = pytest.mark.integration
-
-rng = random.Random(11)
-LEASE_S = 2.0
-
-
-def prompts(n: int, low: int = 20, high: int = 150) -> list[list[int]]:
-    return [[rng.randrange(3, 2000) for _ in range(rng.randrange(low, high))] for _ in range(n)]
-
-
-@pytest.fixture
-def make_cluster(llama_dir: Path, redis_server: str) -> Iterator:
-    started: list[LocalCluster] = []
-
-    def make(**spec: object) -> LocalCluster:
-        cluster = start_cluster(llama_dir, redis_server, lease_ttl_s=LEASE_S, **spec)
-        started.append(cluster)
-        return cluster
-
-    yield make
-    for cluster in started:
-        cluster.stop()
 
 
 def test_two_prefill_two_decode_workers_match_offline(make_cluster, offline: LLM) -> None:
@@ -101,7 +77,7 @@ def test_killing_a_prefill_worker_under_load_loses_no_request(make_cluster, offl
     got = asyncio.run(_load_then(cluster, batch, 8, victim="prefill-0"))
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
     assert [c.token_ids for c in got] == expected(offline, batch, 8)
-    _wait_reaped(cluster, "prefill-0")
+    wait_reaped(cluster, "prefill-0")
     assert_no_leaks(cluster)
 
 
@@ -120,29 +96,8 @@ def test_killing_a_decode_worker_ends_its_requests_with_a_clear_error(make_clust
             assert completion.token_ids == tokens[: len(completion.token_ids)]
         else:
             assert completion.finish_reason == "FINISH_REASON_LENGTH" and completion.token_ids == tokens
-    _wait_reaped(cluster, "decode-0")
+    wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
-
-
-def _wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
-    """The dead worker and every record naming it leave the registry within about a lease."""
-
-    async def named() -> list[str]:
-        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
-            workers = [w.info.worker_id for w in await registry.live_workers()]
-            records = [
-                r.request_id
-                for r in await registry.live_requests()
-                if worker_id in (r.owner, r.decode_worker)
-            ]
-            return [w for w in workers if w == worker_id] + records
-
-    deadline = time.monotonic() + 2 * LEASE_S
-    while asyncio.run(named()):
-        assert time.monotonic() < deadline, (
-            f"{worker_id} not reaped within {2 * LEASE_S} s: {asyncio.run(named())}"
-        )
-        time.sleep(0.2)
 
 
 def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster) -> None:
@@ -188,7 +143,7 @@ def test_sigterm_drains_a_decode_worker_without_losing_a_request(make_cluster, o
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
     assert [c.token_ids for c in got] == expected(offline, batch, 40)
     assert cluster.processes["decode-0"].returncode == 0
-    _wait_reaped(cluster, "decode-0")
+    wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
 
 
@@ -210,6 +165,6 @@ def test_a_decode_worker_dying_mid_stream_ends_the_sse_stream_with_an_error_then
     assert error["type"] == "server_error" and "decode worker decode-0 failed" in error["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
     assert httpx.get(f"{cluster.gateway_url}/health").status_code == 200
-    _wait_reaped(cluster, "decode-0")
+    wait_reaped(cluster, "decode-0")
     ready = httpx.get(f"{cluster.gateway_url}/ready")
     assert ready.status_code == 503 and "no decode worker" in ready.json()["error"]["message"]

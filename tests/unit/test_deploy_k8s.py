@@ -18,6 +18,9 @@ import pytest
 import yaml
 from deploy_checks import command_problem, environment_problems
 
+from baton.services import settings_table
+from baton.services.cli import build_parser
+
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAYS = ["cpu-demo", "gpu"]
 KUBERNETES_VERSION = "1.31.0"  # the schema validated against (native gRPC probes need >= 1.27)
@@ -29,7 +32,9 @@ INTERNAL_PORTS = {"redis": [6379], "router": [50051], "prefill": [50061], "decod
 FROM_BATON = [  # a rule admitting every Baton pod, and only those
     {"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "baton"}}}
 ]
-DEFAULT_DRAIN_TIMEOUT_S = 15.0  # `baton settings`: BATON_DRAIN_TIMEOUT_S
+DRAIN_TIMEOUT_DEFAULTS = next(
+    s.defaults for s in settings_table.settings(build_parser()) if s.variable == "BATON_DRAIN_TIMEOUT_S"
+)  # per command (`baton settings`)
 
 Obj = dict[str, Any]
 
@@ -239,14 +244,17 @@ def test_every_container_has_startup_readiness_and_liveness_probes(objects: tupl
                 assert probe["grpc"]["port"] == GRPC_PORTS[component], component
 
 
-def test_workers_have_time_to_load_and_to_drain(objects: tuple[Obj, ...]) -> None:
+def test_workers_have_time_to_load_and_every_service_to_drain(objects: tuple[Obj, ...]) -> None:
+    containers = baton_containers(objects)
     for component in WORKERS:
-        container = baton_containers(objects)[component]
-        startup = container.spec["startupProbe"]
+        startup = containers[component].spec["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, component
+    for component, container in containers.items():
         drain = environment(container, objects).get("BATON_DRAIN_TIMEOUT_S")
-        drain_s = float(drain) if drain is not None else DEFAULT_DRAIN_TIMEOUT_S
-        assert container.pod["terminationGracePeriodSeconds"] > drain_s, component
+        drain_s = float(drain) if drain is not None else DRAIN_TIMEOUT_DEFAULTS[component]
+        pre_stop = container.spec.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pause_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        assert container.pod["terminationGracePeriodSeconds"] > pause_s + drain_s, component
 
 
 def test_workers_mount_memory_backed_dev_shm(objects: tuple[Obj, ...]) -> None:
