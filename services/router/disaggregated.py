@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 request_log = request_logger(__name__)
 
 RESERVE_TIMEOUT_S = 10.0
+PREFILL_SETTLE_TIMEOUT_S = 30.0
+"""A request can finish (one output token) before its prefill call returns with the decode worker's
+ack: that call is left this long to end, not cancelled (a cancel would count as a failed transfer)."""
 PREFILL_TIMEOUT_S = 300.0
 STATS_TIMEOUT_S = 2.0
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -225,9 +228,12 @@ class DisaggregatedBackend:
             if not finished:  # the client went away or the attempt failed (perhaps while reserving)
                 self._aborts.spawn(_abort_quietly(d_stub, attempt_id, "the router gave up on this attempt"))
             if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await prefill_task
+                if finished:  # its prefill call only waits for the handoff's ack: let it end by itself
+                    self._aborts.spawn(_settle(prefill_task, PREFILL_SETTLE_TIMEOUT_S))
+                else:
+                    prefill_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await prefill_task
 
     def _outputs_of(self, decode: WorkerRecord, d_stub: object) -> Subscription[EngineOutput]:
         key = (decode.info.worker_id, decode.info.grpc_address)
@@ -331,6 +337,12 @@ class DisaggregatedBackend:
             await shared.close()
         await self._aborts.wait(5)
         await self.directory.close()
+
+
+async def _settle(task: asyncio.Task[None], timeout_s: float) -> None:
+    """Wait for `task` to end (its own errors are its own business); cancel it after `timeout_s`."""
+    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+        await asyncio.wait_for(task, timeout_s)
 
 
 async def _abort_quietly(d_stub: object, attempt_id: str, reason: str) -> None:

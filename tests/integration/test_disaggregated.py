@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,21 @@ def test_greedy_outputs_equal_offline_llm(cluster: LocalCluster, offline: LLM) -
     stats = worker_stats(cluster)
     assert stats["prefill-0"].num_transfers >= len(PROMPTS)
     assert stats["decode-0"].num_transfers >= len(PROMPTS)
+    assert_no_leaks(cluster)
+
+
+def test_requests_done_at_their_first_token_fail_no_transfer(cluster: LocalCluster, offline: LLM) -> None:
+    """One output token: the request ends when the decode worker commits the pushed KV, before the
+    prefill call returns with its ack; the router lets that call end instead of cancelling it."""
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(80, 120))] for _ in range(6)]  # uncached
+    before = worker_stats(cluster)["prefill-0"]
+    got = generate_all(cluster.router_address, prompts, greedy(1))
+    assert [c.token_ids for c in got] == expected(offline, prompts, 1)
+    deadline = time.monotonic() + 10
+    while (now := worker_stats(cluster)["prefill-0"]).num_transfers < before.num_transfers + len(prompts):
+        assert time.monotonic() < deadline, f"{now.num_transfers - before.num_transfers} transfers done"
+        time.sleep(0.05)
+    assert now.num_transfer_failures == before.num_transfer_failures
     assert_no_leaks(cluster)
 
 
