@@ -266,6 +266,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         max_pending_requests=args.max_pending_requests,
         processes=args.gateway_processes,
         drain_timeout_s=args.drain_timeout_s,
+        max_body_bytes=args.max_body_bytes,
     )
     setup_logging(args.log_level, args.log_requests)
     if config.processes > 1:
@@ -284,6 +285,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_pending_requests=args.max_pending_requests,
         processes=args.gateway_processes,
+        max_body_bytes=args.max_body_bytes,
     )
     gpus = _parse_gpus(args.gpus)
     spec = ClusterSpec(
@@ -332,6 +334,7 @@ def _gateway_argv(args: argparse.Namespace) -> list[str]:
     return [
         "--max-pending-requests", str(args.max_pending_requests),
         "--gateway-processes", str(args.gateway_processes),
+        "--max-body-bytes", str(args.max_body_bytes),
     ]  # fmt: skip
 
 
@@ -513,6 +516,13 @@ def _add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "requests in flight at the gateway; more get 503 at once",
         type=int,
         default=512,
+    )
+    _flag(
+        group,
+        "--max-body-bytes",
+        "largest request body the gateway reads; a larger one gets 413",
+        type=int,
+        default=16 << 20,
     )
     _flag(
         group,

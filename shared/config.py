@@ -183,6 +183,9 @@ class GatewayConfig(BaseModel):
         gt=0,
         description="On SIGTERM: how long streams in flight get to finish (new connections are refused).",
     )
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="Largest request body; a larger one gets 413 before it is read."
+    )
 
     @property
     def max_pending_per_process(self) -> int:

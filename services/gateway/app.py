@@ -143,7 +143,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return OpenAIError(exc.status_code, str(exc.detail), type=kind).response()
+        code = "request_too_large" if exc.status_code == 413 else None
+        return OpenAIError(exc.status_code, str(exc.detail), type=kind, code=code).response()
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -153,13 +154,15 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 class EdgeMiddleware:
     """Every HTTP request: takes or makes its X-Request-Id (echoed on the response), checks the API
-    key on /v1 routes (constant-time), and refuses generation requests beyond this process's share of
-    `max_pending_requests` with 503 before any work is spent."""
+    key on /v1 routes (constant-time), refuses bodies over `max_body_bytes` with 413 (by their
+    Content-Length before reading, or as soon as a chunked one grows past it), and refuses generation
+    requests beyond this process's share of `max_pending_requests` with 503 before any work is spent."""
 
     def __init__(self, app: ASGIApp, config: GatewayConfig) -> None:
         self.app = app
         self.api_key = config.api_key.get_secret_value().encode() if config.api_key else None
         self.max_pending = config.max_pending_per_process
+        self.max_body_bytes = config.max_body_bytes
         self.pending = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -185,6 +188,10 @@ class EdgeMiddleware:
         if scope["method"] != "POST" or not path.startswith("/v1/"):
             await self.app(scope, receive, reply)
             return
+        if _declared_length(headers) > self.max_body_bytes:
+            await _too_large(self.max_body_bytes).response()(scope, receive, reply)
+            return
+        receive = _bounded(receive, self.max_body_bytes)
         if self.pending >= self.max_pending:
             error = unavailable(f"the gateway has {self.pending} requests in flight, its limit; retry later")
             await error.response()(scope, receive, reply)
@@ -199,6 +206,41 @@ class EdgeMiddleware:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         assert self.api_key is not None
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
+
+
+class _BodyTooLarge(HTTPException):
+    """A request body grew past the gateway's limit while it was being read (an HTTPException, so that
+    FastAPI's body parsing passes it on as it is)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, _too_large(limit).message)
+
+
+def _too_large(limit: int) -> OpenAIError:
+    return OpenAIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+def _declared_length(headers: Headers) -> int:
+    """The body's Content-Length; 0 when absent (a chunked body is counted as it arrives), and no
+    limit passes a malformed one (h11 has refused those already)."""
+    text = headers.get("content-length", "0")
+    return int(text) if text.isdigit() else 0
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises _BodyTooLarge once the body read so far passes `limit` bytes."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge(limit)
+        return message
+
+    return bounded
 
 
 def _with_request_id(send: Send, request_id: str) -> Send:

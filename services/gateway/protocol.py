@@ -15,6 +15,9 @@ MAX_CHOICES = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+"""Bounds of the Router API's fields (common.proto): a value past them is a 400, not an overflow."""
 
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 StopStrings = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
@@ -59,12 +62,14 @@ class SamplingFields(BaseModel):
     user: str | None = Field(None, max_length=256)
     logit_bias: dict[str, float] | None = None
     # vLLM extensions
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=MAX_STOP_STRINGS * 4)
+    min_tokens: int = Field(0, ge=0, le=UINT32_MAX)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=UINT32_MAX)]] | None = Field(
+        None, max_length=MAX_STOP_STRINGS * 4
+    )
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
 
@@ -101,7 +106,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | TokenIdList | list[str] | list[TokenIdList] = Field(
         description="A prompt, a list of token ids, or a batch of either."
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -166,8 +171,8 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
