@@ -116,8 +116,8 @@ def test_sigterm_drains_the_gateway_streams_and_refuses_new_connections(make_clu
 
 # -- router ----------------------------------------------------------------------------------------
 def test_sigterm_drains_the_router_streams_and_refuses_new_calls(make_cluster, offline: LLM) -> None:
-    """The router stops listening at once (a new Generate fails with UNAVAILABLE) and streams the
-    calls it has to their end; then it exits 0."""
+    """The router stops listening at once (a new Generate is refused) and streams the calls it has to
+    their end; then it exits 0."""
     cluster = make_cluster(num_prefill=1, num_decode=1)
     router = cluster.processes["router"]
     batch = prompts(4, 20, 60)
@@ -136,7 +136,9 @@ def test_sigterm_drains_the_router_streams_and_refuses_new_calls(make_cluster, o
         return got, refused.value.code(), in_flight, time.monotonic() - signalled
 
     got, refused_code, in_flight, exited_after_s = asyncio.run(main())
-    assert refused_code == grpc.StatusCode.UNAVAILABLE
+    # a new connection is refused (UNAVAILABLE); a call that rides a connection the process already
+    # had to the router (gRPC shares them between channels) is cancelled by the stopping server
+    assert refused_code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert in_flight == len(batch), "the streams should still be running when new calls are refused"
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
     assert [c.token_ids for c in got] == expected(offline, batch, STREAMED)
