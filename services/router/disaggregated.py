@@ -340,9 +340,14 @@ class DisaggregatedBackend:
 
 
 async def _settle(task: asyncio.Task[None], timeout_s: float) -> None:
-    """Wait for `task` to end (its own errors are its own business); cancel it after `timeout_s`."""
-    with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError, Exception):
+    """Wait for a finished request's prefill call to end (it reports its own failures); cancel it
+    after `timeout_s`."""
+    try:
         await asyncio.wait_for(task, timeout_s)
+    except TimeoutError:
+        logger.warning("a finished request's prefill call did not end within %g s: cancelled", timeout_s)
+    except Exception:
+        logger.debug("a finished request's prefill call failed", exc_info=True)
 
 
 async def _abort_quietly(d_stub: object, attempt_id: str, reason: str) -> None:
