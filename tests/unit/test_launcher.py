@@ -57,8 +57,10 @@ def test_request_lines_are_logged_only_when_asked_for() -> None:
 def test_gateway_processes_reach_the_gateway_and_split_the_in_flight_limit(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    args = build_parser().parse_args(["serve", "--gateway-processes", "3", "--max-pending-requests", "10"])
-    assert _gateway_argv(args) == ["--max-pending-requests", "10", "--gateway-processes", "3"]
+    argv = ["serve", "--gateway-processes", "3", "--max-pending-requests", "10", "--max-body-bytes", "4096"]
+    args = build_parser().parse_args(argv)
+    passed = ["--max-pending-requests", "10", "--gateway-processes", "3", "--max-body-bytes", "4096"]
+    assert _gateway_argv(args) == passed
     assert GatewayConfig(model="m", max_pending_requests=10, processes=3).max_pending_per_process == 4
     assert GatewayConfig(model="m", max_pending_requests=512).max_pending_per_process == 512
     assert main(["serve", "--gateway-processes", "0"]) == 2  # a clear message, nothing started
