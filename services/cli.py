@@ -296,7 +296,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         router_port=args.router_port,
         http_port=args.port,
-        redis_url=env.redis_url(),
+        redis_url=args.redis_url,
+        redis_password=args.redis_password,
         namespace=args.namespace,
         lease_ttl_s=args.lease_ttl_s,
         engine_args=[
@@ -426,12 +427,12 @@ def _tuning(item: str) -> tuple[str, int]:
 
 def _cmd_registry_check(args: argparse.Namespace) -> int:
     from baton.services.registry_check import run_check
-    from baton.shared.registry import RegistryUnavailable
+    from baton.shared.registry import RegistryUnavailable, redacted
 
     try:
         return asyncio.run(run_check(_registry_config(args)))
     except RegistryUnavailable as exc:
-        print(f"baton: registry {args.redis_url} is unreachable: {exc}", file=sys.stderr)
+        print(f"baton: registry {redacted(args.redis_url)} is unreachable: {exc}", file=sys.stderr)
         return 1
 
 
@@ -579,6 +580,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gateway_flags(serve)
     _add_router_flags(serve)
     _add_engine_flags(serve)
+    _flag(serve, "--redis-url", "an external Redis for the registry (default: start a private one)")
+    _flag(
+        serve,
+        "--redis-password",
+        "that Redis's AUTH password (better: BATON_REDIS_PASSWORD); the processes get it in their "
+        "environment",
+    )
     serve.add_argument("--namespace", default="baton", help="registry key prefix")
     serve.add_argument("--lease-ttl-s", type=float, default=10.0, help="worker lease")
     serve.set_defaults(func=_cmd_serve)

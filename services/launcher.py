@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.services.lifecycle import terminate_with_parent
-from baton.shared.registry import Registry, RegistryUnavailable
+from baton.shared.registry import Registry, RegistryUnavailable, redacted
 
 STOP_TIMEOUT_S = 45.0
 """How long stop() waits for each group after SIGTERM before SIGKILL: longer than any service's default
@@ -48,6 +48,9 @@ class ClusterSpec:
     """Gateway HTTP port; 0 picks a free one; None runs no gateway."""
     redis_url: str | None = None
     """None: start a private redis-server."""
+    redis_password: str | None = field(default=None, repr=False)
+    """AUTH password of redis_url's server: every process gets it as BATON_REDIS_PASSWORD (never in
+    an argv, where ps shows it)."""
     namespace: str = "baton"
     lease_ttl_s: float = 10.0
     engine_args: Sequence[str] = ()
@@ -125,10 +128,14 @@ class LocalCluster:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
         async def ping() -> bool:
-            async with Registry(self.redis_url, self.spec.namespace) as registry:
+            async with self._registry() as registry:
                 return await registry.ping()
 
         self._poll(lambda: _quietly(lambda: asyncio.run(ping())), deadline, "Redis to answer")
+
+    def _registry(self) -> Registry:
+        assert self.redis_url is not None
+        return Registry(self.redis_url, self.spec.namespace, password=self.spec.redis_password)
 
     def _engine_count(self) -> int:
         return self.spec.num_prefill + self.spec.num_decode + (1 if self.spec.colocated else 0)
@@ -193,6 +200,8 @@ class LocalCluster:
         if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
+        if self.spec.redis_password:
+            env["BATON_REDIS_PASSWORD"] = self.spec.redis_password
         env.update(extra_env or {})
         # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
         # order; the parent-death signal stops them if the launcher itself is killed.
@@ -219,7 +228,7 @@ class LocalCluster:
 
     def _wait_registered(self, names: set[str], deadline: float) -> None:
         async def registered() -> set[str]:
-            async with Registry(self.redis_url, self.spec.namespace) as registry:
+            async with self._registry() as registry:
                 return {w.info.worker_id for w in await registry.live_workers()}
 
         self._poll(
@@ -309,7 +318,7 @@ def serve_forever(spec: ClusterSpec) -> int:
     cluster = LocalCluster(spec)
     cluster.start()
     mode = "colocated" if spec.colocated else f"{spec.num_prefill} prefill + {spec.num_decode} decode workers"
-    registry = "" if spec.colocated else f", registry {cluster.redis_url}"
+    registry = "" if spec.colocated else f", registry {redacted(cluster.redis_url or '')}"
     lines = [f"\nBaton is serving {spec.model} ({mode}{registry})."]
     if cluster.gateway_url:
         lines += [

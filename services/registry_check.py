@@ -13,7 +13,7 @@ import grpc
 
 from baton.shared.config import RegistryConfig
 from baton.shared.grpc_server import open_channel
-from baton.shared.registry import Registry, WorkerRecord, WorkerReport, audit
+from baton.shared.registry import Registry, WorkerRecord, WorkerReport, audit, redacted
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 
 RECHECK_DELAY_S = 1.0
@@ -71,7 +71,7 @@ async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
 async def run_check(config: RegistryConfig) -> int:
     async with Registry(config.redis_url, config.namespace, password=config.redis_password) as registry:
         result = await check(registry)
-    where = f"registry {config.redis_url} (namespace {config.namespace!r})"
+    where = f"registry {redacted(config.redis_url)} (namespace {config.namespace!r})"
     if result.problems:
         print(f"{where}: {len(result.problems)} problem(s) with {result.num_workers} live workers:")
         for problem in result.problems:

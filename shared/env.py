@@ -27,8 +27,3 @@ def setting(name: str) -> str | None:
     """BATON_<NAME> (name upper-cased, dashes as underscores), or None when unset or empty."""
     value = os.environ.get(variable(name))
     return value or None
-
-
-def redis_url() -> str | None:
-    """BATON_REDIS_URL: the registry's Redis (the launcher starts its own when unset)."""
-    return setting("redis_url")

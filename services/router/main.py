@@ -16,7 +16,7 @@ from baton.shared.config import RouterConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
-from baton.shared.registry import Registry, RegistryUnavailable
+from baton.shared.registry import Registry, RegistryUnavailable, redacted
 from baton.shared.rpc import router_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ async def run_router(config: RouterConfig) -> None:
     mode = (
         "colocated"
         if config.colocated is not None
-        else f"disaggregated, registry {config.registry.redis_url}"
+        else f"disaggregated, registry {redacted(config.registry.redis_url)}"
     )
     logger.info("router ready on %s:%d (%s), model %s", config.host, server.port, mode, service.model_name)
     signal_name = await wait_for_stop_signal()

@@ -11,7 +11,7 @@ from baton.shared.registry.records import (
     WorkerRecord,
     WorkerReport,
 )
-from baton.shared.registry.registry import Registry, RegistryError, RegistryUnavailable
+from baton.shared.registry.registry import Registry, RegistryError, RegistryUnavailable, redacted
 
 __all__ = [
     "ROLES",
@@ -26,4 +26,5 @@ __all__ = [
     "WorkerRecord",
     "WorkerReport",
     "audit",
+    "redacted",
 ]

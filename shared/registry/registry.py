@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as redis
 from redis.asyncio.connection import BlockingConnectionPool
@@ -62,6 +63,16 @@ class RegistryError(RuntimeError):
 
 class RegistryUnavailable(RuntimeError):
     """Redis is unreachable or timed out. Callers degrade (I5); the cause is chained."""
+
+
+def redacted(url: str) -> str:
+    """`url` fit for logs: a password in it replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class Registry:

@@ -99,8 +99,14 @@ def generate_all(
     return asyncio.run(main())
 
 
+def cluster_registry(cluster: LocalCluster) -> Registry:
+    """A client of the cluster's registry (use as `async with`)."""
+    assert cluster.redis_url is not None
+    return Registry(cluster.redis_url, cluster.spec.namespace, password=cluster.spec.redis_password)
+
+
 async def _worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerStats]:
-    async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+    async with cluster_registry(cluster) as registry:
         workers = await registry.live_workers()
     stats = {}
     for worker in workers:
@@ -125,7 +131,7 @@ def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
     worker's allocator holds no block (everything free or prefix-cached) and passes its integrity check."""
 
     async def state() -> tuple[list[str], list[str], dict[str, worker_pb2.WorkerStats]]:
-        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+        async with cluster_registry(cluster) as registry:
             result = await check(registry)
             live = [r.request_id for r in await registry.live_requests()]
         return result.problems, live, await _worker_stats(cluster)
@@ -157,7 +163,7 @@ def wait_reaped(cluster: LocalCluster, worker_id: str) -> None:
     """The dead worker and every record naming it leave the registry within about a lease."""
 
     async def named() -> list[str]:
-        async with Registry(cluster.redis_url, cluster.spec.namespace) as registry:
+        async with cluster_registry(cluster) as registry:
             workers = [w.info.worker_id for w in await registry.live_workers()]
             records = [
                 r.request_id

@@ -33,7 +33,7 @@ def test_defaults_are_the_declared_ones_whatever_the_environment_says(
     }  # fmt: skip
     assert found["BATON_LOG_REQUESTS"].defaults["gateway"] is False
     assert found["BATON_REDIS_PASSWORD"].defaults == dict.fromkeys(
-        ["router", "prefill", "decode", "registry check"]
+        ["serve", "router", "prefill", "decode", "registry check"]
     )
     assert found["BATON_CACHE_DIR"].flag is None
     assert main(["settings"]) == 0
