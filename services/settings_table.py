@@ -35,7 +35,7 @@ def settings(parser: argparse.ArgumentParser) -> list[Setting]:
     from baton.services.cli import SETTING_DEFAULTS
 
     found: dict[str, Setting] = {}
-    for command, sub in _commands(parser):
+    for command, sub in commands(parser):
         for action in sub._actions:
             if action not in SETTING_DEFAULTS:
                 continue
@@ -76,7 +76,7 @@ def _shown(default: Any) -> str:
     return f"`{default}`" if default != "" else '`""`'
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+def commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
     """(command, its parser) for every command and sub-command, `bench serve` style."""
     found = []
     for action in parser._actions:
@@ -84,5 +84,5 @@ def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[s
             for name, sub in action.choices.items():
                 command = f"{prefix} {name}".strip()
                 found.append((command, sub))
-                found.extend(_commands(sub, command))
+                found.extend(commands(sub, command))
     return found

@@ -31,7 +31,7 @@ def command_of(argv: list[str]) -> str:
         if word.startswith("-"):
             break
         words.append(word)
-    names = {name for name, _ in settings_table._commands(build_parser())}
+    names = {name for name, _ in settings_table.commands(build_parser())}
     while words and " ".join(words) not in names:
         words.pop()
     return " ".join(words)
