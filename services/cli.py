@@ -163,6 +163,7 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("registry")
     _flag(group, "--redis-url", "Redis holding the registry", default="redis://127.0.0.1:6379/0")
+    _flag(group, "--redis-username", "Redis ACL user where the URL names none (default: the default user)")
     _flag(
         group,
         "--redis-password",
@@ -197,6 +198,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
 def _registry_config(args: argparse.Namespace) -> RegistryConfig:
     return RegistryConfig(
         redis_url=args.redis_url,
+        redis_username=args.redis_username,
         redis_password=args.redis_password,
         namespace=args.namespace,
         lease_ttl_s=args.lease_ttl_s,
@@ -297,6 +299,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         router_port=args.router_port,
         http_port=args.port,
         redis_url=args.redis_url,
+        redis_username=args.redis_username,
         redis_password=args.redis_password,
         namespace=args.namespace,
         lease_ttl_s=args.lease_ttl_s,
@@ -581,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_router_flags(serve)
     _add_engine_flags(serve)
     _flag(serve, "--redis-url", "an external Redis for the registry (default: start a private one)")
+    _flag(serve, "--redis-username", "that Redis's ACL user (default: Redis's default user)")
     _flag(
         serve,
         "--redis-password",

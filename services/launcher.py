@@ -48,6 +48,8 @@ class ClusterSpec:
     """Gateway HTTP port; 0 picks a free one; None runs no gateway."""
     redis_url: str | None = None
     """None: start a private redis-server."""
+    redis_username: str | None = None
+    """ACL user of redis_url's server (BATON_REDIS_USERNAME for every process); None: the default user."""
     redis_password: str | None = field(default=None, repr=False)
     """AUTH password of redis_url's server: every process gets it as BATON_REDIS_PASSWORD (never in
     an argv, where ps shows it)."""
@@ -135,7 +137,10 @@ class LocalCluster:
 
     def _registry(self) -> Registry:
         assert self.redis_url is not None
-        return Registry(self.redis_url, self.spec.namespace, password=self.spec.redis_password)
+        spec = self.spec
+        return Registry(
+            self.redis_url, spec.namespace, password=spec.redis_password, username=spec.redis_username
+        )
 
     def _engine_count(self) -> int:
         return self.spec.num_prefill + self.spec.num_decode + (1 if self.spec.colocated else 0)
@@ -200,6 +205,8 @@ class LocalCluster:
         if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
+        if self.spec.redis_username:
+            env["BATON_REDIS_USERNAME"] = self.spec.redis_username
         if self.spec.redis_password:
             env["BATON_REDIS_PASSWORD"] = self.spec.redis_password
         env.update(extra_env or {})

@@ -43,6 +43,7 @@ async def run_worker(config: WorkerConfig) -> None:
         reg.lease_ttl_s,
         config.reservation_timeout_s,
         password=reg.redis_password,
+        username=reg.redis_username,
     )
     engine = AsyncEngine(core)
     engine.start()

@@ -73,6 +73,9 @@ class RegistryConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the registry.")
+    redis_username: str | None = Field(
+        None, description="Redis ACL user, when redis_url names none (None: the default user)."
+    )
     redis_password: str | None = Field(
         None, repr=False, description="Redis AUTH password, when redis_url carries none (from a secret)."
     )

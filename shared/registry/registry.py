@@ -88,8 +88,9 @@ class Registry:
         socket_timeout_s: float = 2.0,
         max_connections: int = 32,
         password: str | None = None,
+        username: str | None = None,
     ) -> None:
-        """`password`: Redis AUTH's, when `url` carries none (a password in the URL wins)."""
+        """`username`, `password`: Redis AUTH's (an ACL user), when `url` carries none (the URL's win)."""
         if not namespace:
             raise ValueError("namespace must not be empty")
         if lease_ttl_s <= 0 or reservation_ttl_s <= 0:
@@ -114,6 +115,7 @@ class Registry:
             socket_timeout=socket_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1, (RedisConnectionError,)),
             **({"password": password} if password else {}),
+            **({"username": username} if username else {}),
         )
         self._redis = redis.Redis.from_pool(pool)
         self._header = [

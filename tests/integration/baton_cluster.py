@@ -102,7 +102,10 @@ def generate_all(
 def cluster_registry(cluster: LocalCluster) -> Registry:
     """A client of the cluster's registry (use as `async with`)."""
     assert cluster.redis_url is not None
-    return Registry(cluster.redis_url, cluster.spec.namespace, password=cluster.spec.redis_password)
+    spec = cluster.spec
+    return Registry(
+        cluster.redis_url, spec.namespace, password=spec.redis_password, username=spec.redis_username
+    )
 
 
 async def _worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerStats]:

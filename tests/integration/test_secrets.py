@@ -1,17 +1,20 @@
 """Secrets and prompts stay out of logs and command lines: a cluster on a Redis that wants AUTH, behind
-a gateway with an API key, every process logging each request's lifecycle (--log-requests)."""
+a gateway with an API key, every process logging each request's lifecycle (--log-requests); and a
+cluster whose only Redis user is a least-privilege ACL user (README: Deploy)."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from baton_cluster import assert_no_leaks, generate, greedy, start_cluster
+from baton_cluster import assert_no_leaks, generate, generate_all, greedy, start_cluster
 
-from baton.services.launcher import LocalCluster
+from baton.services.launcher import LocalCluster, _free_port
 from baton.shared.registry import redacted
 
 pytestmark = pytest.mark.integration
@@ -62,3 +65,51 @@ def test_a_password_in_a_redis_url_is_redacted_for_logs() -> None:
     assert redacted("redis://:hunter2@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redacted("rediss://baton:hunter2@redis:6380/1") == "rediss://baton:***@redis:6380/1"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+ACL_NAMESPACE = "aclbaton"
+ACL_RULES = [f"~{ACL_NAMESPACE}:*", "&*", "+@read", "+@write", "+@scripting", "+@connection", "+time"]
+ACL_RULES += ["-@dangerous"]
+"""What Baton's registry needs of Redis: its namespace's keys, the read, write and scripting commands
+and TIME (its scripts' clock), nothing dangerous (no FLUSHALL, KEYS, CONFIG, DEBUG...). The README's
+ACL SETUSER line is this."""
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server whose default user is off and whose one user `baton` has ACL_RULES."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = _free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv += [
+        "--dir",
+        str(tmp_path),
+        "--user",
+        "baton",
+        "on",
+        ">acl-pass",
+        *ACL_RULES,
+        "--user",
+        "default",
+        "off",
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_a_cluster_runs_on_a_least_privilege_acl_user(llama_dir: Path, acl_redis: str) -> None:
+    cluster = start_cluster(
+        llama_dir, acl_redis, namespace=ACL_NAMESPACE, redis_username="baton", redis_password="acl-pass"
+    )
+    try:
+        got = generate_all(cluster.router_address, [list(range(100, 180)), [5, 6, 7]], greedy(4))
+        assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * 2, [c.error for c in got]
+        assert_no_leaks(cluster)
+        assert not any("NOPERM" in line for line in cluster.log.lines)
+    finally:
+        cluster.stop()
