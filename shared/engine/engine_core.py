@@ -31,7 +31,7 @@ from baton.shared.engine.request import Request
 from baton.shared.engine.sampler import Sampler
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
-from baton.shared.engine.step_stats import StepStats
+from baton.shared.engine.step_stats import StepKindTotals, StepStats
 from baton.shared.models import ModelConfig, load_model, resolve_dtype
 from baton.shared.models.model_config import read_json
 
@@ -78,6 +78,7 @@ class _QueuedStep(NamedTuple):
 
     sched: SchedulerOutput
     result: Callable[[], dict[str, SampledToken]]
+    totals: StepKindTotals  # where its wait and finish times count
 
 
 @dataclass(frozen=True)
@@ -326,8 +327,8 @@ class EngineCore:
             self._in_flight = self._launch()
             if self._in_flight is None:
                 return []
-        (sched, result), self._in_flight = self._in_flight, None  # cleared first: a failure leaves none
-        totals = self.step_stats.of(sched)
+        # cleared first: a failure leaves none in flight
+        (sched, result, totals), self._in_flight = self._in_flight, None
         started = time.perf_counter()
         with self._on_compute_stream():  # the copy of the sampled ids queues behind the step
             sampled = result()  # waits for the device
@@ -348,9 +349,8 @@ class EngineCore:
         if sched.is_empty:
             return None
         with self._on_compute_stream():
-            queued = _QueuedStep(sched, self.runner.launch(sched, self._layer_exporter(sched)))
-        self.step_stats.launched(sched, time.perf_counter() - started)
-        return queued
+            result = self.runner.launch(sched, self._layer_exporter(sched))
+        return _QueuedStep(sched, result, self.step_stats.launched(sched, time.perf_counter() - started))
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -41,15 +41,15 @@ class StepStats:
     prefill: StepKindTotals = field(default_factory=StepKindTotals)
     decode: StepKindTotals = field(default_factory=StepKindTotals)
 
-    def of(self, sched: SchedulerOutput) -> StepKindTotals:
-        """The totals a step counts in."""
-        return self.prefill if sched.num_tokens > len(sched.chunks) else self.decode
-
-    def launched(self, sched: SchedulerOutput, seconds: float) -> None:
-        totals = self.of(sched)
+    def launched(self, sched: SchedulerOutput, seconds: float) -> StepKindTotals:
+        """Count a step that took `seconds` to launch; returns the totals it counts in, for its wait
+        and finish times."""
+        num_tokens = sched.num_tokens
+        totals = self.prefill if num_tokens > len(sched.chunks) else self.decode
         totals.steps += 1
-        totals.tokens += sched.num_tokens
+        totals.tokens += num_tokens
         totals.launch_s += seconds
+        return totals
 
     def reset(self) -> None:
         self.prefill, self.decode = StepKindTotals(), StepKindTotals()
