@@ -69,9 +69,7 @@ async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
 
 
 async def run_check(config: RegistryConfig) -> int:
-    async with Registry(
-        config.redis_url, config.namespace, password=config.redis_password, username=config.redis_username
-    ) as registry:
+    async with Registry.from_config(config) as registry:
         result = await check(registry)
     where = f"registry {redacted(config.redis_url)} (namespace {config.namespace!r})"
     if result.problems:

@@ -36,15 +36,8 @@ async def run_worker(config: WorkerConfig) -> None:
     core.kv_manager.pool.track_cache_events()
     layout = kv_layout(core)
     worker_id = config.worker_id or default_worker_id(config.role)
-    reg = config.registry
-    registry = Registry(
-        reg.redis_url,
-        reg.namespace,
-        reg.lease_ttl_s,
-        config.reservation_timeout_s,
-        password=reg.redis_password,
-        username=reg.redis_username,
-    )
+    registry = Registry.from_config(config.registry, config.reservation_timeout_s)
+    host = advertised_host(config)
     engine = AsyncEngine(core)
     engine.start()
     receiver: ReceiverProcess | None = None
@@ -53,7 +46,7 @@ async def run_worker(config: WorkerConfig) -> None:
         service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
         # The KV receiver runs in a process of its own, writing into this one's cache: in this process
         # its UCX completions would wait for the GIL behind the engine thread.
-        receiver = ReceiverProcess(receiver_spec(config, core, layout), core.kv_caches, service)
+        receiver = ReceiverProcess(receiver_spec(config, core, layout, host), core.kv_caches, service)
         await receiver.start()
         receiver.on_lost = request_stop
         service.receiver = receiver
@@ -74,7 +67,6 @@ async def run_worker(config: WorkerConfig) -> None:
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"
         )
     server = await start_server([binding], config.host, config.port)
-    host = advertised_host(config)
     info = WorkerInfo(
         worker_id=worker_id,
         role=config.role,
@@ -135,12 +127,13 @@ def advertised_host(config: WorkerConfig) -> str:
     return config.host
 
 
-def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> ReceiverSpec:
+def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout, host: str) -> ReceiverSpec:
+    """The receiving process's settings; `host`: the address the worker publishes (advertised_host)."""
     return ReceiverSpec(
         layout=layout,
         host=config.host,
         port=config.transfer_port,
-        advertise_host=advertised_host(config),
+        advertise_host=host,
         attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),

@@ -35,13 +35,7 @@ async def run_router(config: RouterConfig) -> None:
         backend = ColocatedBackend(engine)
     else:
         reg = config.registry
-        registry = Registry(
-            reg.redis_url,
-            reg.namespace,
-            reg.lease_ttl_s,
-            password=reg.redis_password,
-            username=reg.redis_username,
-        )
+        registry = Registry.from_config(reg)
         backend = DisaggregatedBackend(config, registry)
         reaper = asyncio.create_task(_reap_forever(registry, reg.lease_ttl_s / 2))
     service = RouterService(Path(config.model), backend, max_model_len)

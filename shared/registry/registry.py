@@ -36,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from baton.shared.config import RegistryConfig
 from baton.shared.registry import lua
 from baton.shared.registry.records import (
     ROLES,
@@ -127,6 +128,18 @@ class Registry:
         ]
         scripts = {name: lua.PRELUDE + getattr(lua, name) for name in _SCRIPTS}
         self._scripts = {name: self._redis.register_script(src) for name, src in scripts.items()}
+
+    @classmethod
+    def from_config(cls, config: RegistryConfig, reservation_ttl_s: float = 30.0) -> Registry:
+        """The client a service's registry settings describe."""
+        return cls(
+            config.redis_url,
+            config.namespace,
+            config.lease_ttl_s,
+            reservation_ttl_s,
+            password=config.redis_password,
+            username=config.redis_username,
+        )
 
     async def __aenter__(self) -> Registry:
         return self
