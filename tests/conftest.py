@@ -5,13 +5,16 @@ is defined, so it is set here, before any test module imports `baton.kernels`.""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis as redis_sync
@@ -44,9 +47,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start redis-server on a free port (with AUTH if `password`); retried if another process grabs
-    the port first. Returns it and its URL (which carries no password)."""
+def _start_redis(
+    workdir: Path, password: str | None = None, username: str | None = None, extra_args: Sequence[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start redis-server on a free port (with AUTH if `password`; `extra_args` such as ACL users, then
+    `username` is who answers its first PING); retried if another process grabs the port first.
+    Returns it and its URL (which carries no password)."""
     for _attempt in range(5):
         port = _free_port()
         proc = subprocess.Popen(
@@ -62,12 +68,15 @@ def _start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess
                 "no",
                 "--dir",
                 str(workdir),
-                *(["--requirepass", password] if password else []),
+                *(["--requirepass", password] if password and not username else []),
+                *extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis_sync.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=0.5)
+        client = redis_sync.Redis(
+            host="127.0.0.1", port=port, username=username, password=password, socket_connect_timeout=0.5
+        )
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:
             try:
@@ -82,12 +91,14 @@ def _start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess
     raise RuntimeError("could not start redis-server on a free port")
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a private redis-server (no persistence), stopped at the end of the session."""
+@contextlib.contextmanager
+def _running_redis(
+    workdir: Path, password: str | None = None, username: str | None = None, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
+    """A private redis-server (see _start_redis) while the block runs: its URL."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    proc, url = _start_redis(tmp_path_factory.mktemp("redis"))
+    proc, url = _start_redis(workdir, password, username, extra_args)
     try:
         yield url
     finally:
@@ -100,21 +111,33 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a private redis-server (no persistence), stopped at the end of the session."""
+    with _running_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def redis_with_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A private redis-server that wants AUTH: its URL (no password in it) and its password."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     password = "s3cret-for-tests"
-    proc, url = _start_redis(tmp_path_factory.mktemp("redis-auth"), password)
-    try:
+    with _running_redis(tmp_path_factory.mktemp("redis-auth"), password) as url:
         yield url, password
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+
+@pytest.fixture
+def start_redis(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """`start_redis(password=, username=, extra_args=)`: another private redis-server for this test
+    (ACL users, say), stopped after it; returns its URL."""
+    numbers = itertools.count()
+    with contextlib.ExitStack() as servers:
+
+        def start(**kwargs: Any) -> str:
+            workdir = tmp_path / f"redis-{next(numbers)}"
+            workdir.mkdir()
+            return servers.enter_context(_running_redis(workdir, **kwargs))
+
+        yield start
 
 
 @pytest.fixture

@@ -5,16 +5,14 @@ cluster whose only Redis user is a least-privilege ACL user (README: Deploy)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from baton_cluster import assert_no_leaks, generate, generate_all, greedy, start_cluster
 
-from baton.services.launcher import LocalCluster, _free_port
+from baton.services.launcher import LocalCluster
 from baton.shared.registry import redacted
 
 pytestmark = pytest.mark.integration
@@ -75,34 +73,12 @@ and TIME (its scripts' clock), nothing dangerous (no FLUSHALL, KEYS, CONFIG, DEB
 ACL SETUSER line is this."""
 
 
-@pytest.fixture
-def acl_redis(tmp_path: Path) -> Iterator[str]:
-    """A redis-server whose default user is off and whose one user `baton` has ACL_RULES."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    port = _free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    argv += [
-        "--dir",
-        str(tmp_path),
-        "--user",
-        "baton",
-        "on",
-        ">acl-pass",
-        *ACL_RULES,
-        "--user",
-        "default",
-        "off",
-    ]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
-
-def test_a_cluster_runs_on_a_least_privilege_acl_user(llama_dir: Path, acl_redis: str) -> None:
+def test_a_cluster_runs_on_a_least_privilege_acl_user(
+    llama_dir: Path, start_redis: Callable[..., str]
+) -> None:
+    """A Redis whose default user is off and whose one user `baton` has ACL_RULES."""
+    acl_user = ["--user", "baton", "on", ">acl-pass", *ACL_RULES, "--user", "default", "off"]
+    acl_redis = start_redis(username="baton", password="acl-pass", extra_args=acl_user)
     cluster = start_cluster(
         llama_dir, acl_redis, namespace=ACL_NAMESPACE, redis_username="baton", redis_password="acl-pass"
     )
