@@ -344,13 +344,16 @@ class EngineCore:
         return outputs
 
     def _launch(self) -> _QueuedStep | None:
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
         with self._on_compute_stream():
             result = self.runner.launch(sched, self._layer_exporter(sched))
-        return _QueuedStep(sched, result, self.step_stats.launched(sched, time.perf_counter() - started))
+        totals = self.step_stats.launched(
+            sched, time.perf_counter() - started, time.thread_time() - started_cpu
+        )
+        return _QueuedStep(sched, result, totals)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

@@ -1,7 +1,9 @@
 """Where an engine's step time goes, per kind of step: how long the host took to queue each step
 (schedule, inputs, kernel launches), how long it then waited for the device's tokens, and how long it
 took to take them in (scheduler update, outputs). A step whose launch takes longer than its wait is
-host-bound: the device idled while it was queued."""
+host-bound: the device idled while it was queued. The launch's CPU time (the launching thread's own)
+tells work from waiting: a launch whose CPU time is well below its wall time waited (for the GIL, or
+for a synchronization), one whose CPU time matches it worked or spun (a full launch queue spins)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class StepKindTotals:
     steps: int = 0
     tokens: int = 0
     launch_s: float = 0.0
+    launch_cpu_s: float = 0.0
     wait_s: float = 0.0
     finish_s: float = 0.0
 
@@ -28,6 +31,7 @@ class StepKindTotals:
             "steps": self.steps,
             "tokens": self.tokens / n,
             "launch_ms": 1e3 * self.launch_s / n,
+            "launch_cpu_ms": 1e3 * self.launch_cpu_s / n,
             "wait_ms": 1e3 * self.wait_s / n,
             "finish_ms": 1e3 * self.finish_s / n,
         }
@@ -41,14 +45,15 @@ class StepStats:
     prefill: StepKindTotals = field(default_factory=StepKindTotals)
     decode: StepKindTotals = field(default_factory=StepKindTotals)
 
-    def launched(self, sched: SchedulerOutput, seconds: float) -> StepKindTotals:
-        """Count a step that took `seconds` to launch; returns the totals it counts in, for its wait
-        and finish times."""
+    def launched(self, sched: SchedulerOutput, seconds: float, cpu_seconds: float) -> StepKindTotals:
+        """Count a step that took `seconds` to launch (`cpu_seconds` of the launching thread's CPU);
+        returns the totals it counts in, for its wait and finish times."""
         num_tokens = sched.num_tokens
         totals = self.prefill if num_tokens > len(sched.chunks) else self.decode
         totals.steps += 1
         totals.tokens += num_tokens
         totals.launch_s += seconds
+        totals.launch_cpu_s += cpu_seconds
         return totals
 
     def reset(self) -> None:
@@ -73,6 +78,7 @@ def describe_steps(kind: str, per_step: dict[str, float]) -> str:
     """`per_step` (StepKindTotals.per_step) in words."""
     return (
         f"{per_step['steps']:.0f} {kind} steps (mean {per_step['tokens']:.0f} tokens, "
-        f"launch {per_step['launch_ms']:.2f} ms, wait {per_step['wait_ms']:.2f} ms, "
+        f"launch {per_step['launch_ms']:.2f} ms ({per_step['launch_cpu_ms']:.2f} ms CPU), "
+        f"wait {per_step['wait_ms']:.2f} ms, "
         f"finish {per_step['finish_ms']:.2f} ms)"
     )

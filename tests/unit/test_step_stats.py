@@ -19,6 +19,7 @@ def test_an_engine_counts_its_prefill_and_decode_steps(llama_dir: Path) -> None:
     assert stats.decode.steps >= 3 and stats.decode.steps <= stats.decode.tokens <= 3 * stats.decode.steps
     for totals in (stats.prefill, stats.decode):
         assert totals.launch_s > 0 and totals.wait_s >= 0 and totals.finish_s > 0
+        assert 0 < totals.launch_cpu_s <= totals.launch_s * 1.05  # a thread's CPU time within its wall time
     summary = stats.summary()
     assert summary.startswith(f"{stats.prefill.steps} prefill steps (mean ")
     mean = stats.decode.tokens / stats.decode.steps
@@ -26,12 +27,13 @@ def test_an_engine_counts_its_prefill_and_decode_steps(llama_dir: Path) -> None:
     per_step = stats.as_dict()["decode"]["per_step"]
     assert per_step["tokens"] == mean
     assert per_step["launch_ms"] == 1e3 * stats.decode.launch_s / stats.decode.steps
+    assert per_step["launch_cpu_ms"] == 1e3 * stats.decode.launch_cpu_s / stats.decode.steps
     stats.reset()
     assert stats.as_dict()["prefill"]["steps"] == 0 and stats.prefill is not stats.decode
 
 
 def test_no_steps_read_as_zeros() -> None:
     assert StepStats().summary() == (
-        "0 prefill steps (mean 0 tokens, launch 0.00 ms, wait 0.00 ms, finish 0.00 ms), "
-        "0 decode steps (mean 0 tokens, launch 0.00 ms, wait 0.00 ms, finish 0.00 ms)"
+        "0 prefill steps (mean 0 tokens, launch 0.00 ms (0.00 ms CPU), wait 0.00 ms, finish 0.00 ms), "
+        "0 decode steps (mean 0 tokens, launch 0.00 ms (0.00 ms CPU), wait 0.00 ms, finish 0.00 ms)"
     )
