@@ -47,14 +47,14 @@ async def wait_for_stop_signal() -> str:
             loop.remove_signal_handler(sig)
 
 
-def terminate_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies, so a killed supervisor leaves no
-    orphans (call it first thing in the child)."""
+def terminate_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Linux: this process gets `sig` when its parent (the thread that started it) dies, so a killed
+    supervisor leaves no orphans (call it first thing in the child)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, sig)
 
 
 def request_stop() -> None:

@@ -15,6 +15,7 @@ import torch
 from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
 from baton.services.decode.service import DecodeService
 from baton.services.lifecycle import LOG_FORMAT, request_stop, wait_for_stop_signal
+from baton.services.prefill.sender_process import SenderProcess, SenderSpec
 from baton.services.prefill.service import PrefillService
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
@@ -22,7 +23,7 @@ from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
-from baton.shared.transfer import FaultConfig, KVLayout, UcxKVSender, stop_ucx
+from baton.shared.transfer import FaultConfig, KVLayout
 from baton.shared.worker_presence import WorkerPresence
 from baton.shared.worker_runtime import default_worker_id, engine_snapshot, kv_layout
 
@@ -56,12 +57,12 @@ async def run_worker(config: WorkerConfig) -> None:
             worker_pb2_grpc.add_DecodeWorkerServicer_to_server, service, "baton.worker.v1.DecodeWorker"
         )
     else:
-        sender = UcxKVSender(
-            layout,
-            FaultConfig.parse(config.kv_faults),
-            max_pushes_per_address=config.max_pushes_per_receiver,
-            connections_per_address=config.kv_connections_per_receiver,
-        )
+        # The KV sender runs in a process of its own, reading this one's cache: in this process its UCX
+        # threads and checksums slowed the engine's steps down (sender_process.py).
+        sender = SenderProcess(sender_spec(config, layout), core.kv_caches, engine.release_prompt_kv)
+        FaultConfig.parse(config.kv_faults)  # a bad spec fails here, not in the child
+        await sender.start()
+        sender.on_lost = request_stop
         service = PrefillService(config, engine, registry, sender, worker_id, layout.num_layers)
         binding = ServiceBinding(
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"
@@ -104,7 +105,6 @@ async def run_worker(config: WorkerConfig) -> None:
     await server.server.stop(grace=5)
     if config.role == "prefill":
         await sender.close()
-        stop_ucx()
     await asyncio.to_thread(engine.shutdown)
     logger.info("engine steps: %s", core.step_stats.summary())
     if (allocator := core.allocator_summary()) is not None:
@@ -135,6 +135,18 @@ def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout, host
         port=config.transfer_port,
         advertise_host=host,
         attention_backend=core.attention_backend,
+        log_format=LOG_FORMAT,
+        log_level=logging.getLogger().getEffectiveLevel(),
+    )
+
+
+def sender_spec(config: WorkerConfig, layout: KVLayout) -> SenderSpec:
+    """The sending process's settings."""
+    return SenderSpec(
+        layout=layout,
+        faults=config.kv_faults,
+        max_pushes_per_address=config.max_pushes_per_receiver,
+        connections_per_address=config.kv_connections_per_receiver,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
     )

@@ -40,7 +40,9 @@ from typing import Any, Protocol
 import torch
 import torch.multiprocessing
 
+from baton.services.lifecycle import terminate_with_parent
 from baton.shared.background import BackgroundTasks
+from baton.shared.child_link import ChildLink, ParentLink
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import KVCaches, check_kv_run, scatter_kv_run
@@ -85,89 +87,48 @@ class ReceiverProcess:
         self.address = ""  # "ucx://HOST:PORT" once started
         self._kv_caches = kv_caches
         self._handler = handler
-        self._conn: Connection | None = None
-        self._process: Any = None
-        self._started: asyncio.Future[str] | None = None
+        self._link = ChildLink("baton-kv-receiver", run_child, (spec, kv_caches), self._dispatch, self._lost)
         self._revoking: dict[str, asyncio.Future[None]] = {}
         self._tasks = BackgroundTasks()
-        self._closing = False
         self.on_lost: Callable[[], None] | None = None  # called if the child dies while the worker runs
 
     @property
     def alive(self) -> bool:
-        return self._conn is not None
+        return self._link.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs."""
+        return self._link.pid
 
     async def start(self, timeout_s: float = 180.0) -> None:
-        ctx = torch.multiprocessing.get_context("spawn")
-        parent_end, child_end = ctx.Pipe()
-        args = (child_end, self.spec, self._kv_caches)
-        process = ctx.Process(target=run_child, args=args, name="baton-kv-receiver", daemon=True)
-        await asyncio.to_thread(process.start)
-        child_end.close()
-        self._process, self._conn = process, parent_end
-        loop = asyncio.get_running_loop()
-        self._started = loop.create_future()
-        loop.add_reader(parent_end.fileno(), self._on_readable)
-        try:
-            self.address = await asyncio.wait_for(asyncio.shield(self._started), timeout_s)
-        except BaseException:
-            await self.close()
-            raise
+        (self.address,) = await self._link.start(timeout_s)
 
     def reserve(self, request_id: str, block_ids: list[int], ready: Any) -> None:
         """Announce a reservation; `ready`: the engine's fence event (None off the GPU)."""
-        self._send(("reserve", request_id, block_ids, ready))
+        self._link.send(("reserve", request_id, block_ids, ready))
 
     async def revoke(self, request_id: str) -> None:
         """Take a reservation back; returns once the child no longer writes into it (or is gone)."""
-        if self._conn is None:
+        if not self._link.alive:
             return
         waiter = self._revoking.get(request_id)
         if waiter is None:
             waiter = self._revoking[request_id] = asyncio.get_running_loop().create_future()
-            self._send(("revoke", request_id))
+            self._link.send(("revoke", request_id))
         await asyncio.shield(waiter)
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop the child (its connections close; pushes in progress fail) and wait for it."""
-        self._closing = True
-        if self._conn is not None:
-            self._send(("stop",))
-        if self._process is not None:
-            process, self._process = self._process, None
-            await asyncio.to_thread(process.join, timeout_s)
-            if process.is_alive():
-                logger.warning("KV receiver process did not stop within %g s: killing it", timeout_s)
-                process.kill()
-                await asyncio.to_thread(process.join, 5.0)
-            if self._kv_caches[0][0].is_cuda:
-                torch.cuda.ipc_collect()  # the child's mappings of the cache are gone
-        self._disconnect()
+        await self._link.close(timeout_s)
+        if self._kv_caches[0][0].is_cuda:
+            torch.cuda.ipc_collect()  # the child's mappings of the cache are gone
+        self._nothing_writes()
         await self._tasks.wait(timeout_s)
-
-    def _send(self, msg: tuple[Any, ...]) -> None:
-        if self._conn is None:
-            return
-        with contextlib.suppress(OSError, ValueError):  # the child is gone: the reader reports it
-            self._conn.send(msg)
-
-    def _on_readable(self) -> None:
-        conn = self._conn
-        try:
-            while conn is not None and conn.poll():
-                self._dispatch(conn.recv())
-        except (EOFError, OSError):
-            self._lost()
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
-        if kind == "ready":
-            if self._started is not None and not self._started.done():
-                self._started.set_result(msg[1])
-        elif kind == "start_failed":
-            if self._started is not None and not self._started.done():
-                self._started.set_exception(RuntimeError(f"KV receiver process failed to start: {msg[1]}"))
-        elif kind == "complete":
+        if kind == "complete":
             self._tasks.spawn(self._complete(msg[1], msg[2], msg[3]))
         elif kind == "fail":
             self._handler.fail(msg[1], msg[2])
@@ -188,25 +149,16 @@ class ReceiverProcess:
         except Exception as e:
             logger.exception("completing the handoff of %s failed", request_id)
             error = f"decode worker error: {e!r}"
-        self._send(("verdict", request_id, payload, error))
+        self._link.send(("verdict", request_id, payload, error))
 
     def _lost(self) -> None:
-        closing = self._closing
-        self._disconnect()
-        if self._started is not None and not self._started.done():
-            self._started.set_exception(RuntimeError("KV receiver process exited while starting"))
-        elif not closing:
-            logger.error("KV receiver process exited unexpectedly: this worker can no longer receive KV")
-            if self.on_lost is not None:
-                self.on_lost()
+        self._nothing_writes()
+        logger.error("KV receiver process exited unexpectedly: this worker can no longer receive KV")
+        if self.on_lost is not None:
+            self.on_lost()
 
-    def _disconnect(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(ValueError, OSError):
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            conn.close()
-        for waiter in self._revoking.values():  # nothing writes any more
+    def _nothing_writes(self) -> None:
+        for waiter in self._revoking.values():
             if not waiter.done():
                 waiter.set_result(None)
         self._revoking.clear()
@@ -214,7 +166,9 @@ class ReceiverProcess:
 
 # -- the child -------------------------------------------------------------------------------------
 def run_child(conn: Connection, spec: ReceiverSpec, kv_caches: KVCaches) -> None:
-    """The child's entry point (spawned). Exits when told to stop or when the worker is gone."""
+    """The child's entry point (spawned). Exits when told to stop or when the worker is gone; killed
+    with it, so that its pushes break off at once, as they would in one process."""
+    terminate_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format, force=True)
@@ -229,20 +183,21 @@ def run_child(conn: Connection, spec: ReceiverSpec, kv_caches: KVCaches) -> None
 async def _serve_child(
     conn: Connection, spec: ReceiverSpec, kv_caches: KVCaches, device: torch.device
 ) -> None:
-    stopped = asyncio.get_running_loop().create_future()
-    writer = _CacheWriter(conn, spec, kv_caches, device, stopped)
+    writer = _CacheWriter(spec, kv_caches, device)
+    parent = writer.parent = ParentLink(conn, writer.dispatch)
+    parent.stopped.add_done_callback(lambda _: writer.end_verdicts())
     receiver = UcxKVReceiver(
         spec.layout, writer, spec.host, spec.port, device, spec.advertise_host, spec.idle_timeout_s
     )
     try:
         await receiver.start()
     except Exception as e:
-        writer.send(("start_failed", f"{type(e).__name__}: {e}"))
+        parent.send(("start_failed", f"{type(e).__name__}: {e}"))
         return
-    writer.listen()
-    writer.send(("ready", receiver.address))
+    parent.listen()
+    parent.send(("ready", receiver.address))
     try:
-        await stopped
+        await parent.stopped
     finally:
         await receiver.close()
         stop_ucx()
@@ -262,19 +217,11 @@ class _Announced:
 class _CacheWriter:
     """The child's KVReceiveHandler: writes pushed layers into the mapped cache."""
 
-    def __init__(
-        self,
-        conn: Connection,
-        spec: ReceiverSpec,
-        kv_caches: KVCaches,
-        device: torch.device,
-        stopped: asyncio.Future[None],
-    ) -> None:
-        self._conn = conn
+    def __init__(self, spec: ReceiverSpec, kv_caches: KVCaches, device: torch.device) -> None:
+        self.parent: ParentLink | None = None  # set before any message
         self._spec = spec
         self._kv_caches = kv_caches
         self._device = device
-        self._stopped = stopped
         self._attention = get_attention_backend(spec.attention_backend)
         self._announced: dict[str, _Announced] = {}
         self._revoked: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -283,23 +230,11 @@ class _CacheWriter:
         self._tasks = BackgroundTasks()
 
     # -- the worker's messages ---------------------------------------------------------------------
-    def listen(self) -> None:
-        asyncio.get_running_loop().add_reader(self._conn.fileno(), self._on_readable)
-
     def send(self, msg: tuple[Any, ...]) -> None:
-        try:
-            self._conn.send(msg)
-        except (OSError, ValueError):
-            self._stop()
+        assert self.parent is not None
+        self.parent.send(msg)
 
-    def _on_readable(self) -> None:
-        try:
-            while self._conn.poll():
-                self._dispatch(self._conn.recv())
-        except (EOFError, OSError):
-            self._stop()  # the worker is gone
-
-    def _dispatch(self, msg: tuple[Any, ...]) -> None:
+    def dispatch(self, msg: tuple[Any, ...]) -> None:
         kind = msg[0]
         if kind == "reserve":
             request_id = msg[1]
@@ -313,8 +248,6 @@ class _CacheWriter:
             verdict = self._verdicts.pop(msg[1], None)
             if verdict is not None and not verdict.done():
                 verdict.set_result((msg[2], msg[3]))
-        elif kind == "stop":
-            self._stop()
 
     async def _revoke(self, request_id: str) -> None:
         announced = self._announced.pop(request_id, None)
@@ -323,9 +256,8 @@ class _CacheWriter:
             await self._writes_landed()
         self.send(("revoked", request_id))
 
-    def _stop(self) -> None:
-        if not self._stopped.done():
-            self._stopped.set_result(None)
+    def end_verdicts(self) -> None:
+        """The worker is stopping or gone: no verdict will come."""
         for verdict in self._verdicts.values():
             if not verdict.done():
                 verdict.set_result((None, "the decode worker is stopping"))

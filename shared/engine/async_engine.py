@@ -59,6 +59,11 @@ class _Fail:
 
 
 @dataclass(frozen=True)
+class _Release:
+    request_id: str
+
+
+@dataclass(frozen=True)
 class _Call:
     """Run `fn(core)` on the engine thread (between steps) and resolve `reply` with its result."""
 
@@ -218,6 +223,11 @@ class AsyncEngine:
         self._uncommitted.pop(request_id, None)
         self._commands.put(_Commit(request_id, first_token, num_cached_tokens))
 
+    def release_prompt_kv(self, request_id: str) -> None:
+        """The request's announced prompt KV has been read: its blocks may go (see
+        EngineCore.release_prompt_kv). Callable from any thread."""
+        self._commands.put(_Release(request_id))
+
     def fail(self, request_id: str, message: str) -> None:
         """End a request with finish_reason 'error' and this message."""
         self._end(request_id, _Fail(request_id, message))
@@ -363,6 +373,8 @@ class AsyncEngine:
         elif isinstance(command, _Fail):
             failed = self.core.fail_request(command.request_id, command.message)
             self._deliver([failed] if failed is not None else [])
+        elif isinstance(command, _Release):
+            self.core.release_prompt_kv(command.request_id)
         elif isinstance(command, _Call):
             self._call(command)
         return True

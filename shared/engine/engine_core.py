@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import logging
 import threading
 import time
@@ -15,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.attention import AttentionMetadata, get_attention_backend, resolve_backend_name
 from baton.shared.engine.block_pool import BlockPool
 from baton.shared.engine.cuda_graphs import DecodeGraphs
-from baton.shared.engine.host_to_device import arrays_to_device, host_to_device
+from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes, check_kv_run, scatter_kv_run
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
 from baton.shared.engine.model_runner import ModelRunner
@@ -37,40 +35,12 @@ from baton.shared.models.model_config import read_json
 
 logger = logging.getLogger(__name__)
 
-LayerKVSink = Callable[[str, int, torch.Tensor, "torch.cuda.Event | None"], None]
-"""Receives (request_id, first_layer, kv, ready): a run of consecutive layers of a prefill-only
-request's prompt KV, copied out as soon as the run's last layer computed it,
-kv: [num_run_layers, 2, num_prompt_blocks, block_size, kv_heads, head_dim]. Runs follow each other
-from layer 0 and hold about `EngineCore.layer_kv_run_bytes` (at least one layer), so a short prompt
-travels in one message and a long one layer by layer. kv may be a view into a buffer the step's other
-prompts share. On CUDA, read kv only after the event `ready`."""
-
-
-@dataclass(frozen=True)
-class _ExportPlan:
-    """Where one step's exported prompts go in the step's buffer: prompt after prompt, each as
-    [num_layers, 2, its blocks, *block], so any run of a prompt's consecutive layers is a contiguous
-    view. For layer l, K of prompt r's j-th block goes to buffer block
-    num_layers*2*starts[r] + 2*l*counts[r] + j, and V counts[r] blocks after it."""
-
-    block_ids: torch.Tensor  # [num_blocks]: every prompt's blocks, prompt after prompt
-    counts: list[int]  # blocks per prompt
-    starts: list[int]  # the blocks of the prompts before each
-    slots: torch.Tensor  # [num_layers, 2, num_blocks]: targets in the buffer
-
-    @classmethod
-    def of(cls, blocks: list[list[int]], num_layers: int, device: torch.device) -> _ExportPlan:
-        counts = np.array([len(b) for b in blocks], dtype=np.int64)
-        starts = np.cumsum(counts) - counts
-        within = np.arange(counts.sum()) - np.repeat(starts, counts)  # j
-        n_of, start_of = np.repeat(counts, counts), np.repeat(starts, counts)
-        layer = np.arange(num_layers)[:, None]
-        k = num_layers * 2 * start_of + 2 * layer * n_of + within  # [num_layers, num_blocks]
-        ids = np.fromiter(itertools.chain.from_iterable(blocks), np.int64, int(counts.sum()))
-        ids_d, slots_d = arrays_to_device(
-            [ids, np.stack((k, k + n_of), axis=1)], np.int64, device
-        )  # one copy
-        return cls(ids_d, counts.tolist(), starts.tolist(), slots_d)
+PromptKVSink = Callable[[str, list[int], "torch.cuda.Event | None"], None]
+"""Receives (request_id, block_ids, ready) for each prefill-only request whose prompt a step has just
+computed: every layer's KV of the prompt is in these blocks of the engine's cache (prompt order) once
+the interprocess CUDA event `ready` completed (None off the GPU: it is there already). The blocks stay
+the request's, though it has finished, until `EngineCore.release_prompt_kv(request_id)`: read them
+before calling it."""
 
 
 class _QueuedStep(NamedTuple):
@@ -153,12 +123,8 @@ class EngineCore:
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.step_stats = StepStats()
         """Where step time goes (host launch, device wait, finish), per kind of step."""
-        self.layer_kv_sink: LayerKVSink | None = None
-        """Prefill worker: where a finished prompt's KV goes, in runs of layers (see LayerKVSink)."""
-        self.layer_kv_run_bytes = 16 << 20
-        """Prefill worker: how much KV a run handed to `layer_kv_sink` holds (at least one layer). UCX
-        moves messages of a few MiB at a fraction of its bandwidth (benchmarks/NOTES.md), and the
-        copied-out KV waiting to leave stays bounded."""
+        self.prompt_kv_sink: PromptKVSink | None = None
+        """Prefill worker: where a computed prompt's KV blocks are announced (see PromptKVSink)."""
         # Reserved blocks are written by the KV receiver's thread; this lock keeps a reservation from
         # being freed (and its blocks handed to another request) while a layer is being written.
         self._reservation_lock = threading.Lock()
@@ -203,8 +169,8 @@ class EngineCore:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
     ) -> None:
-        """Queue a request. `prefill_only`: compute the prompt, sample one token, ship the prompt's KV
-        through `layer_kv_sink` and end (a prefill worker's request)."""
+        """Queue a request. `prefill_only`: compute the prompt, sample one token, announce the prompt's
+        KV blocks to `prompt_kv_sink` and end (a prefill worker's request)."""
         self.validate(prompt_token_ids, params)
         self.scheduler.add(self._new_request(request_id, prompt_token_ids, params, prefill_only))
 
@@ -349,7 +315,8 @@ class EngineCore:
         if sched.is_empty:
             return None
         with self._on_compute_stream():
-            result = self.runner.launch(sched, self._layer_exporter(sched))
+            result = self.runner.launch(sched)
+            self._announce_prompt_kv(sched)
         totals = self.step_stats.launched(
             sched, time.perf_counter() - started, time.thread_time() - started_cpu
         )
@@ -359,14 +326,18 @@ class EngineCore:
     def _warm_up(self) -> None:
         """Compile the kernel variants steps need before serving (a first request would otherwise wait
         seconds for Triton's JIT): a full-budget prefill chunk, then decodes beside a chunk that has a
-        cached prefix, then the block copies of a KV transfer. Nothing lands in the KV cache: every
-        slot is -1, the copied block is written back unchanged, the exporter's copies go to scratch."""
+        cached prefix, short prefills, then the block copies of a KV transfer. Nothing lands in the KV
+        cache: every slot is -1, the copied block is written back unchanged."""
         bs, longest = self.config.block_size, self.max_model_len
         n = min(self.config.max_num_batched_tokens, longest)
         shapes = [([n], [0])]
         mixed = min(n, longest - 3 * bs - 6) // 2  # a chunk after a 3-block prefix, within max_model_len
         if mixed >= 1:
             shapes.append(([1, 1, mixed], [3 * bs + 5, 7, 3 * bs]))
+        # prefills whose block tables are 1 and 2 blocks wide: Triton compiles a variant for a row
+        # stride of 1, a multiple of 16 (the full chunk above) and any other (measured: a served
+        # prefill worker compiled one mid-run)
+        shapes += [([q], [0]) for q in (bs, bs + 1) if q <= longest]
         for query_lens, prefix_lens in shapes:
             input_ids, positions, meta = _dummy_batch(query_lens, prefix_lens, bs, self.device)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -376,11 +347,6 @@ class EngineCore:
         self.attention.scatter_blocks(
             self.attention.gather_blocks(k_cache, v_cache, block), k_cache, v_cache, block
         )
-        # the exporter's copy, each way Triton specializes the slots' row stride (1, a multiple of 16, other)
-        for n in (1, 2, 16):
-            scratch = torch.empty((2 * n, *k_cache.shape[1:]), dtype=k_cache.dtype, device=self.device)
-            slots = torch.arange(2 * n, device=self.device).view(2, n)
-            self.attention.gather_blocks_into(k_cache, v_cache, block.repeat(n), slots, scratch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -392,45 +358,30 @@ class EngineCore:
             return nullcontext()
         return torch.cuda.stream(self._compute_stream)
 
-    def _layer_exporter(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
-        """A per-layer hook copying out the prompt KV of prefill-only requests whose prompt ends in
-        this step (every earlier chunk's KV of that layer is already in place by then): each layer is
-        one copy for all of them, into one buffer for the step (see _ExportPlan); each prompt's runs
-        of layers go to the sink as views of it."""
-        sink = self.layer_kv_sink
+    def _announce_prompt_kv(self, sched: SchedulerOutput) -> None:
+        """Hand `prompt_kv_sink` the blocks of each prefill-only prompt this step completes, with one
+        event recorded behind the step for all of them; their blocks are held until released."""
+        sink = self.prompt_kv_sink
         shipping = [c.request for c in sched.chunks if c.samples and c.request.prefill_only]
         if sink is None or not shipping:
-            return None
+            return
+        ready = None
+        if self._compute_stream is not None:
+            ready = torch.cuda.Event(interprocess=True)  # shareable with the sending process
+            ready.record(self._compute_stream)
         bs = self.config.block_size
-        blocks = [self.kv_manager.block_ids(r.request_id)[: cdiv(r.num_prompt_tokens, bs)] for r in shipping]
-        num_layers = len(self.kv_caches)
-        plan = _ExportPlan.of(blocks, num_layers, self.device)
-        k_cache = self.kv_caches[0][0]  # every layer's cache has this shape and dtype
-        block_shape, block_bytes = k_cache.shape[1:], k_cache[0].numel() * k_cache.element_size()
-        run_lens = [max(1, self.layer_kv_run_bytes // (2 * n * block_bytes)) for n in plan.counts]
-        # on the compute stream (_launch), which writes it: [num_layers * 2 * num_blocks, *block]
-        buffer = torch.empty(
-            (num_layers * 2 * int(plan.block_ids.shape[0]), *block_shape),
-            dtype=k_cache.dtype,
-            device=self.device,
-        )
+        for request in shipping:
+            self.scheduler.hold_blocks(request)
+            sink(
+                request.request_id,
+                self.kv_manager.block_ids(request.request_id)[: cdiv(request.num_prompt_tokens, bs)],
+                ready,
+            )
 
-        def export(layer: int) -> None:
-            k_cache, v_cache = self.kv_caches[layer]
-            self.attention.gather_blocks_into(k_cache, v_cache, plan.block_ids, plan.slots[layer], buffer)
-            ready = None
-            for request, start, n, run_len in zip(shipping, plan.starts, plan.counts, run_lens, strict=True):
-                first = layer - layer % run_len
-                if layer + 1 < min(first + run_len, num_layers):
-                    continue  # this prompt's run goes on
-                if ready is None and self.device.type == "cuda":
-                    ready = torch.cuda.Event()
-                    ready.record()
-                prompt = buffer[num_layers * 2 * start : num_layers * 2 * (start + n)]
-                kv = prompt.view(num_layers, 2, n, *block_shape)[first : layer + 1]
-                sink(request.request_id, first, kv, ready)  # kv: [run layers, 2, n, *block], contiguous
-
-        return export
+    def release_prompt_kv(self, request_id: str) -> bool:
+        """Free the blocks a finished prefill-only request kept for its announced KV; False if it
+        keeps none (already released, or never announced)."""
+        return self.scheduler.release_held(request_id)
 
     def _output(self, request: Request, token: SampledToken) -> EngineOutput:
         logprobs = None
@@ -497,9 +448,11 @@ class EngineCore:
         """I3: with no request left, every block is free or cached."""
         self.check_integrity()
         usage = self.kv_manager.pool.usage()
-        if self.scheduler.has_unfinished() or usage.num_held or self.kv_manager.num_requests:
+        held = self.scheduler.held
+        if self.scheduler.has_unfinished() or usage.num_held or self.kv_manager.num_requests or held:
             raise AssertionError(
                 f"leak: {self.scheduler.num_unfinished} unfinished requests, {usage.num_held} held blocks"
+                + (f", prompt KV never released for {sorted(held)}" if held else "")
             )
         if self._reserved_indexes:
             raise AssertionError(f"leak: block indexes kept for {sorted(self._reserved_indexes)}")

@@ -54,3 +54,26 @@ def scatter_kv_run(
     kv = kv.to(index.device)
     for i in range(kv.shape[0]):
         attention.scatter_blocks(kv[i], *kv_caches[first_layer + i], index)
+
+
+def gather_prompt_kv(kv_caches: KVCaches, index: torch.Tensor) -> torch.Tensor:
+    """Every layer's K and V of the blocks `index` names ([num_blocks] long, on the cache's device),
+    copied out on the current stream, as a prefill worker ships a prompt's KV.
+
+    Returns [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], contiguous."""
+    k_cache = kv_caches[0][0]
+    out = torch.empty(
+        (len(kv_caches), 2, index.numel(), *k_cache.shape[1:]), dtype=k_cache.dtype, device=k_cache.device
+    )
+    for layer, (k, v) in enumerate(kv_caches):
+        torch.index_select(k, 0, index, out=out[layer, 0])
+        torch.index_select(v, 0, index, out=out[layer, 1])
+    return out
+
+
+def layer_runs(num_layers: int, layer_nbytes: int, run_nbytes: int) -> list[tuple[int, int]]:
+    """(first layer, count) of consecutive runs of whole layers of about `run_nbytes` each (at least
+    one layer), covering every layer once: a short prompt's KV travels as one message, a long one in
+    several."""
+    per_run = max(1, run_nbytes // max(layer_nbytes, 1))
+    return [(first, min(per_run, num_layers - first)) for first in range(0, num_layers, per_run)]

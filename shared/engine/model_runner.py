@@ -47,23 +47,16 @@ class ModelRunner:
         """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
     @torch.inference_mode()
-    def launch(
-        self, sched: SchedulerOutput, on_layer_done: Callable[[int], None] | None = None
-    ) -> Callable[[], dict[str, SampledToken]]:
+    def launch(self, sched: SchedulerOutput) -> Callable[[], dict[str, SampledToken]]:
         """Queue the step on the device; the returned function waits for it and gives the sampled
         tokens by request id."""
         inputs = self.prepare_inputs(sched.chunks)
         meta = inputs.meta
         graphs = self.graphs
-        if (
-            graphs is not None
-            and on_layer_done is None
-            and meta.num_decodes == meta.num_seqs
-            and meta.num_seqs <= graphs.max_batch
-        ):
+        if graphs is not None and meta.num_decodes == meta.num_seqs and meta.num_seqs <= graphs.max_batch:
             hidden = graphs.run(inputs.input_ids, inputs.positions, meta)
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta, on_layer_done)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         if not inputs.sampling_chunks:
             return lambda: {}
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]

@@ -54,6 +54,8 @@ class Request:
     error: str | None = None
     prefill_only: bool = False
     """Prefill worker: the request ends after its first token (its KV is shipped to a decode worker)."""
+    holds_blocks: bool = False
+    """Its blocks outlive it until the scheduler's release_held() (its announced prompt KV is read)."""
 
     def __post_init__(self) -> None:
         self.all_token_ids: list[int] = list(self.prompt_token_ids)

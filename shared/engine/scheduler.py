@@ -81,6 +81,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.reserved: dict[str, Request] = {}
         """Decode worker: requests holding blocks for a prompt whose KV is being pushed to us."""
+        self.held: dict[str, Request] = {}
+        """Prefill worker: finished requests whose blocks are kept until their prompt KV was read."""
         self._requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -88,6 +90,10 @@ class Scheduler:
     def add(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.request_id in self.held:
+            raise ValueError(
+                f"request id {request.request_id!r} is in use: its prompt KV is still being read"
+            )
         self._requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -271,6 +277,27 @@ class Scheduler:
             del self.reserved[request.request_id]
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        if request.holds_blocks:
+            self.held[request.request_id] = request  # its blocks go once release_held() is called
+        else:
+            self.kv.free(request)
         request.finish(reason, stop_reason, error)
         del self._requests[request.request_id]
+
+    def hold_blocks(self, request: Request) -> None:
+        """Keep the request's blocks when it finishes, until release_held() (a prefill worker's
+        prompt KV, read by another process after the request ended)."""
+        request.holds_blocks = True
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks of a request that held them (finished or not: it stops holding them
+        either way); False if it held none."""
+        request = self.held.pop(request_id, None)
+        if request is not None:
+            self.kv.free(request)
+            return True
+        request = self._requests.get(request_id)
+        if request is not None and request.holds_blocks:
+            request.holds_blocks = False  # not finished yet: its blocks go when it ends
+            return True
+        return False

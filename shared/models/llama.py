@@ -7,7 +7,6 @@ q/k/v and gate/up projections are fused into one matmul each; the weight loader 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 from typing import overload
 
@@ -169,18 +168,13 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
-        on_layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        """`on_layer_done(i)` runs (on the compute stream's timeline) right after layer i wrote its KV:
-        a prefill worker ships that layer while the next ones compute."""
         if self.rope is None:
             raise RuntimeError("init_rope() must run before forward()")
         x = self.model.embed_tokens(input_ids)
         residual = None
-        for i, (layer, kv_cache) in enumerate(zip(self.model.layers, kv_caches, strict=True)):
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(positions, x, residual, self.rope, kv_cache, meta)
-            if on_layer_done is not None:
-                on_layer_done(i)
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm(x, residual)[0]

@@ -16,6 +16,7 @@ import torch
 from baton import LLM, SamplingParams
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.kv_cache import gather_prompt_kv, layer_runs
 from baton.shared.engine.scheduler import SampledToken
 from baton.shared.transfer import KVLayout, UcxKVReceiver, UcxKVSender, stop_ucx
 
@@ -63,11 +64,11 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
         await receiver.start()
         sender = UcxKVSender(layout)
         results = []
-        layers: list[tuple[int, torch.Tensor, Any]] = []
-        prefill.layer_kv_sink = lambda rid, layer, kv, ready: layers.append((layer, kv, ready))
+        announced: list[tuple[str, list[int], Any]] = []
+        prefill.prompt_kv_sink = lambda rid, block_ids, ready: announced.append((rid, block_ids, ready))
         try:
             for i, prompt in enumerate(PROMPTS):
-                layers.clear()
+                announced.clear()
                 prefill.add_request(f"r{i}", prompt, GREEDY, prefill_only=True)
                 outputs = []
                 while prefill.has_unfinished():
@@ -75,9 +76,15 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
                 (first,) = outputs
                 block_ids = decode.reserve(f"r{i}", prompt, GREEDY)
                 session = await sender.open(receiver.address, f"r{i}", block_ids, mc.num_layers)
-                for start, kv, ready in layers:  # runs of layers (a short prompt: one run)
-                    ready.synchronize()
-                    await session.send_layers(start, kv)
+                ((rid, prompt_blocks, ready),) = announced
+                torch.cuda.current_stream().wait_event(
+                    ready
+                )  # an interprocess event, as the sender child gets
+                kv = gather_prompt_kv(prefill.kv_caches, torch.tensor(prompt_blocks, device="cuda"))
+                torch.cuda.synchronize()
+                prefill.release_prompt_kv(rid)
+                for start, count in layer_runs(mc.num_layers, kv[0].numel() * kv.element_size(), 1 << 14):
+                    await session.send_layers(start, kv[start : start + count])
                 await session.finish({"token_id": first.new_token_ids[0]})
                 tokens = list(
                     decode.commit_reserved(f"r{i}", SampledToken(first.new_token_ids[0]), 0).new_token_ids

@@ -4,40 +4,22 @@ worker's KV cache shared with it. The worker's side is a recording HandoffHandle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import torch
+from child_process_helpers import LAYOUT, NUM_CACHE_BLOCKS, assert_child_dies_with_its_worker, run
 
 from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
 from baton.services.lifecycle import LOG_FORMAT
 from baton.shared.engine.kv_cache import KVCaches
-from baton.shared.transfer import FaultConfig, KVLayout, TransferError, UcxKVSender, stop_ucx
+from baton.shared.transfer import FaultConfig, TransferError, UcxKVSender
 
 pytestmark = pytest.mark.integration
-
-T = TypeVar("T")
-LAYOUT = KVLayout(model_id="tiny@1", num_layers=3, block_size=4, num_kv_heads=2, head_dim=16, dtype="float32")
-NUM_CACHE_BLOCKS = 32
-
-
-def run(coro: Coroutine[Any, Any, T], timeout_s: float = 90) -> T:
-    async def main() -> T:
-        try:
-            return await asyncio.wait_for(coro, timeout=timeout_s)
-        finally:
-            stop_ucx()
-
-    return asyncio.run(main())
 
 
 class RecordingWorker:
@@ -189,7 +171,7 @@ def test_the_worker_hears_when_the_child_dies_or_cannot_start() -> None:
         lost = asyncio.Event()
         process.on_lost = lost.set
         process.reserve("r", [1], None)
-        process._process.kill()
+        os.kill(process.pid, signal.SIGKILL)
         await asyncio.wait_for(lost.wait(), 10)
         assert not process.alive
         await asyncio.wait_for(process.revoke("r"), 1)  # nothing writes any more: returns at once
@@ -225,7 +207,7 @@ async def main():
     spec = ReceiverSpec(layout, "127.0.0.1", 0, None, "torch", "%(message)s", logging.WARNING)
     process = ReceiverProcess(spec, caches, Worker())
     await process.start()
-    print(process._process.pid, flush=True)
+    print(process.pid, flush=True)
     await asyncio.sleep(600)
 
 if __name__ == "__main__":
@@ -235,28 +217,4 @@ if __name__ == "__main__":
 
 def test_the_child_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
     """kill -9 of a decode worker must not leave its receiving process holding the UCX port."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER_SCRIPT.format(layout=LAYOUT.to_dict()))
-    worker = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, cwd=tmp_path, text=True, start_new_session=True
-    )
-    try:
-        assert worker.stdout is not None
-        lines = iter(worker.stdout.readline, "")
-        child = int(next(line for line in lines if line.strip().isdigit()))  # UCX may warn on stdout
-        os.kill(child, 0)  # running
-        worker.kill()
-        worker.wait(10)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(child, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        os.kill(child, signal.SIGKILL)
-        raise AssertionError("the receiving process outlived its worker by 10 s")
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # whatever is left of the worker's process group
-            os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait(10)
+    assert_child_dies_with_its_worker(tmp_path, WORKER_SCRIPT.format(layout=LAYOUT.to_dict()), "receiving")

@@ -13,6 +13,7 @@ import torch
 from baton import LLM, SamplingParams
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.kv_cache import gather_prompt_kv, layer_runs
 from baton.shared.engine.scheduler import SampledToken
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -20,20 +21,22 @@ PROMPTS = [list(range(3, 40)), [7, 8, 9], list(range(100, 180))]
 
 
 def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], params: SamplingParams):
-    layers: dict[int, torch.Tensor] = {}
-    prefill.layer_kv_run_bytes = 1  # a run per layer here; test_exported_runs covers longer ones
-
-    def sink(rid: str, first: int, kv: torch.Tensor, ready: Any) -> None:
-        layers.update({first + i: kv[i].clone() for i in range(kv.shape[0])})
-
-    prefill.layer_kv_sink = sink
+    """Prefill `prompt` on a prefill-only engine; returns its KV by layer (read from the announced
+    blocks, which are then released) and its one output."""
+    announced: list[tuple[str, list[int], Any]] = []
+    prefill.prompt_kv_sink = lambda rid, block_ids, ready: announced.append((rid, block_ids, ready))
     prefill.add_request(request_id, prompt, params, prefill_only=True)
     outputs = []
     while prefill.has_unfinished():
         outputs += prefill.step()
     (out,) = outputs
     assert out.finished and len(out.new_token_ids) == 1
-    return layers, out
+    ((rid, block_ids, ready),) = announced
+    assert rid == request_id and ready is None  # on a CPU the KV is there once announced
+    assert len(block_ids) == -(-len(prompt) // prefill.config.block_size)
+    kv = gather_prompt_kv(prefill.kv_caches, torch.tensor(block_ids))
+    assert prefill.release_prompt_kv(request_id)
+    return dict(enumerate(kv)), out
 
 
 def decode_remote(
@@ -115,45 +118,69 @@ def test_first_token_that_ends_the_request_finishes_it_at_commit(llama_dir: Path
     decode.assert_no_leaks()
 
 
-def test_exported_runs_cover_every_layer_once_in_runs_of_the_asked_size(llama_dir: Path) -> None:
-    prompt = list(range(3, 40))  # 37 tokens: 3 blocks of 16
-    per_layer, _ = shipped_prefill(EngineCore(EngineConfig(model=str(llama_dir))), "a", prompt, GREEDY)
-    engine = EngineCore(EngineConfig(model=str(llama_dir)))
-    layer_bytes = per_layer[0].numel() * per_layer[0].element_size()
-    engine.layer_kv_run_bytes = 3 * layer_bytes  # 4 layers: a run of 3, then the last one alone
-    runs: list[tuple[int, torch.Tensor]] = []
-    engine.layer_kv_sink = lambda rid, first, kv, ready: runs.append((first, kv.clone()))
-    engine.add_request("b", prompt, GREEDY, prefill_only=True)
-    while engine.has_unfinished():
-        engine.step()
-    assert [(first, kv.shape[0]) for first, kv in runs] == [(0, 3), (3, 1)]
-    assert torch.equal(torch.cat([kv for _, kv in runs]), torch.stack([per_layer[i] for i in range(4)]))
+def test_an_announced_prompt_keeps_its_blocks_until_released(llama_dir: Path) -> None:
+    engine = EngineCore(EngineConfig(model=str(llama_dir), enable_prefix_caching=False))
+    announced: list[str] = []
+    engine.prompt_kv_sink = lambda rid, block_ids, ready: announced.append(rid)
+    engine.add_request("a", list(range(3, 40)), GREEDY, prefill_only=True)  # 3 blocks
+    (out,) = engine.step()
+    assert out.finished and announced == ["a"]
+    assert engine.stats().num_held_blocks == 3  # finished, but its KV is still to be read
+    with pytest.raises(AssertionError, match=r"prompt KV never released for \['a'\]"):
+        engine.assert_no_leaks()
+    with pytest.raises(ValueError, match="still being read"):  # its id is not free yet
+        engine.add_request("a", [1, 2, 3], GREEDY, prefill_only=True)
+    assert engine.release_prompt_kv("a")
+    assert not engine.release_prompt_kv("a")  # once only
+    assert engine.stats().num_held_blocks == 0
     engine.assert_no_leaks()
 
 
-def test_prompts_shipped_in_one_step_keep_their_own_runs(llama_dir: Path) -> None:
-    """Each layer is one copy for every prompt a step ships; each prompt's runs are sized for it."""
-    prompts = {"long": list(range(3, 40)), "short": [7, 8, 9]}  # 3 blocks and 1 block
-    per_layer = {
-        rid: shipped_prefill(EngineCore(EngineConfig(model=str(llama_dir))), rid, p, GREEDY)[0]
-        for rid, p in prompts.items()
-    }
-    engine = EngineCore(EngineConfig(model=str(llama_dir)))
-    long_layer = per_layer["long"][0]
-    engine.layer_kv_run_bytes = 3 * long_layer.numel() * long_layer.element_size()
-    runs: dict[str, list[tuple[int, torch.Tensor]]] = {rid: [] for rid in prompts}
-    engine.layer_kv_sink = lambda rid, first, kv, ready: runs[rid].append((first, kv.clone()))
-    for rid, prompt in prompts.items():
-        engine.add_request(rid, prompt, GREEDY, prefill_only=True)
-    assert len(engine.step()) == 2  # both prompts in one step
-    num_layers = engine.model_config.num_layers
-    assert [(first, kv.shape[0]) for first, kv in runs["long"]] == [(0, 3), (3, num_layers - 3)]
-    assert [(first, kv.shape[0]) for first, kv in runs["short"]] == [(0, num_layers)]  # 9 layers' worth
-    for rid in prompts:
-        got = torch.cat([kv for _, kv in runs[rid]])
-        # batched with another prompt, the same values up to float rounding; a misplaced block would not be
-        torch.testing.assert_close(got, torch.stack([per_layer[rid][i] for i in range(num_layers)]))
+def test_a_request_aborted_after_its_announcement_keeps_its_blocks_until_released(llama_dir: Path) -> None:
+    """On a GPU the announcing step is still running when an abort arrives; its blocks must not go
+    to another request before the reader let go of them."""
+    engine = EngineCore(EngineConfig(model=str(llama_dir), enable_prefix_caching=False))
+    engine.prompt_kv_sink = lambda rid, block_ids, ready: None
+    engine.add_request("a", list(range(3, 40)), GREEDY, prefill_only=True)
+    engine._in_flight = engine._launch()  # announced; its step not yet taken in
+    (aborted,) = engine.abort_requests(["a"])
+    assert aborted.finish_reason == "abort"
+    assert engine.step() == []  # the step's token for an aborted request is dropped
+    assert engine.stats().num_held_blocks == 3
+    engine.release_prompt_kv("a")
     engine.assert_no_leaks()
+
+
+def test_a_release_before_the_request_ends_lets_it_free_its_blocks_as_usual(llama_dir: Path) -> None:
+    engine = EngineCore(EngineConfig(model=str(llama_dir), enable_prefix_caching=False))
+    engine.add_request("a", list(range(3, 40)), GREEDY, prefill_only=True)
+    engine.scheduler.hold_blocks(engine.scheduler.get("a"))
+    assert engine.release_prompt_kv("a")  # not finished: it stops holding
+    engine.step()
+    engine.assert_no_leaks()
+
+
+def test_gathered_prompt_kv_is_each_layers_blocks_in_order(llama_dir: Path) -> None:
+    engine = EngineCore(EngineConfig(model=str(llama_dir), num_kv_blocks=8, max_model_len=128))
+    for k, v in engine.kv_caches:
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+    kv = gather_prompt_kv(engine.kv_caches, torch.tensor([5, 1, 6]))
+    assert kv.shape == (engine.model_config.num_layers, 2, 3, *engine.kv_caches[0][0].shape[1:])
+    for layer, (k, v) in enumerate(engine.kv_caches):
+        assert torch.equal(kv[layer, 0], k[[5, 1, 6]]) and torch.equal(kv[layer, 1], v[[5, 1, 6]])
+
+
+@pytest.mark.parametrize(
+    ("layer_nbytes", "run_nbytes", "runs"),
+    [
+        (10, 30, [(0, 3), (3, 1)]),  # 4 layers: a run of 3, then the last one alone
+        (10, 1000, [(0, 4)]),  # a short prompt: one message
+        (10, 5, [(0, 1), (1, 1), (2, 1), (3, 1)]),  # at least one layer a run
+    ],
+)
+def test_layer_runs_cover_every_layer_once(layer_nbytes: int, run_nbytes: int, runs: list) -> None:
+    assert layer_runs(4, layer_nbytes, run_nbytes) == runs
 
 
 def test_reset_prefix_cache_forgets_the_cached_blocks(llama_dir: Path) -> None:
