@@ -224,6 +224,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         kv_connections_per_receiver=args.kv_connections_per_receiver,
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
+        stall_timeout_s=args.stall_timeout_s,
     )
     setup_logging(args.log_level, args.log_requests)
     asyncio.run(run_worker(config))
@@ -657,6 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
             "on SIGTERM, time in-flight requests get to finish",
             type=float,
             default=15.0,
+        )
+        _flag(
+            worker,
+            "--stall-timeout-s",
+            "liveness: an engine step longer than this turns gRPC health NOT_SERVING",
+            type=float,
+            default=120.0,
         )
         _add_registry_flags(worker)
         _add_engine_flags(worker)

@@ -21,6 +21,7 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
+from baton.shared.progress_watchdog import ProgressWatchdog
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
 from baton.shared.transfer import FaultConfig, KVLayout
@@ -94,8 +95,12 @@ async def run_worker(config: WorkerConfig) -> None:
         f", KV transfer {info.transfer_address}" if info.transfer_address else "",
         info.num_blocks,
     )
+    watchdog = ProgressWatchdog(engine, server, config.stall_timeout_s, lambda: service.draining)
+    watchdog.start()
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining (up to %g s)", signal_name, config.drain_timeout_s)
+    service.draining = True
+    await watchdog.stop()
     await server.set_serving(False)
     await service.drain(config.drain_timeout_s)  # still heartbeating: its records stay owned
     await presence.stop()

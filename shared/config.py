@@ -123,6 +123,12 @@ class WorkerConfig(BaseModel):
     drain_timeout_s: float = Field(
         15.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are aborted."
     )
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Liveness: an engine step running longer than this (a hung device, a deadlock) turns "
+        "the worker's gRPC health NOT_SERVING until it progresses again.",
+    )
 
     @property
     def heartbeat_interval_s(self) -> float:

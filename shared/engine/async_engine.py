@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -110,6 +111,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._stopped = False
+        self._busy_since: float | None = None  # when the step in progress began (engine thread)
         self._uncommitted: dict[str, asyncio.AbstractEventLoop] = {}  # reservations, by their loop
         self._release: Callable[[str], Awaitable[None]] | None = None
 
@@ -142,6 +144,15 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopped
+
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has been in its current step (0 between steps, idle included);
+        infinite when it is not running (never started, shut down, or died). Forward progress, for
+        liveness: a step stuck on a hung device or a deadlock grows without bound."""
+        if not self.is_running or self._error is not None:
+            return math.inf
+        since = self._busy_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     # -- requests --------------------------------------------------------------------------------
     async def generate(
@@ -319,8 +330,10 @@ class AsyncEngine:
                 if pacing_s and self._in_burst() and not self._hold(last_step + pacing_s):
                     break
                 if self.core.has_work():
-                    last_step = time.monotonic()
-                    self._deliver(self.core.step())
+                    last_step = self._busy_since = time.monotonic()
+                    outputs = self.core.step()
+                    self._busy_since = None
+                    self._deliver(outputs)
         except BaseException as exc:  # fatal: every caller must hear about it, nobody may hang
             logger.exception("engine thread died")
             self._error = exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def test_fatal_engine_error_reaches_every_stream(llama_dir: Path) -> None:
         with pytest.raises(EngineDeadError, match="fatal error"):
             async for _ in engine.generate([1, 2], GREEDY):
                 pass
+        assert engine.stalled_for() == math.inf  # liveness sees a dead engine thread
 
     run(main())
 
