@@ -118,18 +118,18 @@ class DisaggregatedBackend:
         burst of requests spreads instead of all seeing the same idle worker."""
         live_decodes = await self.directory.live("decode")
         prefills = await self.directory.live("prefill")
-        block_size = live_decodes[0].info.block_size if live_decodes else 0
-        overlap = await self._prefix_overlap(prompt, block_size, prefills)
         in_flight = self.directory.in_flight
         decodes = rank_decode_workers(live_decodes, in_flight, failures.decode)
         if not decodes and failures.full:
             raise CapacityError(f"no decode worker has room for this request ({failures.last_error})")
-        if not decodes:
+        if not decodes:  # (say, prefill workers registered again after a Redis restart, decode ones not yet)
             raise UnavailableError(
                 "no decode worker is available"
                 + (f" (last failure: {failures.last_error})" if failures.last_error else "")
             )
         decode = decodes[0]
+        block_size = decode.info.block_size
+        overlap = await self._prefix_overlap(prompt, block_size, prefills)
         prefill = choose_prefill_worker(prefills, overlap, in_flight, failures.prefill)
         cached = overlap.get(prefill.info.worker_id, 0) * block_size if prefill else 0
         if prefill is not None and prefill_locally(len(prompt), cached, self.config.local_prefill_max_tokens):
