@@ -259,16 +259,27 @@ class _Pusher:
     ) -> None:
         session: KVPushSession | None = None
         released = False
+
+        def release_if_announced() -> None:
+            """Announced and not copied: the engine's blocks go back now, whatever else is pending."""
+            nonlocal released
+            if not released and push.shipped.done() and not push.shipped.cancelled():
+                released = True
+                self._send(("released", request_id))
+
         timings: dict[str, float] = {}
-        # its own task: an abort while it connects must still reach a receiver it announced us to
+        started = time.monotonic()
+        # its own task: the prompt computes (and is copied out) while it connects, and an abort while
+        # it connects must still reach a receiver it announced the request to
         opening = asyncio.ensure_future(self._sender.open(address, request_id, block_ids, num_layers))
         try:
-            session = live = await asyncio.shield(opening)
-            opened = time.monotonic()
+            await asyncio.wait({push.shipped, opening}, return_when=asyncio.FIRST_COMPLETED)
+            if opening.done() and opening.exception() is not None:
+                opening.result()  # a failed connection fails the push now, not once the prompt computed
             prompt_blocks, ready = await push.shipped
             announced = time.monotonic()
             landed: torch.cuda.Event | None = None
-            try:
+            try:  # copied out at once: the engine's blocks never wait for a slow connection
                 kv, landed = self._copy_out(prompt_blocks, ready)  # kv: [num_layers, 2, blocks, *block]
                 while landed is not None and not landed.query():
                     await asyncio.sleep(0.0002)
@@ -278,6 +289,8 @@ class _Pusher:
                 released = True
                 self._send(("released", request_id))
             copied = time.monotonic()
+            session = live = await asyncio.shield(opening)
+            opened = time.monotonic()
             layer_nbytes = kv[0].numel() * kv.element_size()
             for first, count in layer_runs(kv.shape[0], layer_nbytes, self._spec.run_nbytes):
                 await live.send_layers(first, kv[first : first + count])
@@ -285,12 +298,14 @@ class _Pusher:
             trailer, timeout_s = await push.trailer
             await live.finish(trailer, timeout_s=timeout_s)
             timings.update(
-                engine_ms=(announced - opened) * 1e3,
+                engine_ms=(announced - started) * 1e3,
                 copy_ms=(copied - announced) * 1e3,
-                send_ms=(sent - copied) * 1e3,
+                open_ms=(opened - copied) * 1e3,  # what the connection still needed after the copy
+                send_ms=(sent - opened) * 1e3,
             )
             self._send(("finished", request_id, kv.numel() * kv.element_size(), timings, live.finish_timings))
         except asyncio.CancelledError as exc:
+            release_if_announced()  # before waiting for a connection that may be slow to settle
             if session is None:
                 await asyncio.wait([opening])
                 session = opening.result() if opening.exception() is None else None
@@ -298,14 +313,14 @@ class _Pusher:
                 await asyncio.shield(session.abort(str(exc.args[0]) if exc.args else "aborted"))
             raise
         except Exception as exc:
+            release_if_announced()
             if session is not None:
                 await asyncio.shield(session.abort(f"prefill worker: {exc!r}"))
             self._send(("failed", request_id, str(exc) if isinstance(exc, TransferError) else repr(exc)))
         finally:
             if self._pushes.get(request_id) is push:
                 del self._pushes[request_id]
-            if not released and push.shipped.done() and not push.shipped.cancelled():
-                self._send(("released", request_id))  # announced, never copied
+            release_if_announced()
 
     def _copy_out(self, block_ids: list[int], ready: Any) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Queue the copy of the blocks' KV, every layer, behind the engine step that wrote it (`ready`);

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -165,6 +167,28 @@ def test_aborted_pushes_release_their_blocks_and_tell_the_receiver() -> None:
                 await sender.finish("lost", {}, timeout_s=10)
             await releases.wait("lost")
         assert releases.counts == {"early": 1, "late": 1, "nacked": 1, "lost": 1}
+
+    run(main())
+
+
+def test_announced_blocks_are_released_without_waiting_for_a_slow_connection() -> None:
+    """The copy comes first: a receiver that takes its time to connect (here a socket that never
+    answers UCX's handshake) must not keep the engine's blocks."""
+    caches, releases, decode = new_caches(), Releases(), DecodeSide()
+
+    async def main() -> None:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            async with pushing(caches, releases, decode) as (_, sender):
+                sender.open("r", f"ucx://127.0.0.1:{silent.getsockname()[1]}", [1], LAYOUT.num_layers)
+                await asyncio.sleep(0.5)  # connecting
+                started = time.monotonic()
+                sender.ship("r", [2], None)
+                await releases.wait("r", timeout_s=2)
+                assert time.monotonic() - started < 2  # long before the connection attempt gives up
+                sender.abort("r", "gave up")
+        assert releases.counts == {"r": 1}
 
     run(main())
 
