@@ -2,8 +2,6 @@
 
 from baton.kernels.cache_ops import (
     gather_kv_blocks,
-    gather_kv_blocks_into,
-    gather_kv_blocks_into_reference,
     gather_kv_blocks_reference,
     scatter_kv_blocks,
     scatter_kv_blocks_reference,
@@ -27,8 +25,6 @@ __all__ = [
     "apply_rotary",
     "apply_rotary_reference",
     "gather_kv_blocks",
-    "gather_kv_blocks_into",
-    "gather_kv_blocks_into_reference",
     "gather_kv_blocks_reference",
     "paged_decode_attention",
     "paged_decode_attention_reference",

@@ -56,20 +56,6 @@ def gather_kv_blocks_reference(
     return torch.stack((k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids)))
 
 
-def gather_kv_blocks_into_reference(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    slots: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """The exporter's copy of several prompts at once: K of block_ids[i] into out[slots[0, i]], V into
-    out[slots[1, i]]."""
-    block_ids = block_ids.long()
-    out.index_copy_(0, slots[0].long(), k_cache.index_select(0, block_ids))
-    out.index_copy_(0, slots[1].long(), v_cache.index_select(0, block_ids))
-
-
 def scatter_kv_blocks_reference(
     kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
 ) -> None:
@@ -183,36 +169,6 @@ def gather_kv_blocks(
     return out
 
 
-def gather_kv_blocks_into(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    slots: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """Copies of blocks block_ids (int64 or int32 [n]) into chosen blocks of `out` ([m, block_size,
-    num_kv_heads, head_dim], each block contiguous): K of block_ids[i] into out[slots[0, i]], V into
-    out[slots[1, i]] (slots: int64 or int32 [2, n], every target distinct and < m). One launch for
-    many prompts, where gather_kv_blocks takes one per prompt."""
-    _check_blocks(k_cache, v_cache, block_ids)
-    n = block_ids.shape[0]
-    if slots.dim() != 2 or tuple(slots.shape) != (2, n) or slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slots must be int64 or int32 [2, {n}], got {tuple(slots.shape)} {slots.dtype}")
-    if slots.stride(1) != 1:
-        raise ValueError("slots must be contiguous in its last dimension")
-    if out.dim() != 4 or tuple(out.shape[1:]) != tuple(k_cache.shape[1:]) or out.dtype != k_cache.dtype:
-        raise ValueError(
-            f"out must be [m, {', '.join(map(str, k_cache.shape[1:]))}] {k_cache.dtype}, "
-            f"got {tuple(out.shape)} {out.dtype}"
-        )
-    _same_device(k_cache, slots, out)
-    if not _blocks_contiguous(out, 1):
-        raise ValueError(
-            "each block of out must be contiguous (strides of dims 1..3 those of a contiguous block)"
-        )
-    _copy_blocks(k_cache, v_cache, block_ids, out, gather=True, slots=slots)
-
-
 def scatter_kv_blocks(
     kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
 ) -> None:
@@ -224,28 +180,18 @@ def scatter_kv_blocks(
 
 
 def _copy_blocks(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_ids: torch.Tensor,
-    kv: torch.Tensor,
-    gather: bool,
-    slots: torch.Tensor | None = None,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, kv: torch.Tensor, gather: bool
 ) -> None:
-    """One launch copying whole blocks between the caches and kv: kv [2, n, *block] (K then V, in
-    block_ids order), or with `slots` (gather only) kv [m, *block] at the blocks slots [2, n] names."""
+    """One launch copying whole blocks between the caches and kv [2, n, *block] (K then V, in
+    block_ids order)."""
     n = block_ids.shape[0]
     numel = k_cache[0].numel()
     if not n or not numel:
         return
     chunk = min(triton.next_power_of_2(numel), COPY_CHUNK)
-    targeted = slots is not None
-    if slots is None:  # kv's K/V stride and block stride; slots unread
-        kv_s0, kv_s1, slots, slots_s0 = kv.stride(0), kv.stride(1), block_ids, 0
-    else:  # kv's block stride, slots' row stride
-        kv_s0, kv_s1, slots_s0 = 0, kv.stride(0), slots.stride(0)
     _copy_blocks_kernel[(n, 2, triton.cdiv(numel, chunk))](
-        k_cache, v_cache, block_ids, kv, slots, k_cache.stride(0), v_cache.stride(0), kv_s0, kv_s1, slots_s0,
-        BLOCK_NUMEL=numel, CHUNK=chunk, GATHER=gather, SLOTS=targeted, num_warps=NUM_WARPS,
+        k_cache, v_cache, block_ids, kv, k_cache.stride(0), v_cache.stride(0), kv.stride(0), kv.stride(1),
+        BLOCK_NUMEL=numel, CHUNK=chunk, GATHER=gather, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
@@ -299,11 +245,10 @@ def _same_device(*tensors: torch.Tensor) -> None:
 
 @triton.jit
 def _copy_blocks_kernel(
-    k_cache_ptr, v_cache_ptr, ids_ptr, kv_ptr, slots_ptr, kc_s0, vc_s0, kv_s0, kv_s1, slots_s0,
-    BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, GATHER: tl.constexpr, SLOTS: tl.constexpr,
+    k_cache_ptr, v_cache_ptr, ids_ptr, kv_ptr, kc_s0, vc_s0, kv_s0, kv_s1,
+    BLOCK_NUMEL: tl.constexpr, CHUNK: tl.constexpr, GATHER: tl.constexpr,
 ):  # fmt: skip
-    """Chunk `pid 2` of the i-th listed block of the K (pid 1 == 0) or V cache, cache <-> kv[pid 1, i];
-    with SLOTS, cache -> kv[slots[pid 1, i]] (kv_s1 then strides kv's blocks)."""
+    """Chunk `pid 2` of the i-th listed block of the K (pid 1 == 0) or V cache, cache <-> kv[pid 1, i]."""
     i = tl.program_id(0).to(tl.int64)
     which = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
@@ -313,10 +258,7 @@ def _copy_blocks_kernel(
         cache = k_cache_ptr + block * kc_s0 + offs
     else:
         cache = v_cache_ptr + block * vc_s0 + offs
-    if SLOTS:
-        gathered = kv_ptr + tl.load(slots_ptr + which * slots_s0 + i).to(tl.int64) * kv_s1 + offs
-    else:
-        gathered = kv_ptr + which * kv_s0 + i * kv_s1 + offs
+    gathered = kv_ptr + which * kv_s0 + i * kv_s1 + offs
     if GATHER:
         tl.store(gathered, tl.load(cache, mask=mask), mask=mask)
     else:

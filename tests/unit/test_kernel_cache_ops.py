@@ -13,8 +13,6 @@ triton = pytest.importorskip("triton")
 from baton.kernels import (  # noqa: E402
     cache_ops,
     gather_kv_blocks,
-    gather_kv_blocks_into,
-    gather_kv_blocks_into_reference,
     gather_kv_blocks_reference,
     scatter_kv_blocks,
     scatter_kv_blocks_reference,
@@ -147,52 +145,6 @@ def test_gather_matches_index_select(
         assert got is out
         assert_bitwise(got, want)
     assert_bitwise(gather_kv_blocks(k_cache, v_cache, ids), want)  # allocating its own
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("prompts", "chunk"), [([[4, 0, 7], [2]], None), ([[1, 8], [2, 5, 3], [6]], 64)])
-def test_gather_into_places_every_prompts_blocks_where_asked(
-    dtype: torch.dtype, prompts: list[list[int]], chunk: int | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The exporter's layout for one layer of a run: prompt after prompt, each K blocks then V."""
-    if chunk is not None:
-        monkeypatch.setattr(cache_ops, "COPY_CHUNK", chunk)
-    gen = torch.Generator().manual_seed(len(prompts))
-    k_cache, v_cache = caches(gen, 9, 4, 3, 20, dtype)
-    ids = torch.tensor([b for p in prompts for b in p], device=DEVICE)
-    k_slots, v_slots, start = [], [], 0
-    for p in prompts:
-        k_slots += [start + j for j in range(len(p))]
-        v_slots += [start + len(p) + j for j in range(len(p))]
-        start += 2 * len(p)
-    for index_dtype in (torch.int64, torch.int32):
-        slots = torch.tensor([k_slots, v_slots], dtype=index_dtype, device=DEVICE)
-        want = torch.full((start, 4, 3, 20), float("nan"), dtype=dtype, device=DEVICE)
-        gather_kv_blocks_into_reference(k_cache, v_cache, ids, slots, want)
-        got = torch.full_like(want, float("nan"))  # poisoned: every element must be written
-        gather_kv_blocks_into(k_cache, v_cache, ids.to(index_dtype), slots, got)
-        assert_bitwise(got, want)
-    offset = 0
-    for p in prompts:  # each prompt's part is gather_kv_blocks' [2, n, ...] for it
-        part = got[offset : offset + 2 * len(p)].view(2, len(p), 4, 3, 20)
-        assert_bitwise(part, gather_kv_blocks_reference(k_cache, v_cache, torch.tensor(p, device=DEVICE)))
-        offset += 2 * len(p)
-
-
-def test_gather_into_refuses_bad_inputs() -> None:
-    gen = torch.Generator().manual_seed(7)
-    k_cache, v_cache = caches(gen, 4, 4, 2, 16, torch.float16)
-    ids = torch.tensor([1, 2], device=DEVICE)
-    out = torch.empty(4, 4, 2, 16, dtype=torch.float16, device=DEVICE)
-    slots = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
-    with pytest.raises(ValueError, match="slots must be"):
-        gather_kv_blocks_into(k_cache, v_cache, ids, slots[:1], out)
-    with pytest.raises(ValueError, match="last dimension"):
-        gather_kv_blocks_into(k_cache, v_cache, ids, slots.t().contiguous().t(), out)
-    with pytest.raises(ValueError, match="out must be"):
-        gather_kv_blocks_into(k_cache, v_cache, ids, slots, out.float())
-    with pytest.raises(ValueError, match="contiguous int64"):
-        gather_kv_blocks_into(k_cache, v_cache, ids[:1].expand(2), slots, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -69,19 +69,6 @@ class AttentionBackend(ABC):
         (contiguous, of the result's shape and dtype)."""
 
     @abstractmethod
-    def gather_blocks_into(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        slots: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        """Copy whole blocks out of the cache into chosen blocks of `out` ([m, block_size,
-        num_kv_heads, head_dim]): K of block_ids[i] into out[slots[0, i]], V into out[slots[1, i]]
-        (a prefill worker exporting several prompts' KV in one copy)."""
-
-    @abstractmethod
     def scatter_blocks(
         self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
     ) -> None:

@@ -36,17 +36,6 @@ class TorchAttentionBackend(AttentionBackend):
         pair = (k_cache.index_select(0, block_ids), v_cache.index_select(0, block_ids))
         return torch.stack(pair) if out is None else torch.stack(pair, out=out)
 
-    def gather_blocks_into(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        slots: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        out.index_copy_(0, slots[0], k_cache.index_select(0, block_ids))
-        out.index_copy_(0, slots[1], v_cache.index_select(0, block_ids))
-
     def scatter_blocks(
         self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
     ) -> None:

@@ -11,7 +11,6 @@ import torch
 
 from baton.kernels import (
     gather_kv_blocks,
-    gather_kv_blocks_into,
     paged_decode_attention,
     paged_prefill_attention,
     scatter_kv_blocks,
@@ -43,16 +42,6 @@ class TritonAttentionBackend(AttentionBackend):
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return gather_kv_blocks(k_cache, v_cache, block_ids, out)
-
-    def gather_blocks_into(
-        self,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        block_ids: torch.Tensor,
-        slots: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        gather_kv_blocks_into(k_cache, v_cache, block_ids, slots, out)
 
     def scatter_blocks(
         self, kv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor
