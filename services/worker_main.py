@@ -60,7 +60,7 @@ async def run_worker(config: WorkerConfig) -> None:
     else:
         # The KV sender runs in a process of its own, reading this one's cache: in this process its UCX
         # threads and checksums slowed the engine's steps down (sender_process.py).
-        sender = SenderProcess(sender_spec(config, layout), core.kv_caches, engine.release_prompt_kv)
+        sender = SenderProcess(sender_spec(config, core, layout), core.kv_caches, engine.release_prompt_kv)
         FaultConfig.parse(config.kv_faults)  # a bad spec fails here, not in the child
         await sender.start()
         sender.on_lost = request_stop
@@ -145,13 +145,14 @@ def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout, host
     )
 
 
-def sender_spec(config: WorkerConfig, layout: KVLayout) -> SenderSpec:
+def sender_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> SenderSpec:
     """The sending process's settings."""
     return SenderSpec(
         layout=layout,
         faults=config.kv_faults,
         max_pushes_per_address=config.max_pushes_per_receiver,
         connections_per_address=config.kv_connections_per_receiver,
+        attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
     )

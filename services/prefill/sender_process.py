@@ -39,6 +39,7 @@ import torch
 from baton.services.lifecycle import terminate_with_parent
 from baton.shared.background import BackgroundTasks
 from baton.shared.child_link import ChildLink, Message, ParentLink
+from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import KVCaches, gather_prompt_kv, layer_runs
 from baton.shared.transfer import FaultConfig, KVLayout, KVPushSession, TransferError, UcxKVSender, stop_ucx
@@ -54,6 +55,7 @@ class SenderSpec:
     faults: str  # FaultConfig.parse syntax
     max_pushes_per_address: int
     connections_per_address: int
+    attention_backend: str  # a resolved name, "torch" or "triton": its block copy reads the cache
     log_format: str
     log_level: int
     run_nbytes: int = 16 << 20
@@ -220,6 +222,7 @@ class _Pusher:
         self._spec = spec
         self._kv_caches = kv_caches
         self._device = device
+        self._attention = get_attention_backend(spec.attention_backend)
         self._sender = UcxKVSender(
             spec.layout,
             FaultConfig.parse(spec.faults),
@@ -326,11 +329,13 @@ class _Pusher:
         """Queue the copy of the blocks' KV, every layer, behind the engine step that wrote it (`ready`);
         returns it and, on a GPU, the event of its landing (the blocks may go to other requests then)."""
         if self._device.type != "cuda":
-            return gather_prompt_kv(self._kv_caches, torch.tensor(block_ids, dtype=torch.long)), None
+            index = torch.tensor(block_ids, dtype=torch.long)
+            return gather_prompt_kv(self._attention, self._kv_caches, index), None
         stream = torch.cuda.current_stream(self._device)
         if ready is not None:
             stream.wait_event(ready)
-        kv = gather_prompt_kv(self._kv_caches, host_to_device(block_ids, torch.long, self._device))
+        index = host_to_device(block_ids, torch.long, self._device)
+        kv = gather_prompt_kv(self._attention, self._kv_caches, index)
         landed = torch.cuda.Event()
         landed.record(stream)
         return kv, landed

@@ -56,9 +56,10 @@ def scatter_kv_run(
         attention.scatter_blocks(kv[i], *kv_caches[first_layer + i], index)
 
 
-def gather_prompt_kv(kv_caches: KVCaches, index: torch.Tensor) -> torch.Tensor:
+def gather_prompt_kv(attention: AttentionBackend, kv_caches: KVCaches, index: torch.Tensor) -> torch.Tensor:
     """Every layer's K and V of the blocks `index` names ([num_blocks] long, on the cache's device),
-    copied out on the current stream, as a prefill worker ships a prompt's KV.
+    copied out on the current stream, as a prefill worker ships a prompt's KV (the inverse of
+    `scatter_kv_run` over all layers).
 
     Returns [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], contiguous."""
     k_cache = kv_caches[0][0]
@@ -66,8 +67,7 @@ def gather_prompt_kv(kv_caches: KVCaches, index: torch.Tensor) -> torch.Tensor:
         (len(kv_caches), 2, index.numel(), *k_cache.shape[1:]), dtype=k_cache.dtype, device=k_cache.device
     )
     for layer, (k, v) in enumerate(kv_caches):
-        torch.index_select(k, 0, index, out=out[layer, 0])
-        torch.index_select(v, 0, index, out=out[layer, 1])
+        attention.gather_blocks(k, v, index, out=out[layer])
     return out
 
 

@@ -80,7 +80,8 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
                 torch.cuda.current_stream().wait_event(
                     ready
                 )  # an interprocess event, as the sender child gets
-                kv = gather_prompt_kv(prefill.kv_caches, torch.tensor(prompt_blocks, device="cuda"))
+                index = torch.tensor(prompt_blocks, device="cuda")
+                kv = gather_prompt_kv(prefill.attention, prefill.kv_caches, index)
                 torch.cuda.synchronize()
                 prefill.release_prompt_kv(rid)
                 for start, count in layer_runs(mc.num_layers, kv[0].numel() * kv.element_size(), 1 << 14):

@@ -39,6 +39,7 @@ def spec(**overrides: Any) -> SenderSpec:
         faults="",
         max_pushes_per_address=8,
         connections_per_address=2,
+        attention_backend="torch",
         log_format=LOG_FORMAT,
         log_level=logging.WARNING,
         run_nbytes=2 * LAYOUT.layer_nbytes(2),  # two layers a message for a 2-block prompt
@@ -224,7 +225,7 @@ from baton.shared.transfer import KVLayout
 async def main():
     layout = KVLayout.from_dict({layout!r})
     caches = [(torch.zeros(8, 4, 2, 16), torch.zeros(8, 4, 2, 16)) for _ in range(layout.num_layers)]
-    spec = SenderSpec(layout, "", 8, 2, "%(message)s", logging.WARNING)
+    spec = SenderSpec(layout, "", 8, 2, "torch", "%(message)s", logging.WARNING)
     process = SenderProcess(spec, caches, lambda request_id: None)
     await process.start()
     print(process.pid, flush=True)

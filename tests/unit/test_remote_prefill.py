@@ -34,7 +34,7 @@ def shipped_prefill(prefill: EngineCore, request_id: str, prompt: list[int], par
     ((rid, block_ids, ready),) = announced
     assert rid == request_id and ready is None  # on a CPU the KV is there once announced
     assert len(block_ids) == -(-len(prompt) // prefill.config.block_size)
-    kv = gather_prompt_kv(prefill.kv_caches, torch.tensor(block_ids))
+    kv = gather_prompt_kv(prefill.attention, prefill.kv_caches, torch.tensor(block_ids))
     assert prefill.release_prompt_kv(request_id)
     return dict(enumerate(kv)), out
 
@@ -165,7 +165,7 @@ def test_gathered_prompt_kv_is_each_layers_blocks_in_order(llama_dir: Path) -> N
     for k, v in engine.kv_caches:
         k.copy_(torch.randn_like(k))
         v.copy_(torch.randn_like(v))
-    kv = gather_prompt_kv(engine.kv_caches, torch.tensor([5, 1, 6]))
+    kv = gather_prompt_kv(engine.attention, engine.kv_caches, torch.tensor([5, 1, 6]))
     assert kv.shape == (engine.model_config.num_layers, 2, 3, *engine.kv_caches[0][0].shape[1:])
     for layer, (k, v) in enumerate(engine.kv_caches):
         assert torch.equal(kv[layer, 0], k[[5, 1, 6]]) and torch.equal(kv[layer, 1], v[[5, 1, 6]])
