@@ -99,7 +99,6 @@ async def run_worker(config: WorkerConfig) -> None:
     watchdog.start()
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining (up to %g s)", signal_name, config.drain_timeout_s)
-    service.draining = True
     await watchdog.stop()
     await server.set_serving(False)
     await service.drain(config.drain_timeout_s)  # still heartbeating: its records stay owned
