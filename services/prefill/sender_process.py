@@ -212,6 +212,7 @@ class _Push:
     trailer: asyncio.Future[tuple[dict[str, Any], float]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    released: bool = False  # the worker heard it may free the announced blocks
 
 
 class _Pusher:
@@ -242,6 +243,8 @@ class _Pusher:
         if kind == "open":
             push = self._pushes[request_id] = _Push()
             push.task = self._tasks.spawn(self._push(request_id, push, msg[2], list(msg[3]), msg[4]))
+            # also when the task is cancelled before it ever ran (open, ship and abort read at once)
+            push.task.add_done_callback(lambda _: self._release_if_announced(request_id, push))
         elif kind == "ship":
             push_or_none = self._pushes.get(request_id)
             if push_or_none is None or push_or_none.shipped.done():
@@ -261,14 +264,9 @@ class _Pusher:
         self, request_id: str, push: _Push, address: str, block_ids: list[int], num_layers: int
     ) -> None:
         session: KVPushSession | None = None
-        released = False
 
         def release_if_announced() -> None:
-            """Announced and not copied: the engine's blocks go back now, whatever else is pending."""
-            nonlocal released
-            if not released and push.shipped.done() and not push.shipped.cancelled():
-                released = True
-                self._send(("released", request_id))
+            self._release_if_announced(request_id, push)
 
         timings: dict[str, float] = {}
         started = time.monotonic()
@@ -289,8 +287,7 @@ class _Pusher:
             finally:
                 if landed is not None:
                     landed.synchronize()  # cancelled while it was queued: the blocks are read first
-                released = True
-                self._send(("released", request_id))
+                release_if_announced()
             copied = time.monotonic()
             session = live = await asyncio.shield(opening)
             opened = time.monotonic()
@@ -324,6 +321,12 @@ class _Pusher:
             if self._pushes.get(request_id) is push:
                 del self._pushes[request_id]
             release_if_announced()
+
+    def _release_if_announced(self, request_id: str, push: _Push) -> None:
+        """Announced and not released yet: the engine's blocks go back now, whatever else is pending."""
+        if not push.released and push.shipped.done() and not push.shipped.cancelled():
+            push.released = True
+            self._send(("released", request_id))
 
     def _copy_out(self, block_ids: list[int], ready: Any) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Queue the copy of the blocks' KV, every layer, behind the engine step that wrote it (`ready`);
