@@ -9,6 +9,7 @@ is the same thing as a Python object (the integration tests drive it)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -84,11 +85,16 @@ class LocalCluster:
         self.spec = spec
         self.log = log
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._launches: dict[str, tuple[list[str], dict[str, str]]] = {}
+        """Each process's argv and extra environment, as first spawned (restart reuses them)."""
         self.redis_url = spec.redis_url or ""
         self.router_address = ""
         self.gateway_url = ""
         """http://host:port of the gateway ('' when there is none)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._spawner: concurrent.futures.ThreadPoolExecutor | None = None
+        """The one thread that starts every process: a child's parent-death signal fires when the
+        thread that started it ends, so it must outlive them all (until stop())."""
         self._log_lock = threading.Lock()
         self._pumps: list[threading.Thread] = []
 
@@ -130,13 +136,15 @@ class LocalCluster:
         self.redis_url = f"redis://127.0.0.1:{port}/0"
 
         async def ping() -> bool:
-            async with self._registry() as registry:
+            async with self.registry() as registry:
                 return await registry.ping()
 
         self._poll(lambda: _quietly(lambda: asyncio.run(ping())), deadline, "Redis to answer")
 
-    def _registry(self) -> Registry:
-        assert self.redis_url is not None
+    def registry(self) -> Registry:
+        """A client of the cluster's registry (use as `async with`)."""
+        if not self.redis_url:
+            raise ValueError("this cluster has no registry (colocated, or not started)")
         spec = self.spec
         return Registry(
             self.redis_url, spec.namespace, password=spec.redis_password, username=spec.redis_username
@@ -202,6 +210,7 @@ class LocalCluster:
         return {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
 
     def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        self._launches[name] = (argv, dict(extra_env or {}))
         if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
@@ -211,8 +220,12 @@ class LocalCluster:
             env["BATON_REDIS_PASSWORD"] = self.spec.redis_password
         env.update(extra_env or {})
         # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
-        # order; the parent-death signal stops them if the launcher itself is killed.
-        process = subprocess.Popen(
+        # order; the parent-death signal stops them if the launcher itself is killed. Started from the
+        # spawner thread, whichever thread asks (restart() may be called from a short-lived one).
+        if self._spawner is None:
+            self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="baton-spawner")
+        process = self._spawner.submit(
+            subprocess.Popen,
             argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -220,7 +233,7 @@ class LocalCluster:
             env=env,
             start_new_session=True,
             preexec_fn=terminate_with_parent,  # in the child, before exec
-        )
+        ).result()
         self.processes[name] = process
         pump = threading.Thread(target=self._pump_log, args=(name, process), daemon=True)
         pump.start()
@@ -235,7 +248,7 @@ class LocalCluster:
 
     def _wait_registered(self, names: set[str], deadline: float) -> None:
         async def registered() -> set[str]:
-            async with self._registry() as registry:
+            async with self.registry() as registry:
                 return {w.info.worker_id for w in await registry.live_workers()}
 
         self._poll(
@@ -245,17 +258,11 @@ class LocalCluster:
         )
 
     def _wait_serving(self, deadline: float) -> None:
-        def serving() -> bool:
-            with grpc.insecure_channel(self.router_address) as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1
-                    )
-                except grpc.RpcError:
-                    return False
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-        self._poll(serving, deadline, f"the router on {self.router_address} to serve")
+        self._poll(
+            lambda: _health_serving(self.router_address),
+            deadline,
+            f"the router on {self.router_address} to serve",
+        )
 
     def _wait_gateway_ready(self, deadline: float) -> None:
         def ready() -> bool:
@@ -285,6 +292,36 @@ class LocalCluster:
         self.processes[name].send_signal(sig)
         self.processes[name].wait(STOP_TIMEOUT_S)
 
+    def restart(self, name: str, timeout_s: float = 180.0) -> None:
+        """Start the exited process `name` again, with the argv and environment it was first given
+        (a worker keeps its id, the router and the gateway their ports), and wait until it serves: a
+        worker registered again and its gRPC health, at the address it registered, says SERVING (a
+        lease of the dead process may still be live); the router SERVING; the gateway ready."""
+        process = self.processes[name]
+        if process.poll() is None:
+            raise ValueError(f"{name} is still running (pid {process.pid}): kill it before restarting it")
+        argv, extra_env = self._launches[name]
+        self._spawn(name, argv, extra_env)
+        deadline = time.monotonic() + timeout_s
+        if name.startswith(("prefill", "decode")):
+            self._wait_worker_serving(name, deadline)
+        elif name == "router":
+            self._wait_serving(deadline)
+        elif name == "gateway":
+            self._wait_gateway_ready(deadline)
+
+    def _wait_worker_serving(self, name: str, deadline: float) -> None:
+        async def address() -> str | None:
+            async with self.registry() as registry:
+                live = {w.info.worker_id: w.info.grpc_address for w in await registry.live_workers()}
+            return live.get(name)
+
+        def serving() -> bool:
+            where = _quietly(lambda: asyncio.run(address()))
+            return where is not None and _health_serving(where)
+
+        self._poll(serving, deadline, f"{name} to register and serve again")
+
     def stop(self) -> dict[str, int]:
         """SIGTERM the gateway, then the router, then the workers, then Redis (each group drains);
         SIGKILL stragglers. Returns every process's exit code."""
@@ -304,6 +341,9 @@ class LocalCluster:
                     process.wait()
         for pump in self._pumps:
             pump.join(timeout=5)
+        if self._spawner is not None:
+            self._spawner.shutdown()
+            self._spawner = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -350,6 +390,16 @@ def serve_forever(spec: ClusterSpec) -> int:
 def _url_host(host: str) -> str:
     """The address to reach a server bound to `host` (a wildcard bind is reached on loopback)."""
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
+
+
+def _health_serving(address: str) -> bool:
+    """True if the gRPC server at `address` answers its health check with SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _free_port() -> int:

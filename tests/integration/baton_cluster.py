@@ -101,11 +101,7 @@ def generate_all(
 
 def cluster_registry(cluster: LocalCluster) -> Registry:
     """A client of the cluster's registry (use as `async with`)."""
-    assert cluster.redis_url is not None
-    spec = cluster.spec
-    return Registry(
-        cluster.redis_url, spec.namespace, password=spec.redis_password, username=spec.redis_username
-    )
+    return cluster.registry()
 
 
 async def _worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerStats]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 
 import grpc
@@ -168,3 +169,26 @@ def test_a_decode_worker_dying_mid_stream_ends_the_sse_stream_with_an_error_then
     wait_reaped(cluster, "decode-0")
     ready = httpx.get(f"{cluster.gateway_url}/ready")
     assert ready.status_code == 503 and "no decode worker" in ready.json()["error"]["message"]
+
+
+def test_a_killed_worker_restarted_with_its_command_serves_again(make_cluster, offline: LLM) -> None:
+    """`LocalCluster.restart`: the same argv (same worker id), a new address; a process restarted from
+    a thread that then ends keeps running (its parent-death signal is tied to the launcher's spawner
+    thread, not to the caller's)."""
+    cluster = make_cluster(num_prefill=0, num_decode=1)
+    with pytest.raises(ValueError, match="still running"):
+        cluster.restart("decode-0")
+    before = worker_stats(cluster)["decode-0"]
+    cluster.kill("decode-0")
+    restarter = threading.Thread(target=cluster.restart, args=("decode-0",))
+    restarter.start()
+    restarter.join()
+    time.sleep(1.0)  # a parent-death signal would have stopped it by now
+    assert cluster.exited() == {}
+    after = worker_stats(cluster)["decode-0"]
+    assert after.worker_id == "decode-0" and after.num_finished == 0 < before.num_blocks == after.num_blocks
+    batch = prompts(3, 20, 60)
+    assert [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))] == expected(
+        offline, batch, 6
+    )
+    assert_no_leaks(cluster)
