@@ -2,12 +2,16 @@
 
 Exit 0 when they agree and nothing leaked; otherwise print each problem and exit 1. Snapshots of
 Redis and of the workers are not taken atomically, so a problem seen once is checked again after a
-pause and reported only if it persists."""
+pause and reported only if it persists.
+
+`check_idle` is the stricter check once no request should be in flight any more (I3: the end of a
+lifecycle test, of a soak): the audit is clean, no request record is left, and no worker holds a block
+or reports a request."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -25,13 +29,19 @@ class AuditResult:
     num_workers: int
     num_requests: int
     problems: list[str]
+    """What the audit found wrong; [] means clean."""
+    reports: dict[str, WorkerReport | str] = field(default_factory=dict)
+    """Each live worker's report, or why it could not be reached."""
+    request_ids: tuple[str, ...] = ()
+    """The live request records' ids."""
 
 
 async def audit_once(registry: Registry) -> AuditResult:
     workers = await registry.live_workers()
     requests = await registry.live_requests()
     reports = dict(await asyncio.gather(*(_report(w) for w in workers)))
-    return AuditResult(len(workers), len(requests), audit(workers, requests, reports))
+    problems = audit(workers, requests, reports)
+    return AuditResult(len(workers), len(requests), problems, reports, tuple(r.request_id for r in requests))
 
 
 async def check(registry: Registry) -> AuditResult:
@@ -41,7 +51,58 @@ async def check(registry: Registry) -> AuditResult:
     await asyncio.sleep(RECHECK_DELAY_S)
     second = await audit_once(registry)
     persistent = [p for p in second.problems if p in first.problems]
-    return AuditResult(second.num_workers, second.num_requests, persistent)
+    return AuditResult(
+        second.num_workers, second.num_requests, persistent, second.reports, second.request_ids
+    )
+
+
+@dataclass(frozen=True)
+class IdleResult:
+    """The cluster once every request has ended: the audit, and whatever is still held."""
+
+    audit: AuditResult
+    held_blocks: dict[str, int]
+    """Blocks each worker still holds (workers holding none are left out)."""
+    worker_requests: dict[str, tuple[str, ...]]
+    """Requests each worker still reports (workers reporting none are left out)."""
+
+    @property
+    def leaked_blocks(self) -> int:
+        """Blocks still held, summed over the workers: a leak once nothing is in flight."""
+        return sum(self.held_blocks.values())
+
+    @property
+    def problems(self) -> list[str]:
+        """The audit's problems, then every record, block and request left over; [] means clean."""
+        problems = list(self.audit.problems)
+        if self.audit.request_ids:
+            problems.append(f"the registry still holds request records {list(self.audit.request_ids)}")
+        problems += [f"worker {w} still holds {n} blocks" for w, n in sorted(self.held_blocks.items())]
+        for worker, ids in sorted(self.worker_requests.items()):
+            problems.append(f"worker {worker} still reports requests {list(ids)}")
+        return problems
+
+
+async def idle_once(registry: Registry) -> IdleResult:
+    result = await audit_once(registry)
+    reports = [r for r in result.reports.values() if isinstance(r, WorkerReport)]
+    return IdleResult(
+        result,
+        {r.worker_id: r.num_held_blocks for r in reports if r.num_held_blocks},
+        {r.worker_id: r.request_ids for r in reports if r.request_ids},
+    )
+
+
+async def check_idle(registry: Registry, timeout_s: float, poll_s: float = 0.3) -> IdleResult:
+    """I3 once the load has stopped: audit again and again until the registry and every worker are
+    clean of requests, or `timeout_s` passed (aborts and expiring records take a moment to land).
+    Returns the last look."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = await idle_once(registry)
+        if not result.problems or asyncio.get_running_loop().time() >= deadline:
+            return result
+        await asyncio.sleep(poll_s)
 
 
 async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:

@@ -15,7 +15,7 @@ import grpc
 
 from baton import LLM, SamplingParams
 from baton.services.launcher import ClusterSpec, LocalCluster
-from baton.services.registry_check import check
+from baton.services.registry_check import IdleResult, check_idle
 from baton.shared.registry import Registry
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -129,27 +129,12 @@ def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
     """I3 across the cluster: the registry audit is clean, no live request record is left, and every
     worker's allocator holds no block (everything free or prefix-cached) and passes its integrity check."""
 
-    async def state() -> tuple[list[str], list[str], dict[str, worker_pb2.WorkerStats]]:
+    async def settle() -> IdleResult:
         async with cluster_registry(cluster) as registry:
-            result = await check(registry)
-            live = [r.request_id for r in await registry.live_requests()]
-        return result.problems, live, await _worker_stats(cluster)
+            return await check_idle(registry, timeout_s)
 
-    async def settle() -> tuple[list[str], list[str], dict[str, worker_pb2.WorkerStats]]:
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            problems, live, stats = await state()
-            held = {w: s.num_held_blocks for w, s in stats.items() if s.num_held_blocks or s.request_ids}
-            if (not problems and not live and not held) or asyncio.get_running_loop().time() > deadline:
-                return problems, live, stats
-            await asyncio.sleep(0.3)
-
-    problems, live, stats = asyncio.run(settle())
-    assert problems == [], problems
-    assert live == [], f"registry still holds request records {live}"
-    for worker_id, s in stats.items():
-        assert s.integrity_error == "", f"{worker_id}: {s.integrity_error}"
-        assert s.num_held_blocks == 0 and not s.request_ids, f"{worker_id} still holds {s}"
+    result = asyncio.run(settle())
+    assert result.problems == [], result.problems
 
 
 def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
