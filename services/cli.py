@@ -1,6 +1,7 @@
 """The `baton` command line: `serve` (a local cluster), `gateway`, `router`, `prefill`, `decode` (one
 service each), `registry check`, `complete` (a gRPC client), `generate` (offline), `tiny-model`,
-`bench`, `probe` (a health check for containers) and `settings` (every BATON_* variable).
+`bench`, `soak` (a local cluster under faults), `probe` (a health check for containers) and
+`settings` (every BATON_* variable).
 
 Every service flag can also come from the environment: `--lease-ttl-s` from BATON_LEASE_TTL_S, and so
 on (flags win)."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -744,6 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--out", help="write the results as JSON here")
     serve_bench.set_defaults(func=_cmd_bench_serve)
 
+    _add_soak_parser(sub)
+
     probe = sub.add_parser(
         "probe", help="health check: exit 0 if a Baton gRPC server (or an http(s) URL) says it serves"
     )
@@ -764,6 +768,72 @@ def build_parser() -> argparse.ArgumentParser:
     _add_registry_flags(check)
     check.set_defaults(func=_cmd_registry_check)
     return parser
+
+
+def _add_soak_parser(sub: Any) -> None:
+    soak = sub.add_parser(
+        "soak",
+        help="a bounded soak: a local cluster under mixed HTTP load, client cancellations and worker "
+        "restarts; exits 1 if a request was lost or a block leaked",
+    )
+    soak.add_argument("--model", help="Hugging Face model directory (default: the generated demo model)")
+    soak.add_argument("--prefill-workers", type=int, default=2)
+    soak.add_argument("--decode-workers", type=int, default=2)
+    soak.add_argument("--duration-s", type=float, default=180.0, help="how long new requests are sent")
+    soak.add_argument("--concurrency", type=int, default=8, help="client lanes (requests in flight)")
+    soak.add_argument(
+        "--cancel-fraction", type=float, default=0.2, help="fraction of requests the client abandons"
+    )
+    soak.add_argument("--seed", type=int, default=0, help="seed of the requests and their cancellations")
+    soak.add_argument(
+        "--kill",
+        choices=["decode", "prefill", "both"],
+        default="both",
+        help="whose first worker is killed (SIGKILL) and restarted; both: decode-0 at 1/3 of the run, "
+        "prefill-0 at 2/3",
+    )
+    soak.add_argument("--max-tokens", type=int, default=128, help="longest output asked for")
+    soak.add_argument(
+        "--request-timeout-s", type=float, default=120.0, help="a request unanswered by then is lost"
+    )
+    soak.add_argument(
+        "--settle-timeout-s", type=float, default=60.0, help="after the load: time to be clean of requests"
+    )
+    soak.add_argument("--lease-ttl-s", type=float, default=3.0, help="worker lease")
+    soak.add_argument("--progress-interval-s", type=float, default=10.0)
+    soak.add_argument("--cluster-log", help="the cluster's logs go here (default: a temporary file)")
+    soak.add_argument("--out", help="write the report as JSON here")
+    soak.set_defaults(func=_cmd_soak)
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from baton.services.soak.report import failures
+    from baton.services.soak.run import ROLES, SoakConfig, run_soak
+    from baton.services.soak.workload import WorkloadConfig
+
+    config = SoakConfig(
+        model=args.model or str(demo_model_dir()),
+        num_prefill=args.prefill_workers,
+        num_decode=args.decode_workers,
+        duration_s=args.duration_s,
+        concurrency=args.concurrency,
+        seed=args.seed,
+        kill=ROLES if args.kill == "both" else (args.kill,),
+        workload=WorkloadConfig(cancel_fraction=args.cancel_fraction, max_tokens=args.max_tokens),
+        request_timeout_s=args.request_timeout_s,
+        settle_timeout_s=args.settle_timeout_s,
+        lease_ttl_s=args.lease_ttl_s,
+        progress_interval_s=args.progress_interval_s,
+        cluster_log=Path(args.cluster_log) if args.cluster_log else None,
+    )
+    report = run_soak(config)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    why = failures(report)
+    print(f"baton soak: {'FAILED: ' + '; '.join(why) if why else 'passed'}", file=sys.stderr)
+    return 1 if why else 0
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
