@@ -13,6 +13,7 @@ import grpc
 
 from baton.shared.config import RegistryConfig
 from baton.shared.grpc_server import open_channel
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, WorkerRecord, WorkerReport, audit, redacted
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 
@@ -27,26 +28,28 @@ class AuditResult:
     problems: list[str]
 
 
-async def audit_once(registry: Registry) -> AuditResult:
+async def audit_once(registry: Registry, tls: GrpcTls | None = None) -> AuditResult:
     workers = await registry.live_workers()
     requests = await registry.live_requests()
-    reports = dict(await asyncio.gather(*(_report(w) for w in workers)))
+    reports = dict(await asyncio.gather(*(_report(w, tls) for w in workers)))
     return AuditResult(len(workers), len(requests), audit(workers, requests, reports))
 
 
-async def check(registry: Registry) -> AuditResult:
-    first = await audit_once(registry)
+async def check(registry: Registry, tls: GrpcTls | None = None) -> AuditResult:
+    """Audit the registry against every live worker (asked over gRPC, TLS when `tls`); a problem
+    counts only if a second audit a moment later sees it too."""
+    first = await audit_once(registry, tls)
     if not first.problems:
         return first
     await asyncio.sleep(RECHECK_DELAY_S)
-    second = await audit_once(registry)
+    second = await audit_once(registry, tls)
     persistent = [p for p in second.problems if p in first.problems]
     return AuditResult(second.num_workers, second.num_requests, persistent)
 
 
-async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
+async def _report(worker: WorkerRecord, tls: GrpcTls | None) -> tuple[str, WorkerReport | str]:
     wid = worker.info.worker_id
-    channel = open_channel(worker.info.grpc_address)
+    channel = open_channel(worker.info.grpc_address, tls)
     try:
         stub: worker_pb2_grpc.DecodeWorkerStub | worker_pb2_grpc.PrefillWorkerStub
         if worker.info.role == "decode":
@@ -68,9 +71,9 @@ async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
     )
 
 
-async def run_check(config: RegistryConfig) -> int:
+async def run_check(config: RegistryConfig, tls: GrpcTls | None = None) -> int:
     async with Registry.from_config(config) as registry:
-        result = await check(registry)
+        result = await check(registry, tls)
     where = f"registry {redacted(config.redis_url)} (namespace {config.namespace!r})"
     if result.problems:
         print(f"{where}: {len(result.problems)} problem(s) with {result.num_workers} live workers:")
