@@ -28,7 +28,7 @@ from baton.shared.config import (
     RouterConfig,
     WorkerConfig,
 )
-from baton.shared.demo.tiny_model import ARCHITECTURES
+from baton.shared.demo import ARCHITECTURES
 
 if TYPE_CHECKING:
     from baton.shared.grpc_tls import GrpcTls
