@@ -284,6 +284,7 @@ def _registry_config(args: argparse.Namespace) -> RegistryConfig:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from baton.services.lifecycle import setup_logging
 
+    tls = _server_tls_config(args)  # first: before the demo model is generated, or torch imported
     config = WorkerConfig(
         role=args.command,
         engine=_engine_config(args),
@@ -300,7 +301,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
         stall_timeout_s=args.stall_timeout_s,
-        grpc_tls=_server_tls_config(args),
+        grpc_tls=tls,
     )
     from baton.services.worker_main import run_worker  # torch and the engine: after the checks
 
@@ -312,6 +313,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_router(args: argparse.Namespace) -> int:
     from baton.services.lifecycle import setup_logging
 
+    tls = _server_tls_config(args)  # first: before the demo model is generated, or torch imported
     engine = _engine_config(args)
     config = RouterConfig(
         model=engine.model,
@@ -323,7 +325,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         max_model_len=engine.max_model_len,
         drain_timeout_s=args.drain_timeout_s,
-        grpc_tls=_server_tls_config(args),
+        grpc_tls=tls,
     )
     from baton.services.router.main import run_router  # torch and the engine: after the checks
 
@@ -341,6 +343,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from baton.services.lifecycle import setup_logging
     from baton.shared import grpc_tls
 
+    tls = _grpc_tls_config(args)
+    grpc_tls.load(tls)  # the files checked here, before any gateway process starts
     config = GatewayConfig(
         model=args.model or str(demo_model_dir()),
         router=args.router,
@@ -351,9 +355,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         processes=args.gateway_processes,
         drain_timeout_s=args.drain_timeout_s,
         max_body_bytes=args.max_body_bytes,
-        grpc_tls=_grpc_tls_config(args),
+        grpc_tls=tls,
     )
-    grpc_tls.load(config.grpc_tls)  # a bad setting fails here, before any gateway process starts
     setup_logging(args.log_level, args.log_requests)
     if config.processes > 1:
         from baton.services.gateway.processes import serve_processes
@@ -366,6 +369,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from baton.services.launcher import ClusterSpec, serve_forever
 
+    tls = _server_tls_config(args)  # every process gets them: checked before any starts
     GatewayConfig(  # validates the gateway flags before anything starts
         model="-",
         api_key=args.api_key,
@@ -397,7 +401,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_requests=args.log_requests,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
-        grpc_tls=_grpc_tls_config(args),
+        grpc_tls=tls,
         gpus=gpus,
     )
     return serve_forever(spec)

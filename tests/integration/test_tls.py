@@ -2,7 +2,8 @@
 every gRPC hop over TLS with client certificates, the servers' name checked instead of the address
 dialled (as in Kubernetes, where workers are dialled at their pod IPs). It answers token for token as
 the offline engine does (and so as a plaintext cluster does), refuses plaintext on every gRPC port,
-and `baton probe` checks it with the TLS settings in its environment, as compose and k8s run it."""
+and `baton probe` checks it with the TLS settings in its environment, as compose and k8s run it; the
+command line's gRPC clients (complete, registry check, bench serve at a grpc:// URL) reach it too."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tls_certs import SERVER_NAME, Pki
 
 from baton import LLM, SamplingParams
 from baton.services import probe
+from baton.services.cli import main
 from baton.services.launcher import LocalCluster
 from baton.shared.config import GrpcTlsConfig
 
@@ -55,6 +57,7 @@ def test_a_cluster_on_mutual_tls_answers_as_offline_and_refuses_plaintext(
         assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
 
         assert _probe_process(cluster.router_address, pki) == 0
+        _run_grpc_commands(cluster, redis_server, llama_dir, pki)
         assert_no_leaks(cluster)
     finally:
         codes = cluster.stop()
@@ -73,3 +76,18 @@ def _probe_process(address: str, pki: Pki) -> int:
     env |= {"BATON_GRPC_TLS_CA": str(pki.ca), "BATON_GRPC_TLS_SERVER_NAME": SERVER_NAME}
     argv = [sys.executable, "-m", "baton.services.cli", "probe", address]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60).returncode
+
+
+def _run_grpc_commands(cluster: LocalCluster, redis_url: str, model: Path, pki: Pki) -> None:
+    """`baton complete`, `registry check` (it asks every worker) and `bench serve` (grpc://), with the
+    TLS flags; without them, refused."""
+    tls = ["--grpc-tls-cert", str(pki.cert), "--grpc-tls-key", str(pki.key), "--grpc-tls-ca", str(pki.ca)]
+    tls += ["--grpc-tls-server-name", SERVER_NAME]
+    complete = ["complete", "Once upon a time", "--address", cluster.router_address, "--max-tokens", "4"]
+    assert main([*complete, *tls]) == 0
+    assert main(complete) == 1
+    check = ["registry", "check", "--redis-url", redis_url, "--namespace", cluster.spec.namespace]
+    assert main([*check, *tls]) == 0
+    bench = ["bench", "serve", "--url", f"grpc://{cluster.router_address}", "--model", str(model)]
+    bench += ["--num-prompts", "4", "--input-len", "8,20", "--output-len", "2,4"]
+    assert main([*bench, *tls]) == 0
