@@ -124,6 +124,19 @@ def test_baton_probe_speaks_tls_from_flags_and_from_the_environment(
     asyncio.run(run())
 
 
+def test_baton_probe_loads_no_engine() -> None:
+    """With TLS, Kubernetes runs `baton probe` as the router's and workers' exec probes (its own gRPC
+    probe speaks plaintext only): every few seconds, so it must not import torch."""
+    script = (
+        "import sys\n"
+        "from baton.services.cli import main\n"
+        "assert main(['probe', '127.0.0.1:1', '--timeout-s', '0.1']) == 1\n"
+        "assert 'torch' not in sys.modules, 'baton probe imported torch'\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+
+
 # -- settings that cannot work are refused at startup, naming the problem --------------------------------
 
 
