@@ -17,11 +17,23 @@ import time
 import weakref
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
 
 from baton.shared import env
-from baton.shared.config import EngineConfig, GatewayConfig, RegistryConfig, RouterConfig, WorkerConfig
-from baton.shared.demo.tiny_model import ARCHITECTURES
+from baton.shared.config import (
+    EngineConfig,
+    GatewayConfig,
+    GrpcTlsConfig,
+    RegistryConfig,
+    RouterConfig,
+    WorkerConfig,
+)
+from baton.shared.demo import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from baton.shared.grpc_tls import GrpcTls
 
 DEMO_ARCH = "llama"
 DEMO_SEED = 0
@@ -175,6 +187,70 @@ def _add_registry_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--lease-ttl-s", "a worker silent this long is dead", type=float, default=10.0)
 
 
+def _add_grpc_tls_flags(parser: argparse.ArgumentParser, server: bool) -> None:
+    """TLS of gRPC, the same settings for every command that serves or calls it; `server`: the
+    command serves gRPC (or starts processes that do), so it takes --grpc-tls-client-auth."""
+    group = parser.add_argument_group("gRPC TLS (off unless --grpc-tls-cert or --grpc-tls-ca is set)")
+    _flag(
+        group,
+        "--grpc-tls-cert",
+        "PEM certificate chain this process presents: a server's own, and a client's under mutual TLS "
+        "(a path, e.g. a mounted secret; needs --grpc-tls-key)",
+    )
+    _flag(group, "--grpc-tls-key", "PEM private key of --grpc-tls-cert, unencrypted (a path)")
+    _flag(
+        group,
+        "--grpc-tls-ca",
+        "PEM CA certificates the peers' certificates must chain to (a path; a client without it trusts "
+        "gRPC's default roots)",
+    )
+    _flag(
+        group,
+        "--grpc-tls-server-name",
+        "clients: the name the servers' certificates must carry, instead of the host dialled (workers "
+        "are dialled at their registered addresses)",
+    )
+    if server:
+        _flag(
+            group,
+            "--grpc-tls-client-auth",
+            "mutual TLS: gRPC servers require a client certificate signed by --grpc-tls-ca",
+            action="store_true",
+        )
+
+
+def _grpc_tls_config(args: argparse.Namespace) -> GrpcTlsConfig:
+    """The --grpc-tls-* settings; ValueError (one line, no traceback) when they do not fit together."""
+    try:
+        return GrpcTlsConfig(
+            cert=args.grpc_tls_cert,
+            key=args.grpc_tls_key,
+            ca=args.grpc_tls_ca,
+            client_auth=getattr(args, "grpc_tls_client_auth", False),
+            server_name=args.grpc_tls_server_name,
+        )
+    except ValidationError as exc:
+        reasons = [str(error["msg"]).removeprefix("Value error, ") for error in exc.errors()]
+        raise ValueError("; ".join(reasons)) from None
+
+
+def _server_tls_config(args: argparse.Namespace) -> GrpcTlsConfig:
+    """A gRPC server's --grpc-tls-* settings, their files read and checked now, before the server's
+    heavy start (the model load), which would otherwise come first."""
+    from baton.shared import grpc_tls
+
+    config = _grpc_tls_config(args)
+    grpc_tls.load(config, server=True)
+    return config
+
+
+def _grpc_tls(args: argparse.Namespace) -> GrpcTls | None:
+    """A gRPC client's TLS material, read and checked (None: plaintext)."""
+    from baton.shared import grpc_tls
+
+    return grpc_tls.load(_grpc_tls_config(args))
+
+
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model or str(demo_model_dir()),
@@ -209,8 +285,8 @@ def _registry_config(args: argparse.Namespace) -> RegistryConfig:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from baton.services.lifecycle import setup_logging
-    from baton.services.worker_main import run_worker
 
+    tls = _server_tls_config(args)  # first: before the demo model is generated, or torch imported
     config = WorkerConfig(
         role=args.command,
         engine=_engine_config(args),
@@ -227,7 +303,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
         stall_timeout_s=args.stall_timeout_s,
+        grpc_tls=tls,
     )
+    from baton.services.worker_main import run_worker  # torch and the engine: after the checks
+
     setup_logging(args.log_level, args.log_requests)
     asyncio.run(run_worker(config))
     return 0
@@ -235,8 +314,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_router(args: argparse.Namespace) -> int:
     from baton.services.lifecycle import setup_logging
-    from baton.services.router.main import run_router
 
+    tls = _server_tls_config(args)  # first: before the demo model is generated, or torch imported
     engine = _engine_config(args)
     config = RouterConfig(
         model=engine.model,
@@ -248,7 +327,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
         max_attempts=args.max_attempts,
         max_model_len=engine.max_model_len,
         drain_timeout_s=args.drain_timeout_s,
+        grpc_tls=tls,
     )
+    from baton.services.router.main import run_router  # torch and the engine: after the checks
+
     setup_logging(args.log_level, args.log_requests)
     if args.threads is not None:
         import torch
@@ -261,7 +343,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     from baton.services.gateway.main import run_gateway
     from baton.services.lifecycle import setup_logging
+    from baton.shared import grpc_tls
 
+    tls = _grpc_tls_config(args)
+    grpc_tls.load(tls)  # the files checked here, before any gateway process starts
     config = GatewayConfig(
         model=args.model or str(demo_model_dir()),
         router=args.router,
@@ -272,6 +357,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         processes=args.gateway_processes,
         drain_timeout_s=args.drain_timeout_s,
         max_body_bytes=args.max_body_bytes,
+        grpc_tls=tls,
     )
     setup_logging(args.log_level, args.log_requests)
     if config.processes > 1:
@@ -285,6 +371,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from baton.services.launcher import ClusterSpec, serve_forever
 
+    tls = _server_tls_config(args)  # every process gets them: checked before any starts
     GatewayConfig(  # validates the gateway flags before anything starts
         model="-",
         api_key=args.api_key,
@@ -316,6 +403,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         log_requests=args.log_requests,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
+        grpc_tls=tls,
         gpus=gpus,
     )
     return serve_forever(spec)
@@ -408,7 +496,7 @@ def _cmd_bench_throughput(args: argparse.Namespace) -> int:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from baton.services.bench.report import run_serve_benchmark
 
-    report = run_serve_benchmark(args, args.model or str(demo_model_dir()))
+    report = run_serve_benchmark(args, args.model or str(demo_model_dir()), _grpc_tls(args))
     return 0 if report["summary"]["failed"] == 0 else 1
 
 
@@ -436,7 +524,7 @@ def _cmd_registry_check(args: argparse.Namespace) -> int:
     from baton.shared.registry import RegistryUnavailable, redacted
 
     try:
-        return asyncio.run(run_check(_registry_config(args)))
+        return asyncio.run(run_check(_registry_config(args), _grpc_tls(args)))
     except RegistryUnavailable as exc:
         print(f"baton: registry {redacted(args.redis_url)} is unreachable: {exc}", file=sys.stderr)
         return 1
@@ -446,13 +534,14 @@ def _cmd_complete(args: argparse.Namespace) -> int:
     """Stream one completion from a running Router (the example client)."""
     import grpc
 
+    from baton.shared.grpc_tls import sync_channel
     from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 
     request = router_pb2.GenerateRequest(
         text=args.prompt,
         sampling=common_pb2.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature),
     )
-    with grpc.insecure_channel(args.address) as channel:
+    with sync_channel(args.address, _grpc_tls(args)) as channel:
         try:
             for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=args.timeout_s):
                 print(response.text, end="", flush=True)
@@ -470,9 +559,10 @@ def _cmd_reset_prefix_cache(args: argparse.Namespace) -> int:
     """Empty every worker's prefix cache through a running Router (benchmarks: a cold cache again)."""
     import grpc
 
+    from baton.shared.grpc_tls import sync_channel
     from baton.shared.rpc import router_pb2, router_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with sync_channel(args.address, _grpc_tls(args)) as channel:
         try:
             reply = router_pb2_grpc.RouterStub(channel).ResetPrefixCache(
                 router_pb2.ResetClusterPrefixCacheRequest(), timeout=args.timeout_s
@@ -596,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--namespace", default="baton", help="registry key prefix")
     serve.add_argument("--lease-ttl-s", type=float, default=10.0, help="worker lease")
+    _add_grpc_tls_flags(serve, server=True)
     serve.set_defaults(func=_cmd_serve)
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway in front of a Router")
@@ -613,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
     )
+    _add_grpc_tls_flags(gateway, server=False)
     gateway.set_defaults(func=_cmd_gateway)
 
     router = sub.add_parser("router", help="run the Router (public gRPC API, placement, reaper)")
@@ -628,6 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_registry_flags(router)
     _add_engine_flags(router)
+    _add_grpc_tls_flags(router, server=True)
     router.set_defaults(func=_cmd_router)
 
     for role, text in (("prefill", "computes prompt KV and pushes it"), ("decode", "decodes pushed prompts")):
@@ -670,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_registry_flags(worker)
         _add_engine_flags(worker)
+        _add_grpc_tls_flags(worker, server=True)
         worker.set_defaults(func=_cmd_worker)
 
     complete = sub.add_parser("complete", help="stream a completion from a running Router")
@@ -678,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--max-tokens", type=int, default=32)
     complete.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     complete.add_argument("--timeout-s", type=float, default=60.0)
+    _add_grpc_tls_flags(complete, server=False)
     complete.set_defaults(func=_cmd_complete)
 
     reset = sub.add_parser(
@@ -685,6 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reset.add_argument("--address", default="127.0.0.1:50051", help="the Router's host:port")
     reset.add_argument("--timeout-s", type=float, default=10.0)
+    _add_grpc_tls_flags(reset, server=False)
     reset.set_defaults(func=_cmd_reset_prefix_cache)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -744,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT limit")
     serve_bench.add_argument("--api-key", default=None, help="bearer key, if the gateway wants one")
     serve_bench.add_argument("--out", help="write the results as JSON here")
+    _add_grpc_tls_flags(serve_bench, server=False)  # a grpc:// URL's
     serve_bench.set_defaults(func=_cmd_bench_serve)
 
     _add_soak_parser(sub)
@@ -754,6 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("target", help="host:port of a gateway, router or worker gRPC port, or an http(s) URL")
     probe.add_argument("--service", default="", help="gRPC: the service to ask about (default: the server)")
     probe.add_argument("--timeout-s", type=float, default=2.0)
+    _add_grpc_tls_flags(probe, server=False)
     probe.set_defaults(func=_cmd_probe)
 
     settings = sub.add_parser("settings", help="list every BATON_* setting, its flag and its defaults")
@@ -766,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="exit 0 if the registry and every live worker's allocator agree and nothing leaked"
     )
     _add_registry_flags(check)
+    _add_grpc_tls_flags(check, server=False)  # it asks every worker for its allocator
     check.set_defaults(func=_cmd_registry_check)
     return parser
 
@@ -839,7 +938,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from baton.services import probe
 
-    return probe.main(args.target, args.service, args.timeout_s)
+    return probe.main(args.target, args.service, args.timeout_s, _grpc_tls(args))
 
 
 def _cmd_settings(args: argparse.Namespace) -> int:

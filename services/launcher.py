@@ -28,6 +28,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.services.lifecycle import terminate_with_parent
+from baton.shared import grpc_tls
+from baton.shared.config import GrpcTlsConfig
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, RegistryUnavailable, redacted
 
 STOP_TIMEOUT_S = 45.0
@@ -67,6 +70,9 @@ class ClusterSpec:
     threads: int | None = None
     """Torch threads per engine process; None: the machine's cores shared between them."""
     env: dict[str, str] = field(default_factory=dict)
+    grpc_tls: GrpcTlsConfig = field(default_factory=GrpcTlsConfig)
+    """TLS of every process's gRPC: passed on as the files' paths (--grpc-tls-*), checked before
+    anything starts."""
     gpus: Sequence[str] = ()
     """GPUs dealt round-robin to the engine processes (decode workers, then prefill workers; the
     router when colocated) through CUDA_VISIBLE_DEVICES; empty: every process sees every GPU."""
@@ -84,6 +90,8 @@ class LocalCluster:
             raise ValueError("a cluster needs at least one decode worker (and no negative counts)")
         self.spec = spec
         self.log = log
+        self.tls = grpc_tls.load(spec.grpc_tls, server=True)
+        """What the cluster's own calls (its health checks) use; None: plaintext."""
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._launches: dict[str, tuple[list[str], dict[str, str]]] = {}
         """Each process's argv and extra environment, as first spawned (restart reuses them)."""
@@ -177,7 +185,7 @@ class LocalCluster:
         role = name.split("-")[0]
         extra = [*self.spec.worker_args, *(self.spec.prefill_args if role == "prefill" else ())]
         argv = [role, "--worker-id", name, "--host", self.spec.host, *self._common_argv()]
-        return [*argv, *self._registry_argv(), *extra]
+        return [*argv, *self._registry_argv(), *self._tls_argv(server=True), *extra]
 
     def _router_argv(self, port: int) -> list[str]:
         argv = [
@@ -187,6 +195,7 @@ class LocalCluster:
             "--port",
             str(port),
             *self._common_argv(),
+            *self._tls_argv(server=True),
             *self.spec.router_args,
         ]
         if self.spec.colocated:
@@ -202,8 +211,24 @@ class LocalCluster:
             "--port", str(port),
             "--log-level", self.spec.log_level,
             *self._log_requests_argv(),
+            *self._tls_argv(server=False),
             *self.spec.gateway_args,
         ]  # fmt: skip
+
+    def _tls_argv(self, server: bool) -> list[str]:
+        """The TLS settings as flags: absolute paths of the files (never their contents);
+        --grpc-tls-client-auth only for servers (the gateway is a client)."""
+        tls = self.spec.grpc_tls
+        argv = []
+        files = (("--grpc-tls-cert", tls.cert), ("--grpc-tls-key", tls.key), ("--grpc-tls-ca", tls.ca))
+        for flag, path in files:
+            if path is not None:
+                argv += [flag, str(path.resolve())]
+        if tls.server_name is not None:
+            argv += ["--grpc-tls-server-name", tls.server_name]
+        if server and tls.client_auth:
+            argv.append("--grpc-tls-client-auth")
+        return argv
 
     def _gpu_env(self, engine_index: int) -> dict[str, str]:
         gpu = dealt_gpu(self.spec.gpus, engine_index)
@@ -259,7 +284,7 @@ class LocalCluster:
 
     def _wait_serving(self, deadline: float) -> None:
         self._poll(
-            lambda: _health_serving(self.router_address),
+            lambda: _health_serving(self.router_address, self.tls),
             deadline,
             f"the router on {self.router_address} to serve",
         )
@@ -318,7 +343,7 @@ class LocalCluster:
 
         def serving() -> bool:
             where = _quietly(lambda: asyncio.run(address()))
-            return where is not None and _health_serving(where)
+            return where is not None and _health_serving(where, self.tls)
 
         self._poll(serving, deadline, f"{name} to register and serve again")
 
@@ -359,10 +384,10 @@ class LocalCluster:
 
 def serve_forever(spec: ClusterSpec) -> int:
     """Run the cluster until Ctrl-C / SIGTERM (exit 0) or until the router dies (exit 1)."""
+    cluster = LocalCluster(spec)  # checks the settings (TLS files) before anything starts
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    cluster = LocalCluster(spec)
     cluster.start()
     mode = "colocated" if spec.colocated else f"{spec.num_prefill} prefill + {spec.num_decode} decode workers"
     registry = "" if spec.colocated else f", registry {redacted(cluster.redis_url or '')}"
@@ -373,7 +398,10 @@ def serve_forever(spec: ClusterSpec) -> int:
             f"  Try it:      curl {cluster.gateway_url}/v1/completions -H 'Content-Type: application/json' "
             + '-d \'{"prompt": "Once upon a time", "max_tokens": 16}\'',
         ]
-    lines += [f"  gRPC Router: {cluster.router_address}", "Press Ctrl-C to stop.\n"]
+    lines += [
+        f"  gRPC Router: {cluster.router_address} ({grpc_tls.describe(cluster.tls)})",
+        "Press Ctrl-C to stop.\n",
+    ]
     print("\n".join(lines), flush=True)
     code = 0
     while not stop.wait(0.5):
@@ -392,9 +420,9 @@ def _url_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host, f"[{host}]" if ":" in host else host)
 
 
-def _health_serving(address: str) -> bool:
+def _health_serving(address: str, tls: GrpcTls | None) -> bool:
     """True if the gRPC server at `address` answers its health check with SERVING."""
-    with grpc.insecure_channel(address) as channel:
+    with grpc_tls.sync_channel(address, tls) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.RpcError:

@@ -10,12 +10,15 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from baton.shared.grpc_tls import GrpcTls, sync_channel
 
-def probe(target: str, service: str = "", timeout_s: float = 2.0) -> str | None:
-    """None if `target` (host:port of a gRPC server, or an http(s) URL) serves; else why not."""
+
+def probe(target: str, service: str = "", timeout_s: float = 2.0, tls: GrpcTls | None = None) -> str | None:
+    """None if `target` (host:port of a gRPC server, asked over TLS when `tls`, or an http(s) URL)
+    serves; else why not."""
     if target.startswith(("http://", "https://")):
         return _probe_http(target, timeout_s)
-    return _probe_grpc(target, service, timeout_s)
+    return _probe_grpc(target, service, timeout_s, tls)
 
 
 def _probe_http(url: str, timeout_s: float) -> str | None:
@@ -26,8 +29,8 @@ def _probe_http(url: str, timeout_s: float) -> str | None:
     return None if reply.status_code == 200 else f"{url}: HTTP {reply.status_code} {reply.text[:200]}"
 
 
-def _probe_grpc(address: str, service: str, timeout_s: float) -> str | None:
-    with grpc.insecure_channel(address) as channel:
+def _probe_grpc(address: str, service: str, timeout_s: float, tls: GrpcTls | None) -> str | None:
+    with sync_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
@@ -38,8 +41,8 @@ def _probe_grpc(address: str, service: str, timeout_s: float) -> str | None:
     return None
 
 
-def main(target: str, service: str, timeout_s: float) -> int:
-    reason = probe(target, service, timeout_s)
+def main(target: str, service: str, timeout_s: float, tls: GrpcTls | None = None) -> int:
+    reason = probe(target, service, timeout_s, tls)
     if reason is not None:
         print(f"baton probe: {reason}", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import grpc
 
 from baton.shared.config import RegistryConfig
 from baton.shared.grpc_server import open_channel
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, WorkerRecord, WorkerReport, audit, redacted
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
 
@@ -36,20 +37,22 @@ class AuditResult:
     """The live request records' ids."""
 
 
-async def audit_once(registry: Registry) -> AuditResult:
+async def audit_once(registry: Registry, tls: GrpcTls | None = None) -> AuditResult:
     workers = await registry.live_workers()
     requests = await registry.live_requests()
-    reports = dict(await asyncio.gather(*(_report(w) for w in workers)))
+    reports = dict(await asyncio.gather(*(_report(w, tls) for w in workers)))
     problems = audit(workers, requests, reports)
     return AuditResult(len(workers), len(requests), problems, reports, tuple(r.request_id for r in requests))
 
 
-async def check(registry: Registry) -> AuditResult:
-    first = await audit_once(registry)
+async def check(registry: Registry, tls: GrpcTls | None = None) -> AuditResult:
+    """Audit the registry against every live worker (asked over gRPC, TLS when `tls`); a problem
+    counts only if a second audit a moment later sees it too."""
+    first = await audit_once(registry, tls)
     if not first.problems:
         return first
     await asyncio.sleep(RECHECK_DELAY_S)
-    second = await audit_once(registry)
+    second = await audit_once(registry, tls)
     persistent = [p for p in second.problems if p in first.problems]
     return AuditResult(
         second.num_workers, second.num_requests, persistent, second.reports, second.request_ids
@@ -83,8 +86,8 @@ class IdleResult:
         return problems
 
 
-async def idle_once(registry: Registry) -> IdleResult:
-    result = await audit_once(registry)
+async def idle_once(registry: Registry, tls: GrpcTls | None = None) -> IdleResult:
+    result = await audit_once(registry, tls)
     reports = [r for r in result.reports.values() if isinstance(r, WorkerReport)]
     return IdleResult(
         result,
@@ -93,21 +96,23 @@ async def idle_once(registry: Registry) -> IdleResult:
     )
 
 
-async def check_idle(registry: Registry, timeout_s: float, poll_s: float = 0.3) -> IdleResult:
+async def check_idle(
+    registry: Registry, timeout_s: float, poll_s: float = 0.3, tls: GrpcTls | None = None
+) -> IdleResult:
     """I3 once the load has stopped: audit again and again until the registry and every worker are
     clean of requests, or `timeout_s` passed (aborts and expiring records take a moment to land).
     Returns the last look."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
-        result = await idle_once(registry)
+        result = await idle_once(registry, tls)
         if not result.problems or asyncio.get_running_loop().time() >= deadline:
             return result
         await asyncio.sleep(poll_s)
 
 
-async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
+async def _report(worker: WorkerRecord, tls: GrpcTls | None) -> tuple[str, WorkerReport | str]:
     wid = worker.info.worker_id
-    channel = open_channel(worker.info.grpc_address)
+    channel = open_channel(worker.info.grpc_address, tls)
     try:
         stub: worker_pb2_grpc.DecodeWorkerStub | worker_pb2_grpc.PrefillWorkerStub
         if worker.info.role == "decode":
@@ -129,9 +134,9 @@ async def _report(worker: WorkerRecord) -> tuple[str, WorkerReport | str]:
     )
 
 
-async def run_check(config: RegistryConfig) -> int:
+async def run_check(config: RegistryConfig, tls: GrpcTls | None = None) -> int:
     async with Registry.from_config(config) as registry:
-        result = await check(registry)
+        result = await check(registry, tls)
     where = f"registry {redacted(config.redis_url)} (namespace {config.namespace!r})"
     if result.problems:
         print(f"{where}: {len(result.problems)} problem(s) with {result.num_workers} live workers:")

@@ -17,6 +17,7 @@ from baton.services.decode.service import DecodeService
 from baton.services.lifecycle import LOG_FORMAT, request_stop, wait_for_stop_signal
 from baton.services.prefill.sender_process import SenderProcess, SenderSpec
 from baton.services.prefill.service import PrefillService
+from baton.shared import grpc_tls
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 async def run_worker(config: WorkerConfig) -> None:
+    tls = grpc_tls.load(config.grpc_tls, server=True)  # a bad setting fails before the model loads
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     core = await asyncio.to_thread(EngineCore, config.engine)
@@ -68,7 +70,7 @@ async def run_worker(config: WorkerConfig) -> None:
         binding = ServiceBinding(
             worker_pb2_grpc.add_PrefillWorkerServicer_to_server, service, "baton.worker.v1.PrefillWorker"
         )
-    server = await start_server([binding], config.host, config.port)
+    server = await start_server([binding], config.host, config.port, tls)
     info = WorkerInfo(
         worker_id=worker_id,
         role=config.role,
@@ -88,10 +90,11 @@ async def run_worker(config: WorkerConfig) -> None:
     )
     await presence.start()
     logger.info(
-        "%s worker %s ready: grpc %s%s, %d KV blocks",
+        "%s worker %s ready: grpc %s (%s)%s, %d KV blocks",
         config.role,
         worker_id,
         info.grpc_address,
+        grpc_tls.describe(tls),
         f", KV transfer {info.transfer_address}" if info.transfer_address else "",
         info.num_blocks,
     )

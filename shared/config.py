@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -85,6 +86,57 @@ class RegistryConfig(BaseModel):
     )
 
 
+class GrpcTlsConfig(BaseModel):
+    """TLS of every gRPC server and channel of one process (router, workers, and their clients: the
+    gateway, `baton probe`, the CLI). Off, plaintext, unless `cert` or `ca` is set. Files are paths, so
+    that they can be a mounted secret; they are read and checked at startup (shared/grpc_tls.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cert: Path | None = Field(
+        None,
+        description="PEM certificate chain this process presents: a server's own, and a client's under "
+        "mutual TLS.",
+    )
+    key: Path | None = Field(None, description="PEM private key of `cert` (unencrypted).")
+    ca: Path | None = Field(
+        None,
+        description="PEM CA certificates that peers' certificates must chain to; a client without it "
+        "trusts gRPC's default roots.",
+    )
+    client_auth: bool = Field(
+        False, description="Servers: mutual TLS, every client must present a certificate `ca` signed."
+    )
+    server_name: str | None = Field(
+        None,
+        description="Clients: the name servers' certificates must carry, instead of the host dialled "
+        "(grpc.ssl_target_name_override; workers are dialled at the addresses they registered).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether gRPC runs over TLS."""
+        return self.cert is not None or self.ca is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> GrpcTlsConfig:
+        if self.cert is not None and self.key is None:
+            raise ValueError("gRPC TLS: --grpc-tls-cert is set but not its private key, --grpc-tls-key")
+        if self.key is not None and self.cert is None:
+            raise ValueError("gRPC TLS: --grpc-tls-key is set but not its certificate, --grpc-tls-cert")
+        if self.client_auth and (self.ca is None or self.cert is None):
+            raise ValueError(
+                "gRPC TLS: --grpc-tls-client-auth needs --grpc-tls-ca (to check client certificates "
+                "against) and the server's own --grpc-tls-cert and --grpc-tls-key"
+            )
+        if self.server_name is not None and not self.enabled:
+            raise ValueError(
+                "gRPC TLS: --grpc-tls-server-name is set but TLS is off (set --grpc-tls-ca, or "
+                "--grpc-tls-cert and --grpc-tls-key)"
+            )
+        return self
+
+
 class WorkerConfig(BaseModel):
     """A prefill or decode worker: its engine, where it listens, and how it registers."""
 
@@ -122,6 +174,9 @@ class WorkerConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="Torch CPU threads; None: torch's default.")
     drain_timeout_s: float = Field(
         15.0, ge=0, description="On SIGTERM: how long in-flight requests may finish before they are aborted."
+    )
+    grpc_tls: GrpcTlsConfig = Field(
+        default_factory=GrpcTlsConfig, description="TLS of its gRPC server and clients."
     )
     stall_timeout_s: float = Field(
         120.0,
@@ -162,6 +217,10 @@ class RouterConfig(BaseModel):
         None, ge=1, description="Context length the workers serve; None: the model's max_position_embeddings."
     )
     worker_refresh_s: float = Field(0.5, gt=0, description="How often the live worker list is re-read.")
+    grpc_tls: GrpcTlsConfig = Field(
+        default_factory=GrpcTlsConfig,
+        description="TLS of its gRPC server and of its channels to the workers.",
+    )
 
 
 class GatewayConfig(BaseModel):
@@ -172,6 +231,9 @@ class GatewayConfig(BaseModel):
 
     model: str = Field(description="Model directory (tokenizer and chat template; its name is the model id).")
     router: str = Field("127.0.0.1:50051", description="The Router's gRPC address, host:port.")
+    grpc_tls: GrpcTlsConfig = Field(
+        default_factory=GrpcTlsConfig, description="TLS of its channel to the Router."
+    )
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
     api_key: SecretStr | None = Field(

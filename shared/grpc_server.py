@@ -12,6 +12,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton.shared.grpc_tls import GrpcTls, add_port, aio_channel
+
 logger = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -151,8 +153,11 @@ class RunningServer:
     service_names: Sequence[str] = ()
 
 
-async def start_server(bindings: Sequence[ServiceBinding], host: str, port: int) -> RunningServer:
-    """Serve the bindings plus health and reflection on host:port (0 picks a free port)."""
+async def start_server(
+    bindings: Sequence[ServiceBinding], host: str, port: int, tls: GrpcTls | None = None
+) -> RunningServer:
+    """Serve the bindings plus health and reflection on host:port (0 picks a free port), over TLS
+    when `tls` (grpc_tls.load's)."""
     server = grpc.aio.server(interceptors=[ErrorMappingInterceptor()], options=CHANNEL_OPTIONS)
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
@@ -162,7 +167,7 @@ async def start_server(bindings: Sequence[ServiceBinding], host: str, port: int)
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port}")
     await server.start()
@@ -171,5 +176,6 @@ async def start_server(bindings: Sequence[ServiceBinding], host: str, port: int)
     return running
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+def open_channel(address: str, tls: GrpcTls | None = None) -> grpc.aio.Channel:
+    """A channel to a Baton gRPC server with Baton's options, over TLS when `tls`."""
+    return aio_channel(address, tls, CHANNEL_OPTIONS)

@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis as redis_sync
@@ -24,6 +24,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from baton.shared.demo.tiny_model import ARCHITECTURES, write_tiny_model
+
+if TYPE_CHECKING:
+    from tls_certs import Pki
 
 
 @pytest.fixture(scope="session")
@@ -149,3 +152,14 @@ def redis_url(redis_server: str) -> str:
     finally:
         client.close()
     return redis_server
+
+
+# -- TLS: a throwaway CA and certificates (tests/tls_certs.py) ------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """PEM files of a test CA, a server-and-client certificate it signed, and an unrelated CA's."""
+    from tls_certs import write_pki
+
+    return write_pki(tmp_path_factory.mktemp("pki"))

@@ -13,6 +13,7 @@ import torch
 from baton.services.bench.datasets import BenchRequest, parse_range, random_requests, sharegpt_requests
 from baton.shared.config import EngineConfig
 from baton.shared.engine.step_stats import describe_steps
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.models import resolve_dtype
 from baton.shared.models.model_config import ModelConfig
 from baton.shared.tokenizer import Tokenizer
@@ -95,8 +96,11 @@ def _print(report: dict[str, Any]) -> None:
 CLIENT_SATURATED = 0.9  # a load process busier than this reads its streams late
 
 
-def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
-    """Drive a running gateway with the request set; print and (with --out) save the summary."""
+def run_serve_benchmark(
+    args: argparse.Namespace, model_dir: str, tls: GrpcTls | None = None
+) -> dict[str, Any]:
+    """Drive a running gateway (or, at a grpc:// URL, the Router: over TLS when `tls`) with the
+    request set; print and (with --out) save the summary."""
     from baton.services.bench.client_processes import run_load_in_processes
     from baton.services.bench.serve import LoadConfig, summarize
 
@@ -114,6 +118,7 @@ def run_serve_benchmark(args: argparse.Namespace, model_dir: str) -> dict[str, A
         max_concurrency=args.max_concurrency,
         seed=args.dataset_seed,
         api_key=args.api_key,
+        tls=tls,
     )
     run = run_load_in_processes(config, requests, args.client_processes)
     summary = summarize(run.records, run.elapsed_s, args.slo_ttft_ms, args.slo_tpot_ms)

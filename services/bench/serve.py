@@ -20,6 +20,7 @@ import grpc
 import httpx
 
 from baton.services.bench.datasets import BenchRequest
+from baton.shared.grpc_tls import GrpcTls, aio_channel
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class LoadConfig:
     max_concurrency: int | None = None
     seed: int = 0
     api_key: str | None = None
+    tls: GrpcTls | None = None
+    """grpc:// only: TLS of the channel to the Router (None: plaintext)."""
     timeout_s: float = 600.0
     progress: bool = True
 
@@ -118,7 +121,7 @@ async def _client(config: LoadConfig) -> AsyncIterator[_Stream]:
     if config.url.startswith(GRPC_SCHEME):
         from baton.shared.rpc import router_pb2_grpc
 
-        async with grpc.aio.insecure_channel(config.url.removeprefix(GRPC_SCHEME)) as channel:
+        async with aio_channel(config.url.removeprefix(GRPC_SCHEME), config.tls) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             model = config.model or ""  # empty: the Router's only model
             yield lambda request: _grpc_chunks(stub, model, request, config.timeout_s)

@@ -17,6 +17,7 @@ import grpc
 from baton.services.gateway.errors import OpenAIError, unavailable
 from baton.shared.background import BackgroundTasks
 from baton.shared.grpc_server import open_channel
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.rpc import router_pb2, router_pb2_grpc
 from baton.shared.subscription import Subscription, rpc_error
 
@@ -27,10 +28,10 @@ ABORT_TIMEOUT_S = 5.0
 
 
 class RouterClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: GrpcTls | None = None) -> None:
         self.address = address
         self.subscriber = f"gateway-{uuid.uuid4().hex[:12]}"
-        self._channel = open_channel(address)
+        self._channel = open_channel(address, tls)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._model: router_pb2.ModelInfo | None = None
         self._model_lock = asyncio.Lock()

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from baton.shared.grpc_server import open_channel
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
 from baton.shared.rpc import worker_pb2_grpc
 
@@ -21,8 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerDirectory:
-    def __init__(self, registry: Registry, refresh_s: float, suspect_s: float) -> None:
+    def __init__(
+        self, registry: Registry, refresh_s: float, suspect_s: float, tls: GrpcTls | None = None
+    ) -> None:
         self.registry = registry
+        self.tls = tls
         self.refresh_s = refresh_s
         self.suspect_s = suspect_s
         self.in_flight: Counter[str] = Counter()
@@ -63,7 +67,7 @@ class WorkerDirectory:
     def _channel(self, address: str) -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, self.tls)
         return channel
 
     async def close(self) -> None:

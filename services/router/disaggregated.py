@@ -32,6 +32,7 @@ from baton.shared.engine.block_hash import hash_full_blocks
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import CapacityError, UnavailableError
+from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, RegistryUnavailable, WorkerRecord
 from baton.shared.rpc import router_pb2, worker_pb2
 from baton.shared.rpc_convert import sampling_to_proto
@@ -71,10 +72,10 @@ class _RetryAttempt(Exception):
 
 
 class DisaggregatedBackend:
-    def __init__(self, config: RouterConfig, registry: Registry) -> None:
+    def __init__(self, config: RouterConfig, registry: Registry, tls: GrpcTls | None = None) -> None:
         self.config = config
         self.registry = registry
-        self.directory = WorkerDirectory(registry, config.worker_refresh_s, config.registry.lease_ttl_s)
+        self.directory = WorkerDirectory(registry, config.worker_refresh_s, config.registry.lease_ttl_s, tls)
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
         self.num_retries = 0

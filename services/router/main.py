@@ -12,6 +12,7 @@ from baton.services.lifecycle import wait_for_stop_signal
 from baton.services.router.colocated import ColocatedBackend
 from baton.services.router.disaggregated import DisaggregatedBackend
 from baton.services.router.service import Backend, RouterService
+from baton.shared import grpc_tls
 from baton.shared.config import RouterConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 async def run_router(config: RouterConfig) -> None:
+    tls = grpc_tls.load(config.grpc_tls, server=True)  # a bad setting fails before the model loads
     registry: Registry | None = None
     reaper: asyncio.Task[None] | None = None
     backend: Backend
@@ -36,17 +38,24 @@ async def run_router(config: RouterConfig) -> None:
     else:
         reg = config.registry
         registry = Registry.from_config(reg)
-        backend = DisaggregatedBackend(config, registry)
+        backend = DisaggregatedBackend(config, registry, tls)
         reaper = asyncio.create_task(_reap_forever(registry, reg.lease_ttl_s / 2))
     service = RouterService(Path(config.model), backend, max_model_len)
     binding = ServiceBinding(router_pb2_grpc.add_RouterServicer_to_server, service, "baton.v1.Router")
-    server = await start_server([binding], config.host, config.port)
+    server = await start_server([binding], config.host, config.port, tls)
     mode = (
         "colocated"
         if config.colocated is not None
         else f"disaggregated, registry {redacted(config.registry.redis_url)}"
     )
-    logger.info("router ready on %s:%d (%s), model %s", config.host, server.port, mode, service.model_name)
+    logger.info(
+        "router ready on %s:%d (%s, %s), model %s",
+        config.host,
+        server.port,
+        grpc_tls.describe(tls),
+        mode,
+        service.model_name,
+    )
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining", signal_name)
     await server.set_serving(False)

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+from baton.shared.demo import ARCHITECTURES
+
 BOS, EOS, IM_START, IM_END = "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
 TOKENIZER_VOCAB = 2048

@@ -11,11 +11,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from baton import LLM, SamplingParams
 from baton.services.launcher import ClusterSpec, LocalCluster
 from baton.services.registry_check import IdleResult, check_idle
+from baton.shared.grpc_tls import GrpcTls, aio_channel
 from baton.shared.registry import Registry
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -70,14 +69,18 @@ def greedy(max_tokens: int, **extra: object) -> common_pb2.SamplingParams:
 
 
 async def generate(
-    address: str, prompt: list[int] | str, sampling: common_pb2.SamplingParams, timeout_s: float = 120
+    address: str,
+    prompt: list[int] | str,
+    sampling: common_pb2.SamplingParams,
+    timeout_s: float = 120,
+    tls: GrpcTls | None = None,
 ) -> Completion:
     request = router_pb2.GenerateRequest(sampling=sampling)
     if isinstance(prompt, str):
         request.text = prompt
     else:
         request.token_ids.ids.extend(prompt)
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with aio_channel(address, tls) as channel:
         tokens: list[int] = []
         text, finish, error, cached = "", "", "", 0
         async for response in router_pb2_grpc.RouterStub(channel).Generate(request, timeout=timeout_s):
@@ -91,10 +94,10 @@ async def generate(
 
 
 def generate_all(
-    address: str, prompts: list[list[int]], sampling: common_pb2.SamplingParams
+    address: str, prompts: list[list[int]], sampling: common_pb2.SamplingParams, tls: GrpcTls | None = None
 ) -> list[Completion]:
     async def main() -> list[Completion]:
-        return list(await asyncio.gather(*(generate(address, p, sampling) for p in prompts)))
+        return list(await asyncio.gather(*(generate(address, p, sampling, tls=tls) for p in prompts)))
 
     return asyncio.run(main())
 
@@ -109,7 +112,7 @@ async def _worker_stats(cluster: LocalCluster) -> dict[str, worker_pb2.WorkerSta
         workers = await registry.live_workers()
     stats = {}
     for worker in workers:
-        async with grpc.aio.insecure_channel(worker.info.grpc_address) as channel:
+        async with aio_channel(worker.info.grpc_address, cluster.tls) as channel:
             stub_class = (
                 worker_pb2_grpc.DecodeWorkerStub
                 if worker.info.role == "decode"
@@ -131,7 +134,7 @@ def assert_no_leaks(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
 
     async def settle() -> IdleResult:
         async with cluster_registry(cluster) as registry:
-            return await check_idle(registry, timeout_s)
+            return await check_idle(registry, timeout_s, tls=cluster.tls)
 
     result = asyncio.run(settle())
     assert result.problems == [], result.problems

@@ -1,6 +1,7 @@
-"""The container image and compose.yaml, checked offline (no Docker engine here): the Compose file
-against the Compose specification, the Dockerfile by hadolint, and every container's command line,
-health check and environment against Baton's own command line and settings."""
+"""The container image, compose.yaml and its TLS override compose.tls.yaml, checked offline (no Docker
+engine here): the Compose files against the Compose specification, the Dockerfile by hadolint, and
+every container's command line, health check and environment against Baton's own command line and
+settings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from deploy_checks import command_problem, environment_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
+COMPOSE_TLS = ROOT / "compose.tls.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
 
 
@@ -35,9 +37,12 @@ def entrypoint() -> list[str]:
     return json.loads(line.removeprefix("ENTRYPOINT "))
 
 
-def test_compose_file_follows_the_compose_specification() -> None:
+def test_compose_files_follow_the_compose_specification() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        [
+            *[sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"],
+            *[str(COMPOSE), str(COMPOSE_TLS)],
+        ],
         capture_output=True,
         text=True,
     )
@@ -118,3 +123,25 @@ def test_dockerfile_passes_hadolint() -> None:
     assert HADOLINT is not None
     run = subprocess.run([HADOLINT, str(DOCKERFILE)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_tls_override_gives_every_baton_service_the_certificates_and_its_own_settings() -> None:
+    """`-f compose.yaml -f compose.tls.yaml`: every Baton service gets the three files as Compose
+    secrets and the TLS settings its command reads (client auth for the gRPC servers only); the
+    health checks, unchanged, read them too."""
+    services, tls = baton_services(), yaml.safe_load(COMPOSE_TLS.read_text())
+    assert set(tls["services"]) == set(services)
+    files = {name: secret["file"] for name, secret in tls["secrets"].items()}
+    assert sorted(Path(f).name for f in files.values()) == ["ca.crt", "tls.crt", "tls.key"]
+    for name, service in services.items():
+        override = tls["services"][name]
+        assert sorted(override["secrets"]) == sorted(files), name
+        env = {**service.get("environment", {}), **override["environment"]}
+        argv = [*entrypoint(), *service["command"]]
+        assert environment_problems(argv, set(env)) == [], name
+        for setting, secret in (("CERT", "cert"), ("KEY", "key"), ("CA", "ca")):
+            assert env[f"BATON_GRPC_TLS_{setting}"] == f"/run/secrets/baton-grpc-tls-{secret}", name
+        assert env["BATON_GRPC_TLS_SERVER_NAME"] == "baton-grpc", name
+        assert env.get("BATON_GRPC_TLS_CLIENT_AUTH") == (None if name == "gateway" else "true"), name
+        probe = service["healthcheck"]["test"]
+        assert probe[1:3] == ["baton", "probe"], name  # `baton probe` reads BATON_GRPC_TLS_*

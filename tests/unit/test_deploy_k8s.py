@@ -1,7 +1,8 @@
 """k8s/, offline: each overlay renders with kustomize, every object is valid against the Kubernetes
 schema (strict: no unknown fields), every Baton container runs a real `baton` command and is given only
 settings that command reads, and the deployment keeps its promises: probes, GPUs, drain time, /dev/shm,
-security context, network policy, disruption budgets and autoscalers."""
+security context, network policy, disruption budgets and autoscalers, and (gpu-tls) gRPC over mutual
+TLS on every hop."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from baton.services import settings_table
 from baton.services.cli import build_parser
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
-OVERLAYS = ["cpu-demo", "gpu"]
+OVERLAYS = ["cpu-demo", "gpu", "gpu-tls"]
+GPU_OVERLAYS = {"gpu", "gpu-tls"}
+TLS_OVERLAYS = {"gpu-tls"}  # overlays with components/grpc-tls
+TLS_DIR = "/etc/baton/grpc-tls"
 KUBERNETES_VERSION = "1.31.0"  # the schema validated against (native gRPC probes need >= 1.27)
 BATON_UID = 10001
 SERVICES = {"gateway", "router", "prefill", "decode"}
@@ -185,7 +189,7 @@ def test_references_to_generated_objects_resolve(overlay: str, objects: tuple[Ob
                 password_refs.add((ref["name"], ref["key"]))
     assert len(password_refs) == 1, password_refs
     ((secret_name, _key),) = password_refs
-    if overlay == "gpu":
+    if overlay in GPU_OVERLAYS:
         assert secrets == set() and secret_name == "baton-redis"
     else:
         assert secret_name in secrets
@@ -227,6 +231,8 @@ def test_services_find_each_other_by_name_in_their_own_namespace(objects: tuple[
 
 
 def test_every_container_has_startup_readiness_and_liveness_probes(objects: tuple[Obj, ...]) -> None:
+    """gRPC services: the kubelet's grpc.health.v1 probe on their port, or, where they serve TLS (which
+    that probe cannot speak), `baton probe` on it with the TLS settings in its environment."""
     for container in containers(objects):
         component = container.component
         probes: dict[str, Obj] = {
@@ -240,8 +246,14 @@ def test_every_container_has_startup_readiness_and_liveness_probes(objects: tupl
             assert probes["liveness"]["httpGet"]["path"] == "/health"
             assert probes["readiness"]["httpGet"]["path"] == "/ready"
         else:  # grpc.health.v1 on the port the service listens on
+            tls = "BATON_GRPC_TLS_CA" in environment(container, objects)
             for probe in probes.values():
-                assert probe["grpc"]["port"] == GRPC_PORTS[component], component
+                if not tls:
+                    assert probe["grpc"]["port"] == GRPC_PORTS[component], component
+                    continue
+                argv = probe["exec"]["command"]
+                assert "grpc" not in probe and command_problem(argv) is None, component
+                assert argv == ["baton", "probe", f"127.0.0.1:{GRPC_PORTS[component]}"], component
 
 
 def test_workers_have_time_to_load_and_every_service_to_drain(objects: tuple[Obj, ...]) -> None:
@@ -288,12 +300,12 @@ def test_gpu_workers_get_one_gpu_and_the_model_volume(overlay: str, objects: tup
         resources = container.spec["resources"]
         gpus = (resources["requests"].get("nvidia.com/gpu"), resources["limits"].get("nvidia.com/gpu"))
         env = environment(container, objects)
-        if overlay == "gpu" and component in WORKERS:
+        if overlay in GPU_OVERLAYS and component in WORKERS:
             assert gpus == (1, 1), component
             assert env["BATON_DEVICE"] == "cuda" and env["BATON_DTYPE"] in ("bfloat16", "auto")
         else:
             assert gpus == (None, None), component
-        if overlay == "gpu":  # every service reads the model (tokenizer or weights) from the claim
+        if overlay in GPU_OVERLAYS:  # every service reads the model (tokenizer or weights) from the claim
             found = container.mount("/models")
             assert found is not None, component
             mount, volume = found
@@ -356,3 +368,25 @@ def test_cpu_demo_runs_one_of_each() -> None:
             assert obj["spec"].get("replicas", 1) == 1, obj["metadata"]["name"]
         if obj["kind"] == "HorizontalPodAutoscaler":
             assert obj["spec"]["minReplicas"] == 1, obj["metadata"]["name"]
+
+
+def test_grpc_tls_runs_every_hop_on_the_secret_you_create(overlay: str, objects: tuple[Obj, ...]) -> None:
+    """gpu-tls: all four services get the files of the Secret `baton-grpc-tls` (cert-manager's keys,
+    none rendered: it is yours) and the one server name; the servers require client certificates."""
+    batons = baton_containers(objects)
+    if overlay not in TLS_OVERLAYS:
+        for container in batons.values():
+            assert not any(v.startswith("BATON_GRPC_TLS_") for v in environment(container, objects))
+        return
+    assert find(objects, "Secret", "baton-grpc-tls") is None
+    for component, container in batons.items():
+        env = environment(container, objects)
+        found = container.mount(TLS_DIR)
+        assert found is not None, component
+        mount, volume = found
+        assert mount["readOnly"] is True and volume["secret"]["secretName"] == "baton-grpc-tls", component
+        assert env["BATON_GRPC_TLS_CERT"] == f"{TLS_DIR}/tls.crt", component
+        assert env["BATON_GRPC_TLS_KEY"] == f"{TLS_DIR}/tls.key", component
+        assert env["BATON_GRPC_TLS_CA"] == f"{TLS_DIR}/ca.crt", component
+        assert env["BATON_GRPC_TLS_SERVER_NAME"] == "baton-grpc", component
+        assert env.get("BATON_GRPC_TLS_CLIENT_AUTH") == (None if component == "gateway" else "true")
