@@ -325,6 +325,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         colocated=engine if args.colocated else None,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
         max_attempts=args.max_attempts,
+        max_pending_requests=args.max_pending_requests,
         max_model_len=engine.max_model_len,
         drain_timeout_s=args.drain_timeout_s,
         grpc_tls=tls,
@@ -711,6 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_service_flags(router, default_port=50051)
     _add_router_flags(router)
     _flag(router, "--max-attempts", "placements tried per request", type=int, default=3)
+    _flag(
+        router,
+        "--max-pending-requests",
+        "requests in flight at the Router (every gateway's and gRPC client's); more are refused with "
+        "RESOURCE_EXHAUSTED at once",
+        type=int,
+        default=4096,
+    )
     _flag(
         router,
         "--drain-timeout-s",

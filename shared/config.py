@@ -208,6 +208,12 @@ class RouterConfig(BaseModel):
         description="Prompts with at most this many uncached tokens are prefilled by the decode worker.",
     )
     max_attempts: int = Field(3, ge=1, description="Placements tried for a request before it fails.")
+    max_pending_requests: int = Field(
+        4096,
+        ge=1,
+        description="Requests in flight at the Router (from every gateway and gRPC client); more are "
+        "refused with RESOURCE_EXHAUSTED at once, before they are tokenized or placed.",
+    )
     drain_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -40,7 +40,7 @@ async def run_router(config: RouterConfig) -> None:
         registry = Registry.from_config(reg)
         backend = DisaggregatedBackend(config, registry, tls)
         reaper = asyncio.create_task(_reap_forever(registry, reg.lease_ttl_s / 2))
-    service = RouterService(Path(config.model), backend, max_model_len)
+    service = RouterService(Path(config.model), backend, max_model_len, config.max_pending_requests)
     binding = ServiceBinding(router_pb2_grpc.add_RouterServicer_to_server, service, "baton.v1.Router")
     server = await start_server([binding], config.host, config.port, tls)
     mode = (

@@ -16,7 +16,7 @@ import grpc
 from baton.services.lifecycle import request_logger
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
-from baton.shared.grpc_server import UnavailableError, error_message, status_for
+from baton.shared.grpc_server import CapacityError, UnavailableError, error_message, status_for
 from baton.shared.models import ModelConfig
 from baton.shared.output_mux import Failed, Subscribers
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
@@ -40,12 +40,19 @@ class Backend(Protocol):
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
-    def __init__(self, model_dir: Path, backend: Backend, max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        backend: Backend,
+        max_model_len: int | None = None,
+        max_pending_requests: int = 4096,
+    ) -> None:
         self.model_config = ModelConfig.from_dir(model_dir)
         self.model_name = model_dir.name
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.max_model_len = max_model_len or self.model_config.max_position_embeddings
         self.backend = backend
+        self.max_pending_requests = max_pending_requests
         self._active: dict[str, asyncio.Task[None]] = {}  # by request id, until the backend is done
         self._subscribers = Subscribers(self._abort_orphans)
         self._writers: dict[str, _ResponseWriter] = {}  # submitted requests, until their end is sent
@@ -105,7 +112,13 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._subscribers.close_all()
 
     def _start_checks(self, rid: str, request: router_pb2.GenerateRequest) -> _ResponseWriter:
-        """The request's response writer, once its input is valid and its id free (ValueError if not)."""
+        """The request's response writer, once there is room for it (CapacityError if not, before any
+        work), its input is valid and its id free (ValueError if not)."""
+        if len(self._active) >= self.max_pending_requests:
+            raise CapacityError(
+                f"the Router has {len(self._active)} requests in flight, its limit "
+                f"(--max-pending-requests {self.max_pending_requests}): retry later"
+            )
         prompt = self._prompt(request)
         params = sampling_from_proto(request.sampling)
         if rid in self._active or rid in self._writers:

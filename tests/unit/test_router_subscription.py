@@ -73,10 +73,10 @@ def request(rid: str, max_tokens: int = 16) -> router_pb2.GenerateRequest:
 Scenario = Callable[[RouterService, ScriptedBackend, RouterClient, str], Awaitable[None]]
 
 
-def run(llama_dir: Path, scenario: Scenario) -> None:
+def run(llama_dir: Path, scenario: Scenario, max_pending_requests: int = 4096) -> None:
     async def main() -> None:
         backend = ScriptedBackend()
-        service = RouterService(llama_dir, backend)
+        service = RouterService(llama_dir, backend, max_pending_requests=max_pending_requests)
         binding = ServiceBinding(router_pb2_grpc.add_RouterServicer_to_server, service, "baton.v1.Router")
         server = await start_server([binding], "127.0.0.1", 0)
         address = f"127.0.0.1:{server.port}"
@@ -189,6 +189,37 @@ def test_bad_submissions_are_refused_before_any_work(llama_dir: Path) -> None:
         assert set(backend.started) == {"twice"}  # nothing else reached the backend
 
     run(llama_dir, scenario)
+
+
+def test_requests_beyond_the_pending_bound_are_refused_before_any_work(llama_dir: Path) -> None:
+    async def scenario(
+        service: RouterService, backend: ScriptedBackend, client: RouterClient, address: str
+    ) -> None:
+        stub = router_pb2_grpc.RouterStub(open_channel(address))
+        _, first_a = await started(client, backend, "a")
+        _, first_b = await started(client, backend, "b")
+        refusals = []
+        with pytest.raises(grpc.aio.AioRpcError) as submitted:  # Subscribe/Submit, as the gateway
+            async for _response in client.generate(request("c")):
+                pass
+        refusals.append(submitted.value)
+        with pytest.raises(grpc.aio.AioRpcError) as generated:  # Generate, as a gRPC client
+            async for _response in stub.Generate(request("d")):
+                pass
+        refusals.append(generated.value)
+        for refused in refusals:
+            assert refused.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-pending-requests 2" in (refused.details() or "")
+        assert set(backend.started) == {"a", "b"}  # the refused ones never reached the backend
+        backend.feed("a").put_nowait(out("a", 40, finish="stop"))
+        await first_a
+        await until(lambda: "a" not in service._active)
+        _, first_e = await started(client, backend, "e")  # room again
+        for rid, first in (("b", first_b), ("e", first_e)):
+            backend.feed(rid).put_nowait(out(rid, 41, finish="stop"))
+            assert (await first).finish_reason == common_pb2.FINISH_REASON_STOP
+
+    run(llama_dir, scenario, max_pending_requests=2)
 
 
 def test_a_closed_stream_aborts_its_subscribers_requests(llama_dir: Path) -> None:
