@@ -22,6 +22,7 @@ from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
+from baton.shared.loop_lag import LoopLagMonitor
 from baton.shared.progress_watchdog import ProgressWatchdog
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
@@ -100,6 +101,8 @@ async def run_worker(config: WorkerConfig) -> None:
     )
     watchdog = ProgressWatchdog(engine, server, config.stall_timeout_s, lambda: service.draining)
     watchdog.start()
+    loop_lag = LoopLagMonitor()
+    loop_lag.start()
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining (up to %g s)", signal_name, config.drain_timeout_s)
     await watchdog.stop()
@@ -114,6 +117,7 @@ async def run_worker(config: WorkerConfig) -> None:
         await sender.close()
     await asyncio.to_thread(engine.shutdown)
     logger.info("engine steps: %s", core.step_stats.summary())
+    logger.info("event loop lag: %s", loop_lag.stop())
     if (allocator := core.allocator_summary()) is not None:
         logger.info("CUDA allocator: %s", allocator)
     await registry.close()

@@ -14,6 +14,7 @@ import uvicorn
 from baton.services.gateway.app import create_app
 from baton.services.lifecycle import wait_for_stop_signal
 from baton.shared.config import GatewayConfig
+from baton.shared.loop_lag import LoopLagMonitor
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | 
             timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
         )
     )
+    loop_lag = LoopLagMonitor()
+    loop_lag.start()
     serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))
     stop = asyncio.create_task(wait_for_stop_signal())
     await asyncio.wait({serving, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -49,3 +52,4 @@ async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | 
     else:
         stop.cancel()
     await serving
+    logger.info("event loop lag: %s", loop_lag.stop())

@@ -17,6 +17,7 @@ from baton.shared.config import RouterConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
 from baton.shared.grpc_server import ServiceBinding, start_server
+from baton.shared.loop_lag import LoopLagMonitor
 from baton.shared.registry import Registry, RegistryUnavailable, redacted
 from baton.shared.rpc import router_pb2_grpc
 
@@ -56,6 +57,8 @@ async def run_router(config: RouterConfig) -> None:
         mode,
         service.model_name,
     )
+    loop_lag = LoopLagMonitor()
+    loop_lag.start()
     signal_name = await wait_for_stop_signal()
     logger.info("%s received: draining", signal_name)
     await server.set_serving(False)
@@ -68,6 +71,7 @@ async def run_router(config: RouterConfig) -> None:
     await backend.close()
     if registry is not None:
         await registry.close()
+    logger.info("event loop lag: %s", loop_lag.stop())
     logger.info("router stopped")
 
 
