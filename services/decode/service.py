@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from baton.shared.background import BackgroundTasks
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.outputs import EngineOutput
-from baton.shared.grpc_server import CapacityError, UnavailableError
+from baton.shared.grpc_server import CapacityError, ConflictError, UnavailableError
 from baton.shared.output_mux import Failed, Subscribers
 from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
 from baton.shared.rpc import worker_pb2, worker_pb2_grpc
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 request_log = request_logger(__name__)
+
+MAX_EARLY_ABORTS = 65536  # aborts remembered for Reserve calls they overtook (oldest forgotten first)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class _Tracked:
     committed: bool = False
     timeout: asyncio.TimerHandle | None = None
     streamed: bool = False
+    aborted: bool = False
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -73,6 +77,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self.num_layers = num_layers
         self.transfer_address = ""
         self._tracked: dict[str, _Tracked] = {}
+        # ids aborted before their Reserve got them tracked (the Abort overtook it): id -> until when
+        self._early_aborts: OrderedDict[str, float] = OrderedDict()
         self._background = BackgroundTasks()
         self._subscribers = Subscribers(self._abort_orphans, engine.stream_interval)
         self.counters = TransferCounters()
@@ -87,6 +93,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise UnavailableError(f"decode worker {self.worker_id} is draining: place the request elsewhere")
         if not rid:
             raise ValueError("request_id must not be empty")
+        self._refuse_if_aborted(rid)
         params = sampling_from_proto(request.sampling)
         mux = None
         if request.subscriber:
@@ -122,17 +129,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked.streamed = mux is not None
         self._tracked[rid] = tracked
         try:
+            self._refuse_if_aborted(rid)  # an Abort that came while the engine reserved found nothing
             await self.registry.reserve(
                 rid, self.worker_id, len(block_ids), local_prefill=request.local_prefill
             )
         except RegistryError as exc:
-            self._drop(rid)
-            if mux is not None:
-                mux.detach(rid)
-            self.engine.abort(rid)  # frees what it holds; its unread stream is dropped with it
+            self._undo_reserve(rid, mux)
             raise ValueError(f"request id {rid!r} is already registered: {exc}") from exc
         except RegistryUnavailable as exc:
             logger.warning("registry unreachable, reserving %s without a record: %s", rid, exc)
+        except BaseException:  # aborted meanwhile, or this call was cancelled: nobody will use it
+            self._undo_reserve(rid, mux, end_record=True)
+            raise
+        if tracked.aborted or self._tracked.get(rid) is not tracked:  # aborted while its record was written
+            raise ConflictError(f"request {rid!r} was aborted while it was being reserved")
         if tracked.remote and self.receiver is not None:
             self.receiver.reserve(rid, block_ids, ready)  # before the router can hand it to a prefill worker
         if tracked.remote or not tracked.streamed:  # something to wait for: the KV, or a reader
@@ -193,8 +203,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     ) -> worker_pb2.AbortResponse:
         tracked = self._tracked.get(request.request_id)
         if tracked is None:
+            self._remember_early_abort(request.request_id)  # its Reserve may still be on the way
             return worker_pb2.AbortResponse(found=False)
         request_log.info("abort %s: %s", request.request_id, request.reason or "by request")
+        tracked.aborted = True
         self.engine.abort(request.request_id)
         if not tracked.streamed:  # nobody will read the stream: settle here
             self._background.spawn(self._drain(request.request_id, tracked))
@@ -306,6 +318,38 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await self.registry.end_request(request_id, self.worker_id)
         except (RegistryError, RegistryUnavailable) as exc:
             logger.warning("could not end the registry record of %s: %s", request_id, exc)
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        """An abort for a request not (yet) held here: a Reserve for it arriving later is refused,
+        within the reservation timeout (after it, a late Reserve's blocks would expire anyway)."""
+        now = time.monotonic()
+        self._early_aborts[request_id] = now + self.config.reservation_timeout_s
+        self._early_aborts.move_to_end(request_id)
+        while self._early_aborts and (
+            len(self._early_aborts) > MAX_EARLY_ABORTS or next(iter(self._early_aborts.values())) < now
+        ):
+            self._early_aborts.popitem(last=False)
+
+    def _refuse_if_aborted(self, request_id: str) -> None:
+        """ConflictError (ABORTED) if an Abort for this request came before it was tracked."""
+        until = self._early_aborts.pop(request_id, None)
+        if until is not None and until >= time.monotonic():
+            raise ConflictError(f"request {request_id!r} was aborted before it was reserved")
+
+    def _undo_reserve(self, request_id: str, mux: Any, end_record: bool = False) -> None:
+        """A Reserve that cannot complete: forget the request, free its blocks (the engine's abort
+        also makes the receiving process let go of them) and, when asked, end its registry record."""
+        if self._drop(request_id) is None:
+            return
+        if mux is not None:
+            mux.detach(request_id)
+        self.engine.abort(request_id)  # its unread stream is dropped with it
+        if end_record:
+            self._background.spawn(self._end_record_quietly(request_id))
+
+    async def _end_record_quietly(self, request_id: str) -> None:
+        with contextlib.suppress(RegistryError, RegistryUnavailable):
+            await self.registry.end_request(request_id, self.worker_id)
 
     def _drop(self, request_id: str) -> _Tracked | None:
         tracked = self._tracked.pop(request_id, None)

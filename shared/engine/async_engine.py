@@ -215,6 +215,9 @@ class AsyncEngine:
             )
         except BaseException:
             self._close_stream(request_id)
+            # the caller went away (cancelled) or the call failed: the engine may still have reserved
+            # the blocks, so an abort follows the command (a no-op if nothing was reserved)
+            self._commands.put(_Abort(request_id))
             raise
         if block_ids is None:
             self._close_stream(request_id)
