@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import secrets
 import sys
 import time
 import weakref
@@ -300,6 +301,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         kv_faults=args.kv_faults,
         max_pushes_per_receiver=args.max_pushes_per_receiver,
         kv_connections_per_receiver=args.kv_connections_per_receiver,
+        kv_transfer_secret=args.kv_transfer_secret,
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
         stall_timeout_s=args.stall_timeout_s,
@@ -392,6 +394,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         redis_username=args.redis_username,
         redis_password=args.redis_password,
+        # its workers' KV connections are authenticated whatever the user set: UCX listens on every
+        # interface, even for a cluster on 127.0.0.1
+        kv_transfer_secret=args.kv_transfer_secret or secrets.token_hex(32),
         namespace=args.namespace,
         lease_ttl_s=args.lease_ttl_s,
         engine_args=[
@@ -685,6 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
         "that Redis's AUTH password (better: BATON_REDIS_PASSWORD); the processes get it in their "
         "environment",
     )
+    _flag(
+        serve,
+        "--kv-transfer-secret",
+        "the secret the workers' KV transfer connections prove (better: BATON_KV_TRANSFER_SECRET); the "
+        "workers get it in their environment (default: a random one for this cluster)",
+    )
     serve.add_argument("--namespace", default="baton", help="registry key prefix")
     serve.add_argument("--lease-ttl-s", type=float, default=10.0, help="worker lease")
     _add_grpc_tls_flags(serve, server=True)
@@ -755,6 +766,13 @@ def build_parser() -> argparse.ArgumentParser:
             "prefill only: UCX connections to one decode worker, pushes multiplexed over them",
             type=int,
             default=4,
+        )
+        _flag(
+            worker,
+            "--kv-transfer-secret",
+            "secret every KV transfer connection proves, both ways, before any KV crosses it: the same on "
+            "every prefill and decode worker, 16+ characters (better: BATON_KV_TRANSFER_SECRET, from a "
+            "secret); unset: KV connections are not authenticated",
         )
         _flag(
             worker,

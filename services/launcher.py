@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from baton.services.lifecycle import terminate_with_parent
 from baton.shared import grpc_tls
-from baton.shared.config import GrpcTlsConfig
+from baton.shared.config import GrpcTlsConfig, check_kv_transfer_secret
 from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, RegistryUnavailable, redacted
 
@@ -57,6 +57,9 @@ class ClusterSpec:
     redis_password: str | None = field(default=None, repr=False)
     """AUTH password of redis_url's server: every process gets it as BATON_REDIS_PASSWORD (never in
     an argv, where ps shows it)."""
+    kv_transfer_secret: str | None = field(default=None, repr=False)
+    """The workers' KV transfer secret: each prefill and decode worker gets it as
+    BATON_KV_TRANSFER_SECRET (never in an argv); None: their KV connections are not authenticated."""
     namespace: str = "baton"
     lease_ttl_s: float = 10.0
     engine_args: Sequence[str] = ()
@@ -88,6 +91,8 @@ class LocalCluster:
     def __init__(self, spec: ClusterSpec, log: TextIO = sys.stderr) -> None:
         if spec.num_prefill < 0 or spec.num_decode < (0 if spec.colocated else 1):
             raise ValueError("a cluster needs at least one decode worker (and no negative counts)")
+        if spec.kv_transfer_secret is not None:
+            check_kv_transfer_secret(spec.kv_transfer_secret)
         self.spec = spec
         self.log = log
         self.tls = grpc_tls.load(spec.grpc_tls, server=True)
@@ -238,12 +243,7 @@ class LocalCluster:
         self._launches[name] = (argv, dict(extra_env or {}))
         if not argv[0].endswith("redis-server"):
             argv = [sys.executable, "-m", "baton.services.cli", *argv]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
-        if self.spec.redis_username:
-            env["BATON_REDIS_USERNAME"] = self.spec.redis_username
-        if self.spec.redis_password:
-            env["BATON_REDIS_PASSWORD"] = self.spec.redis_password
-        env.update(extra_env or {})
+        env = self._environment(name, extra_env or {})
         # Own session: a Ctrl-C in the terminal reaches only the launcher, which stops the services in
         # order; the parent-death signal stops them if the launcher itself is killed. Started from the
         # spawner thread, whichever thread asks (restart() may be called from a short-lived one).
@@ -263,6 +263,18 @@ class LocalCluster:
         pump = threading.Thread(target=self._pump_log, args=(name, process), daemon=True)
         pump.start()
         self._pumps.append(pump)
+
+    def _environment(self, name: str, extra_env: dict[str, str]) -> dict[str, str]:
+        """Process `name`'s environment: this one's, with the cluster's secrets where that process reads
+        them (never in its argv, where ps shows them)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_WARN_UNUSED_ENV_VARS": "n", **self.spec.env}
+        if self.spec.redis_username:
+            env["BATON_REDIS_USERNAME"] = self.spec.redis_username
+        if self.spec.redis_password:
+            env["BATON_REDIS_PASSWORD"] = self.spec.redis_password
+        if self.spec.kv_transfer_secret and name.startswith(("prefill", "decode")):
+            env["BATON_KV_TRANSFER_SECRET"] = self.spec.kv_transfer_secret
+        return {**env, **extra_env}
 
     def _pump_log(self, name: str, process: subprocess.Popen[bytes]) -> None:
         assert process.stdout is not None

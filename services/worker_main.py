@@ -26,7 +26,7 @@ from baton.shared.loop_lag import LoopLagMonitor
 from baton.shared.progress_watchdog import ProgressWatchdog
 from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
-from baton.shared.transfer import FaultConfig, KVLayout
+from baton.shared.transfer import FaultConfig, KVLayout, TransferSecret
 from baton.shared.worker_presence import WorkerPresence
 from baton.shared.worker_runtime import default_worker_id, engine_snapshot, kv_layout
 
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 async def run_worker(config: WorkerConfig) -> None:
     tls = grpc_tls.load(config.grpc_tls, server=True)  # a bad setting fails before the model loads
+    secret = transfer_secret(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     core = await asyncio.to_thread(EngineCore, config.engine)
@@ -51,7 +52,8 @@ async def run_worker(config: WorkerConfig) -> None:
         service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
         # The KV receiver runs in a process of its own, writing into this one's cache: in this process
         # its UCX completions would wait for the GIL behind the engine thread.
-        receiver = ReceiverProcess(receiver_spec(config, core, layout, host), core.kv_caches, service)
+        spec = receiver_spec(config, core, layout, host, secret)
+        receiver = ReceiverProcess(spec, core.kv_caches, service)
         await receiver.start()
         receiver.on_lost = request_stop
         service.receiver = receiver
@@ -63,7 +65,9 @@ async def run_worker(config: WorkerConfig) -> None:
     else:
         # The KV sender runs in a process of its own, reading this one's cache: in this process its UCX
         # threads and checksums slowed the engine's steps down (sender_process.py).
-        sender = SenderProcess(sender_spec(config, core, layout), core.kv_caches, engine.release_prompt_kv)
+        sender = SenderProcess(
+            sender_spec(config, core, layout, secret), core.kv_caches, engine.release_prompt_kv
+        )
         FaultConfig.parse(config.kv_faults)  # a bad spec fails here, not in the child
         await sender.start()
         sender.on_lost = request_stop
@@ -91,12 +95,13 @@ async def run_worker(config: WorkerConfig) -> None:
     )
     await presence.start()
     logger.info(
-        "%s worker %s ready: grpc %s (%s)%s, %d KV blocks",
+        "%s worker %s ready: grpc %s (%s)%s (connections %s), %d KV blocks",
         config.role,
         worker_id,
         info.grpc_address,
         grpc_tls.describe(tls),
-        f", KV transfer {info.transfer_address}" if info.transfer_address else "",
+        f", KV transfer {info.transfer_address}" if info.transfer_address else ", KV transfer",
+        "authenticated by the KV transfer secret" if secret is not None else "not authenticated",
         info.num_blocks,
     )
     watchdog = ProgressWatchdog(engine, server, config.stall_timeout_s, lambda: service.draining)
@@ -138,7 +143,16 @@ def advertised_host(config: WorkerConfig) -> str:
     return config.host
 
 
-def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout, host: str) -> ReceiverSpec:
+def transfer_secret(config: WorkerConfig) -> TransferSecret | None:
+    """The KV transfer secret (--kv-transfer-secret) for the worker's KV process, or None."""
+    if config.kv_transfer_secret is None:
+        return None
+    return TransferSecret(config.kv_transfer_secret.get_secret_value())
+
+
+def receiver_spec(
+    config: WorkerConfig, core: EngineCore, layout: KVLayout, host: str, secret: TransferSecret | None
+) -> ReceiverSpec:
     """The receiving process's settings; `host`: the address the worker publishes (advertised_host)."""
     return ReceiverSpec(
         layout=layout,
@@ -148,10 +162,13 @@ def receiver_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout, host
         attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
+        secret=secret,
     )
 
 
-def sender_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> SenderSpec:
+def sender_spec(
+    config: WorkerConfig, core: EngineCore, layout: KVLayout, secret: TransferSecret | None
+) -> SenderSpec:
     """The sending process's settings."""
     return SenderSpec(
         layout=layout,
@@ -161,4 +178,5 @@ def sender_spec(config: WorkerConfig, core: EngineCore, layout: KVLayout) -> Sen
         attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
+        secret=secret,
     )

@@ -5,7 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+MIN_KV_TRANSFER_SECRET_CHARS = 16
+"""The shortest KV transfer secret accepted: its proofs cross the network in the clear, so a short one
+could be guessed offline from a recorded handshake."""
+
+
+def check_kv_transfer_secret(secret: str) -> None:
+    """ValueError, which never shows the secret, if it is too short to be a KV transfer secret."""
+    if len(secret) < MIN_KV_TRANSFER_SECRET_CHARS:
+        raise ValueError(
+            f"the KV transfer secret (--kv-transfer-secret) must be at least {MIN_KV_TRANSFER_SECRET_CHARS} "
+            f"characters, got {len(secret)} (e.g. openssl rand -hex 32)"
+        )
 
 
 class EngineConfig(BaseModel):
@@ -140,7 +153,8 @@ class GrpcTlsConfig(BaseModel):
 class WorkerConfig(BaseModel):
     """A prefill or decode worker: its engine, where it listens, and how it registers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # errors name the setting and the rule, never the value given (it may be a secret)
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     role: Literal["prefill", "decode"]
     engine: EngineConfig
@@ -165,6 +179,12 @@ class WorkerConfig(BaseModel):
         description="Prefill: KV pushes in flight to one decode worker (each holds its copied-out KV until "
         "sent); more wait.",
     )
+    kv_transfer_secret: SecretStr | None = Field(
+        None,
+        description="Prefill and decode: the secret every KV transfer connection proves knowledge of, both "
+        "ways, before anything else crosses it (the same on every prefill and decode worker, at least 16 "
+        "characters, from a secret); None: KV connections are not authenticated.",
+    )
     kv_connections_per_receiver: int = Field(
         4,
         ge=1,
@@ -184,6 +204,13 @@ class WorkerConfig(BaseModel):
         description="Liveness: an engine step running longer than this (a hung device, a deadlock) turns "
         "the worker's gRPC health NOT_SERVING until it progresses again.",
     )
+
+    @field_validator("kv_transfer_secret")
+    @classmethod
+    def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None:
+            check_kv_transfer_secret(secret.get_secret_value())
+        return secret
 
     @property
     def heartbeat_interval_s(self) -> float:

@@ -46,7 +46,7 @@ from baton.shared.child_link import ChildLink, ParentLink
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import KVCaches, check_kv_run, scatter_kv_run
-from baton.shared.transfer import KVLayout, TransferError, UcxKVReceiver, stop_ucx
+from baton.shared.transfer import KVLayout, TransferError, TransferSecret, UcxKVReceiver, stop_ucx
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class ReceiverSpec:
     log_level: int
     idle_timeout_s: float = 30.0
     announce_wait_s: float = 1.0  # how long a begin waits for its reservation to be announced
+    secret: TransferSecret | None = None  # senders must prove it (--kv-transfer-secret); never shown
+    handshake_timeout_s: float = 10.0  # a connection that has not authenticated by then is dropped
 
 
 class HandoffHandler(Protocol):
@@ -187,7 +189,15 @@ async def _serve_child(
     parent = writer.parent = ParentLink(conn, writer.dispatch)
     parent.stopped.add_done_callback(lambda _: writer.end_verdicts())
     receiver = UcxKVReceiver(
-        spec.layout, writer, spec.host, spec.port, device, spec.advertise_host, spec.idle_timeout_s
+        spec.layout,
+        writer,
+        spec.host,
+        spec.port,
+        device,
+        spec.advertise_host,
+        spec.idle_timeout_s,
+        spec.secret,
+        spec.handshake_timeout_s,
     )
     try:
         await receiver.start()

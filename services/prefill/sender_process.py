@@ -42,7 +42,15 @@ from baton.shared.child_link import ChildLink, Message, ParentLink
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import KVCaches, gather_prompt_kv, layer_runs
-from baton.shared.transfer import FaultConfig, KVLayout, KVPushSession, TransferError, UcxKVSender, stop_ucx
+from baton.shared.transfer import (
+    FaultConfig,
+    KVLayout,
+    KVPushSession,
+    TransferError,
+    TransferSecret,
+    UcxKVSender,
+    stop_ucx,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ class SenderSpec:
     run_nbytes: int = 16 << 20
     """KV per message (whole layers, at least one): UCX moves messages of a few MiB at a fraction of
     its bandwidth (benchmarks/NOTES.md), and a prompt's copied-out KV leaves in a few of them."""
+    secret: TransferSecret | None = None
+    """Proved to every decode worker it connects to (--kv-transfer-secret); never shown."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,7 @@ class _Pusher:
             FaultConfig.parse(spec.faults),
             max_pushes_per_address=spec.max_pushes_per_address,
             connections_per_address=spec.connections_per_address,
+            secret=spec.secret,
         )
         self._pushes: dict[str, _Push] = {}
         self._tasks = BackgroundTasks()

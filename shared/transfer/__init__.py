@@ -6,13 +6,15 @@
         await session.send_layer(layer, kv)            # kv: [2, n_blocks, block_size, kv_heads, head_dim]
     ack = await session.finish(trailer)                # TransferError on nack / timeout / disconnect
 
-`ucxx` is imported only when a UCX receiver or sender is first used.
+`ucxx` is imported only when a UCX receiver or sender is first used. A `TransferSecret` given to both
+ends authenticates every connection (`auth.py`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from baton.shared.transfer.auth import TransferSecret
 from baton.shared.transfer.base import (
     KVLayout,
     KVPushSession,
@@ -40,6 +42,7 @@ __all__ = [
     "PendingChecksum",
     "TransferError",
     "TransferRefused",
+    "TransferSecret",
     "UcxKVReceiver",
     "UcxKVSender",
     "kv_checksum",
@@ -51,9 +54,16 @@ __all__ = [
 class _SchemeSender(KVSender):
     """Routes each `open()` by address scheme to a UCX or loopback sender, created on first use."""
 
-    def __init__(self, layout: KVLayout, faults: FaultConfig | None, options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        faults: FaultConfig | None,
+        secret: TransferSecret | None,
+        options: dict[str, Any],
+    ) -> None:
         self._layout = layout
         self._faults = faults
+        self._secret = secret
         self._options = options
         self._senders: dict[str, KVSender] = {}
 
@@ -71,18 +81,26 @@ class _SchemeSender(KVSender):
         scheme = address.partition("://")[0]
         if scheme not in self._senders:
             if scheme == "ucx":
-                self._senders[scheme] = UcxKVSender(self._layout, self._faults, **self._options)
+                self._senders[scheme] = UcxKVSender(
+                    self._layout, self._faults, secret=self._secret, **self._options
+                )
             elif scheme == "loopback":
-                self._senders[scheme] = LoopbackKVSender(self._layout, self._faults)
+                self._senders[scheme] = LoopbackKVSender(self._layout, self._faults, secret=self._secret)
             else:
                 raise ValueError(f"unknown KV transfer address scheme in {address!r} (ucx:// or loopback://)")
         return self._senders[scheme]
 
 
-def make_sender(layout: KVLayout, faults: FaultConfig | None = None, **ucx_options: Any) -> KVSender:
+def make_sender(
+    layout: KVLayout,
+    faults: FaultConfig | None = None,
+    secret: TransferSecret | None = None,
+    **ucx_options: Any,
+) -> KVSender:
     """A sender for any address: "ucx://HOST:PORT" goes over UCX, "loopback://NAME" stays in-process.
 
     The per-scheme senders are created on first use (so UCX starts only if a ucx:// address is
-    opened) and share the fault config; `ucx_options` go to `UcxKVSender` (e.g. connect_timeout_s).
+    opened) and share the fault config and the secret; `ucx_options` go to `UcxKVSender` (e.g.
+    connect_timeout_s).
     """
-    return _SchemeSender(layout, faults, ucx_options)
+    return _SchemeSender(layout, faults, secret, ucx_options)

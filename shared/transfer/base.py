@@ -92,7 +92,8 @@ class TransferError(RuntimeError):
 
 
 class TransferRefused(TransferError):
-    """The receiver refused the connection at handshake (layout/model mismatch); the message names it."""
+    """The receiver refused the connection at handshake (authentication, protocol version, layout or
+    model mismatch); the message names the cause."""
 
 
 # -- checksum ------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
+from baton.shared.transfer.auth import TransferSecret
 from baton.shared.transfer.base import KVLayout, KVReceiveHandler, KVReceiver, TransferError
 from baton.shared.transfer.pool import PooledKVSender
 from baton.shared.transfer.protocol import (
+    MAX_MESSAGE_NBYTES,
     Channel,
     ChannelClosed,
     InboundConnection,
@@ -62,10 +64,15 @@ class _LoopbackChannel(Channel):
         self._put("msg", decode_message(encode_message(msg)))
         await asyncio.sleep(0)
 
-    async def recv_message(self, timeout_s: float | None = None) -> dict[str, Any]:
+    async def recv_message(
+        self, timeout_s: float | None = None, max_nbytes: int = MAX_MESSAGE_NBYTES
+    ) -> dict[str, Any]:
         kind, item = await self._get(timeout_s)
         if kind != "msg":
             raise ProtocolError("a payload arrived where a message was expected")
+        nbytes = len(encode_message(item))
+        if nbytes > max_nbytes:
+            raise ProtocolError(f"a message of {nbytes} bytes announced, at most {max_nbytes} accepted")
         return item  # type: ignore[no-any-return]
 
     async def send_payload(self, payload: torch.Tensor) -> None:
@@ -103,7 +110,13 @@ class LoopbackKVReceiver(KVReceiver):
     """Receives pushes from `LoopbackKVSender`s of this process at "loopback://NAME"."""
 
     def __init__(
-        self, layout: KVLayout, handler: KVReceiveHandler, name: str, idle_timeout_s: float = 30.0
+        self,
+        layout: KVLayout,
+        handler: KVReceiveHandler,
+        name: str,
+        idle_timeout_s: float = 30.0,
+        secret: TransferSecret | None = None,
+        handshake_timeout_s: float = 10.0,
     ) -> None:
         if not name or "/" in name:
             raise ValueError(f"loopback receiver name must be non-empty without '/', got {name!r}")
@@ -112,6 +125,8 @@ class LoopbackKVReceiver(KVReceiver):
         self._name = name
         self._handler = handler
         self._idle_timeout_s = idle_timeout_s
+        self._secret = secret
+        self._handshake_timeout_s = handshake_timeout_s
         self._active_ids: set[str] = set()
         self._connections: dict[asyncio.Task[None], _LoopbackChannel] = {}
 
@@ -135,7 +150,15 @@ class LoopbackKVReceiver(KVReceiver):
     def _accept(self, channel: _LoopbackChannel) -> None:
         """Serve a new connection (called by a sender's `open()`)."""
         peer = f"loopback sender #{next(_connection_ids)}"
-        connection = InboundConnection(self.layout, self._handler, self._active_ids, peer)
+        connection = InboundConnection(
+            self.layout,
+            self._handler,
+            self._active_ids,
+            peer,
+            self.address,
+            self._secret,
+            self._handshake_timeout_s,
+        )
         task = asyncio.get_running_loop().create_task(connection.serve(channel, self._idle_timeout_s))
         self._connections[task] = channel
         task.add_done_callback(self._connections.pop)

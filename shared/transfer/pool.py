@@ -3,7 +3,8 @@
 Each receiver address gets up to `connections_per_address` handshaken connections, made on demand
 and kept; a push goes on the one carrying the fewest. At most `max_pushes_per_address` pushes to one
 receiver are in flight at once (each holds its copied-out KV until sent); more wait for a slot. A
-push gives its slot back once its finish is sent: waiting for the ack holds nothing heavy.
+push gives its slot back once its finish is sent: waiting for the ack holds nothing heavy. With a
+`TransferSecret`, each connection's handshake proves it to the receiver and checks the receiver's proof.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from abc import abstractmethod
 
+from baton.shared.transfer.auth import TransferSecret
 from baton.shared.transfer.base import KVLayout, KVPushSession, KVSender
 from baton.shared.transfer.faults import FaultConfig, FaultInjector
 from baton.shared.transfer.protocol import Channel, OutboundConnection, PushSession, check_request, handshake
@@ -26,6 +28,7 @@ class PooledKVSender(KVSender):
         reply_timeout_s: float = 10.0,
         max_pushes_per_address: int = 128,
         connections_per_address: int = 2,
+        secret: TransferSecret | None = None,
     ) -> None:
         if max_pushes_per_address < 1:
             raise ValueError(f"max_pushes_per_address must be >= 1, got {max_pushes_per_address}")
@@ -36,6 +39,7 @@ class PooledKVSender(KVSender):
         self._reply_timeout_s = reply_timeout_s
         self._max_pushes = max_pushes_per_address
         self._max_connections = connections_per_address
+        self._secret = secret
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._pools: dict[str, list[OutboundConnection]] = {}  # live connections, by receiver address
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -92,7 +96,7 @@ class PooledKVSender(KVSender):
             channel = await self._connect(address)
             shook_hands = False
             try:
-                await handshake(channel, self.layout, address, self._reply_timeout_s)
+                await handshake(channel, self.layout, address, self._reply_timeout_s, self._secret)
                 shook_hands = True
             finally:
                 if not shook_hands:  # refused, failed or cancelled

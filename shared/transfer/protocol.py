@@ -1,19 +1,23 @@
 """The wire protocol every transport speaks, the push sessions, and the receiver's validation.
 
-A connection (a `Channel`) carries small JSON messages and raw byte payloads, in order. After the
-handshake it carries many requests at once; every message names its request:
+A connection (a `Channel`) carries small JSON messages and raw byte payloads, in order. The receiver
+speaks first; after the handshake the connection carries many requests at once, every message
+naming its request:
 
     sender                                            receiver
-    hello {protocol, layout}                ->                                        once per
-                                            <-        welcome | refused {reason}      connection
-    begin {request_id, block_ids, num_layers} ->      (no reply unless refused:)      per request
+                                            <-        challenge {protocol, nonce}           once per
+    hello {protocol, layout, address, nonce[, proof]} ->                                    connection
+                                            <-        welcome [{proof}] | refused {reason}
+    begin {request_id, block_ids, num_layers} ->      (no reply unless refused:)            per request
                                             <-        error {request_id, reason}
-    layer {request_id, layer, count, nbytes} ->       then `nbytes` raw bytes         per run of
-                                                                                      layers
+    layer {request_id, layer, count, nbytes} ->       then `nbytes` raw bytes               per run of
+                                                                                            layers
     finish {request_id, trailer, checksums} ->
                                             <-        ack {request_id, payload} | nack {request_id, reason}
     abort {request_id, reason}              ->        (no reply; instead of finish)
 
+The handshake authenticates both ends when they share a secret (`auth.py`: the proofs); a receiver
+reads nothing but the hello, small and within `handshake_timeout_s`, until it welcomed the sender.
 Nothing on a request's path waits for a round trip but its finish: a begin is not answered unless
 it is refused (the refusal fails the sender's session at its next call, and the sender then aborts
 the request), and a request that failed on the way (bad checksum, missing layer...) has its
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 
 from baton.shared.background import BackgroundTasks
+from baton.shared.transfer.auth import TransferSecret, is_nonce, new_nonce
 from baton.shared.transfer.base import (
     KVLayout,
     KVPushSession,
@@ -51,7 +56,12 @@ from baton.shared.transfer.faults import FaultInjector
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
+MAX_MESSAGE_NBYTES = 16 << 20
+"""Largest JSON message a transport accepts (a begin of 8192 blocks is ~50 KiB): a transport that
+reads a message's size first refuses a larger one before allocating it."""
+HANDSHAKE_MESSAGE_NBYTES = 64 << 10
+"""Largest challenge or hello: what an end reads from a peer it has not authenticated yet."""
 
 
 class ChannelClosed(TransferError):
@@ -74,9 +84,12 @@ class Channel(ABC):
         """Send one JSON-able message. Raises ChannelClosed."""
 
     @abstractmethod
-    async def recv_message(self, timeout_s: float | None = None) -> dict[str, Any]:
-        """The next message (a dict with a str "type"). Raises ChannelClosed, ProtocolError, or
-        asyncio.TimeoutError (after which the channel is out of step and must be closed)."""
+    async def recv_message(
+        self, timeout_s: float | None = None, max_nbytes: int = MAX_MESSAGE_NBYTES
+    ) -> dict[str, Any]:
+        """The next message (a dict with a str "type"). Raises ChannelClosed, ProtocolError (also for a
+        message over `max_nbytes` encoded, refused before it is read), or asyncio.TimeoutError (after
+        which the channel is out of step and must be closed)."""
 
     @abstractmethod
     async def send_payload(self, payload: torch.Tensor) -> None:
@@ -151,18 +164,57 @@ def _field(msg: dict[str, Any], key: str, kind: type) -> Any:
 
 
 # -- sending side --------------------------------------------------------------------------------
-async def handshake(channel: Channel, layout: KVLayout, peer: str, timeout_s: float) -> None:
-    """Introduce this sender's layout on a fresh connection; TransferRefused if the receiver says no."""
+async def handshake(
+    channel: Channel, layout: KVLayout, address: str, timeout_s: float, secret: TransferSecret | None = None
+) -> None:
+    """Answer the receiver's challenge on a fresh connection to `address` (as dialled: the receiver's
+    published address) with this sender's layout and, with a secret, its proof; check the receiver's
+    proof in the welcome. TransferRefused if the receiver says no, TransferError if it cannot prove
+    the secret or does not answer within `timeout_s`."""
     try:
-        hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "layout": layout.to_dict()}
+        challenge = await channel.recv_message(timeout_s, HANDSHAKE_MESSAGE_NBYTES)
+        receiver_nonce = _challenge_nonce(challenge, address)
+        sender_nonce = new_nonce()
+        hello = {
+            "type": "hello",
+            "protocol": PROTOCOL_VERSION,
+            "layout": layout.to_dict(),
+            "address": address,
+            "nonce": sender_nonce,
+        }
+        if secret is not None:
+            hello["proof"] = secret.proof("sender", receiver_nonce, sender_nonce, address)
         await channel.send_message(hello)
-        reply = await channel.recv_message(timeout_s)
+        reply = await channel.recv_message(timeout_s, HANDSHAKE_MESSAGE_NBYTES)
     except asyncio.TimeoutError:
-        raise TransferError(f"no handshake reply from {peer} within {timeout_s:g} s") from None
+        raise TransferError(f"no handshake from the receiver at {address} within {timeout_s:g} s") from None
     if reply["type"] == "refused":
-        raise TransferRefused(f"{peer} refused the connection: {reply.get('reason')}")
+        reason = reply.get("reason")
+        raise TransferRefused(f"the decode worker at {address} refused the KV connection: {reason}")
     if reply["type"] != "welcome":
-        raise ProtocolError(f"{peer} answered the handshake with {reply['type']!r}")
+        raise ProtocolError(f"{address} answered the handshake with {reply['type']!r}")
+    if secret is not None and not secret.verify(
+        reply.get("proof"), "receiver", receiver_nonce, sender_nonce, address
+    ):
+        raise TransferError(
+            f"the KV receiver at {address} did not prove the KV transfer secret: it is not the decode "
+            "worker registered there, or a relay; nothing was pushed to it"
+        )
+
+
+def _challenge_nonce(challenge: dict[str, Any], address: str) -> str:
+    """The receiver's nonce; TransferRefused for another protocol version, ProtocolError for junk."""
+    if challenge["type"] != "challenge":
+        raise ProtocolError(f"{address} opened the connection with {challenge['type']!r}, not a challenge")
+    if challenge.get("protocol") != PROTOCOL_VERSION:
+        raise TransferRefused(
+            f"the decode worker at {address} speaks KV protocol {challenge.get('protocol')!r}, this "
+            f"prefill worker {PROTOCOL_VERSION}: run the same Baton version on both"
+        )
+    nonce = challenge.get("nonce")
+    if not is_nonce(nonce):
+        raise ProtocolError(f"{address} sent a challenge without a valid nonce")
+    return str(nonce)
 
 
 class OutboundConnection:
@@ -471,14 +523,28 @@ class InboundConnection:
     Many requests may be in progress on one connection. Messages are read one after another; a
     finish is verified and completed in a task of its own, so the next request's messages are not
     held up by the handoff. `active_ids` is shared by all connections of one receiver, so a request
-    id is received by at most one connection at a time.
+    id is received by at most one connection at a time. Until the handshake welcomed the sender (with
+    `secret`: once it proved it), nothing but its hello is read and the handler is never called.
     """
 
-    def __init__(self, layout: KVLayout, handler: KVReceiveHandler, active_ids: set[str], peer: str) -> None:
+    def __init__(
+        self,
+        layout: KVLayout,
+        handler: KVReceiveHandler,
+        active_ids: set[str],
+        peer: str,
+        address: str = "",
+        secret: TransferSecret | None = None,
+        handshake_timeout_s: float = 10.0,
+    ) -> None:
+        """`address`: the receiver's published address, which senders prove their secret for."""
         self._layout = layout
         self._handler = handler
         self._active_ids = active_ids
         self.peer = peer
+        self._address = address
+        self._secret = secret
+        self._handshake_timeout_s = handshake_timeout_s
         self.requests: dict[str, _Inbound] = {}
         self._finishing = BackgroundTasks()
 
@@ -503,11 +569,7 @@ class InboundConnection:
             await self._finishing.wait()  # their replies find the channel closed; let their handoffs end
 
     async def _serve(self, channel: Channel, idle_timeout_s: float) -> None:
-        reply = self.on_hello(await channel.recv_message(idle_timeout_s))
-        await channel.send_message(reply)
-        if reply["type"] != "welcome":
-            with contextlib.suppress(asyncio.TimeoutError):  # let the sender read it and hang up
-                await channel.recv_message(min(idle_timeout_s, 5.0))
+        if not await self._handshake(channel):
             return
         while True:
             timeout_s = idle_timeout_s if self.requests else None
@@ -527,11 +589,48 @@ class InboundConnection:
             else:
                 raise ProtocolError(f"unexpected message type {kind!r}")
 
-    def on_hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+    async def _handshake(self, channel: Channel) -> bool:
+        """Challenge the sender and welcome it or refuse it (logged). False: the connection is to be
+        closed, with nothing but the hello read from it."""
+        nonce = new_nonce()
+        try:
+            await channel.send_message({"type": "challenge", "protocol": PROTOCOL_VERSION, "nonce": nonce})
+            hello = await channel.recv_message(self._handshake_timeout_s, HANDSHAKE_MESSAGE_NBYTES)
+            reply = self.on_hello(hello, nonce)
+            await channel.send_message(reply)
+        except asyncio.TimeoutError:
+            self._log_refusal(f"no hello within the handshake timeout ({self._handshake_timeout_s:g} s)")
+            return False
+        except ProtocolError as e:
+            self._log_refusal(f"not a hello: {e}")
+            return False
+        except ChannelClosed as e:
+            logger.info("KV receiver: %s hung up before the handshake: %s", self.peer, e)
+            return False
+        if reply["type"] == "welcome":
+            return True
+        self._log_refusal(reply["reason"])
+        with contextlib.suppress(asyncio.TimeoutError):  # let the sender read the refusal and hang up
+            await channel.recv_message(min(self._handshake_timeout_s, 5.0), HANDSHAKE_MESSAGE_NBYTES)
+        return False
+
+    def _log_refusal(self, reason: str) -> None:
+        logger.warning("KV receiver: refused %s: %s", self.peer, reason)
+
+    def on_hello(self, msg: dict[str, Any], nonce: str) -> dict[str, Any]:
+        """The welcome or refusal of a hello answering the challenge `nonce`."""
         if msg["type"] != "hello":
             raise ProtocolError(f"expected hello, got {msg['type']!r}")
         if msg.get("protocol") != PROTOCOL_VERSION:
             return _refused(f"protocol version {msg.get('protocol')!r}, receiver speaks {PROTOCOL_VERSION}")
+        sender_nonce: Any = msg.get("nonce")
+        address: Any = msg.get("address")
+        if is_nonce(sender_nonce) and isinstance(address, str):
+            problem = self._authentication_problem(msg.get("proof"), nonce, sender_nonce, address)
+        else:
+            problem = "the hello lacks the sender's nonce or the address it dialled"
+        if problem is not None:
+            return _refused(problem)
         layout: Any = msg.get("layout")
         try:
             theirs = KVLayout.from_dict(layout)
@@ -540,7 +639,31 @@ class InboundConnection:
         diff = self._layout.mismatch(theirs)
         if diff is not None:
             return _refused(f"KV layout mismatch (receiver vs sender): {diff}")
-        return {"type": "welcome"}
+        if self._secret is None:
+            return {"type": "welcome"}
+        return {"type": "welcome", "proof": self._secret.proof("receiver", nonce, sender_nonce, address)}
+
+    def _authentication_problem(self, proof: Any, nonce: str, sender_nonce: str, address: str) -> str | None:
+        """Why the sender's proof (None: it sent none) does not authenticate it, or None."""
+        secret = self._secret
+        if secret is None:
+            if proof is None:
+                return None
+            return (
+                "KV transfer secret mismatch: the sender proves a --kv-transfer-secret, this receiver has "
+                "none (set the same one on every prefill and decode worker, or on none)"
+            )
+        if proof is None:
+            return (
+                "authentication failed: no proof of the KV transfer secret, which this receiver requires "
+                "(the sender has no --kv-transfer-secret)"
+            )
+        if address != self._address:
+            dialled, own = address[:200], self._address
+            return f"authentication failed: the sender dialled {dialled!r}, this receiver is {own!r}"
+        if not secret.verify(proof, "sender", nonce, sender_nonce, address):
+            return "authentication failed: wrong proof of the KV transfer secret (the secrets differ)"
+        return None
 
     async def on_begin(self, msg: dict[str, Any]) -> dict[str, Any] | None:
         """Start receiving a request; the error reply if it is refused (its payloads are then drained)."""

@@ -1,21 +1,27 @@
 """KV transfer over UCX with `ucxx` (asyncio): TCP on plain hosts, RDMA/NVLink/shared memory where UCX
 finds them. Speaks the protocol of `protocol.py`.
 
-- Control messages travel as `send_obj`/`recv_obj`; a layer's payload as one tagged message
-  straight from the sender's tensor (CPU via a NumPy view, CUDA via `__cuda_array_interface__`)
-  into one of two per-connection staging buffers on the receiver's `device`, used in turn, each
-  grown to the largest layer seen and reused across layers and requests. On a GPU, the work the
-  receiver queued on a buffer (checksum, scatter into the cache) is only waited for when that buffer
-  comes round again, so nothing waits for the device per layer.
+- Control messages travel as `send_obj` sends them (their size, then their JSON), read back with the
+  size checked first (a peer cannot make the receiver allocate what it likes); a layer's payload as
+  one tagged message straight from the sender's tensor (CPU via a NumPy view, CUDA via
+  `__cuda_array_interface__`) into one of two per-connection staging buffers on the receiver's
+  `device`, used in turn, each grown to the largest layer seen and reused across layers and
+  requests. On a GPU, the work the receiver queued on a buffer (checksum, scatter into the cache) is
+  only waited for when that buffer comes round again, so nothing waits for the device per layer.
 - A sender keeps a few endpoints per receiver and multiplexes its pushes over them (`pool.py`): a
   burst of requests does not pay for a burst of connections, and the receiver's staging memory
   stays bounded by the endpoints it serves.
 - `ucxx` is imported on first use: importing this module is cheap and leaves UCX's environment alone.
-  ucxx listens on all interfaces; `host`/`advertise_host` only decide the published address.
+- ucxx 0.52 listens on every interface: its Python `create_listener` takes no address (the C++
+  ListenerBuilder's `host()` is not exposed), so `host`/`advertise_host` only decide the published
+  address. With a `TransferSecret` on both ends, every connection authenticates before anything
+  else is read from it (`auth.py`). UCX's own UCX_NET_DEVICES and UCX_TLS restrict the devices and
+  transports it uses.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
@@ -27,10 +33,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from baton.shared.transfer.auth import TransferSecret
 from baton.shared.transfer.base import KVLayout, KVReceiveHandler, KVReceiver, TransferError
 from baton.shared.transfer.faults import FaultConfig
 from baton.shared.transfer.pool import PooledKVSender
 from baton.shared.transfer.protocol import (
+    MAX_MESSAGE_NBYTES,
     Channel,
     ChannelClosed,
     InboundConnection,
@@ -138,12 +146,24 @@ class _UcxChannel(Channel):
     async def send_message(self, msg: dict[str, Any]) -> None:
         await self._io(self._ep.send_obj(encode_message(msg)))
 
-    async def recv_message(self, timeout_s: float | None = None) -> dict[str, Any]:
+    async def recv_message(
+        self, timeout_s: float | None = None, max_nbytes: int = MAX_MESSAGE_NBYTES
+    ) -> dict[str, Any]:
         try:
-            data = await self._io(self._ep.recv_obj(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return decode_message(await self._recv_sized(max_nbytes))
         except _Truncated:
             raise ProtocolError("a payload arrived where a message was expected") from None
-        return decode_message(data)
+
+    async def _recv_sized(self, max_nbytes: int) -> bytearray:
+        """What `send_obj` sent: its size (8 bytes), checked against `max_nbytes`, then its body."""
+        size = array.array("Q", [0])
+        await self._io(self._ep.recv(size))
+        if size[0] > max_nbytes:
+            raise ProtocolError(f"a message of {size[0]} bytes announced, at most {max_nbytes} accepted")
+        data = bytearray(size[0])
+        await self._io(self._ep.recv(data))
+        return data
 
     async def send_payload(self, payload: torch.Tensor) -> None:
         await self._io(self._ep.send(as_ucx_buffer(payload)))
@@ -211,7 +231,11 @@ class UcxKVReceiver(KVReceiver):
         device: torch.device | None = None,
         advertise_host: str | None = None,
         idle_timeout_s: float = 30.0,
+        secret: TransferSecret | None = None,
+        handshake_timeout_s: float = 10.0,
     ) -> None:
+        """`secret`: senders must prove it (and this receiver proves it to them) before anything else
+        is read from their connections; `handshake_timeout_s`: how long a new connection may take to."""
         self.layout = layout
         self.address = ""  # "ucx://HOST:PORT" once started
         self._handler = handler
@@ -219,6 +243,8 @@ class UcxKVReceiver(KVReceiver):
         self._port = port
         self._device = device if device is not None else torch.device("cpu")
         self._idle_timeout_s = idle_timeout_s
+        self._secret = secret
+        self._handshake_timeout_s = handshake_timeout_s
         self._active_ids: set[str] = set()
         self._listener: Any = None
         self._connections: dict[asyncio.Task[Any], _UcxChannel] = {}
@@ -260,10 +286,19 @@ class UcxKVReceiver(KVReceiver):
         if self._closing or task is None:
             channel.close("receiver closed")
             return
-        peer = f"UCX sender #{next(self._connection_ids)} at {self.address}"
+        # ucxx does not tell who connected: the connection is named by its number
+        peer = f"UCX connection #{next(self._connection_ids)} to {self.address}"
         self._connections[task] = channel
         try:
-            connection = InboundConnection(self.layout, self._handler, self._active_ids, peer)
+            connection = InboundConnection(
+                self.layout,
+                self._handler,
+                self._active_ids,
+                peer,
+                self.address,
+                self._secret,
+                self._handshake_timeout_s,
+            )
             await connection.serve(channel, self._idle_timeout_s)
         finally:
             del self._connections[task]
@@ -280,8 +315,11 @@ class UcxKVSender(PooledKVSender):
         reply_timeout_s: float = 10.0,
         max_pushes_per_address: int = 128,
         connections_per_address: int = 4,
+        secret: TransferSecret | None = None,
     ) -> None:
-        super().__init__(layout, faults, reply_timeout_s, max_pushes_per_address, connections_per_address)
+        super().__init__(
+            layout, faults, reply_timeout_s, max_pushes_per_address, connections_per_address, secret
+        )
         self._connect_timeout_s = connect_timeout_s
 
     def _check_address(self, address: str) -> None:

@@ -3,13 +3,17 @@ worker's KV cache shared with it. The worker's side is a recording HandoffHandle
 
 from __future__ import annotations
 
+import array
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from child_process_helpers import LAYOUT, NUM_CACHE_BLOCKS, assert_child_dies_with_its_worker, run
@@ -17,7 +21,9 @@ from child_process_helpers import LAYOUT, NUM_CACHE_BLOCKS, assert_child_dies_wi
 from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
 from baton.services.lifecycle import LOG_FORMAT
 from baton.shared.engine.kv_cache import KVCaches
-from baton.shared.transfer import FaultConfig, TransferError, UcxKVSender
+from baton.shared.transfer import FaultConfig, TransferError, TransferRefused, TransferSecret, UcxKVSender
+from baton.shared.transfer.protocol import encode_message
+from baton.shared.transfer.ucx import parse_ucx_address, ucx_for_this_loop
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +128,76 @@ def test_pushes_land_in_the_shared_cache_and_failures_reach_the_worker() -> None
             await process.close()
 
     run(main())
+
+
+SECRET = "the-decode-worker-kv-secret"
+
+
+async def hung_up_on(address: str, *messages: Any, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Connect with raw ucxx, send `messages` as they come (a dict as Baton's sender sends one, an array
+    as a payload) without any handshake, and read until the receiver hangs up; what it sent."""
+    ucx = ucx_for_this_loop()
+    ep = await ucx.create_endpoint(*parse_ucx_address(address))
+    for message in messages:
+        await (ep.send_obj(encode_message(message)) if isinstance(message, dict) else ep.send(message))
+    received = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                received.append(json.loads(bytes(await ep.recv_obj())))
+    except ucx.exceptions.UCXError:
+        return received  # hung up on
+    finally:
+        ep.abort()
+
+
+def test_only_senders_that_prove_the_secret_write_into_the_cache() -> None:
+    """UCX listens on every interface: whoever reaches the port may connect, but only a sender that
+    proves the worker's secret gets a request, or a byte, into its cache. Wrong or missing proofs,
+    raw clients that skip the handshake or stay silent, and junk on the TCP port are turned away
+    without touching the reservation, and the listener serves on."""
+    caches, worker = new_caches(), RecordingWorker()
+    block_ids = [3, 17, 8]
+    nbytes = LAYOUT.layer_nbytes(len(block_ids))
+    layer = {"type": "layer", "request_id": "r", "layer": 0, "count": 1, "nbytes": nbytes}
+    begin = {"type": "begin", "request_id": "r", "block_ids": block_ids, "num_layers": LAYOUT.num_layers}
+    payload = np.full(nbytes, 7, dtype=np.uint8)
+
+    async def main() -> None:
+        secure = spec(secret=TransferSecret(SECRET), handshake_timeout_s=1.0)
+        process = ReceiverProcess(secure, caches, worker)
+        await process.start()
+        right = UcxKVSender(LAYOUT, secret=TransferSecret(SECRET))
+        wrong = UcxKVSender(LAYOUT, secret=TransferSecret("a-different-kv-secret"))
+        missing = UcxKVSender(LAYOUT)
+        try:
+            process.reserve("r", block_ids, None)
+            refused = "refused the KV connection: authentication failed: "
+            with pytest.raises(TransferRefused, match=refused + "wrong proof"):
+                await push(wrong, process.address, "r", block_ids, seed=1)
+            with pytest.raises(TransferRefused, match=refused + "no proof"):
+                await push(missing, process.address, "r", block_ids, seed=1)
+            # a payload, a request, a size header announcing a TiB, silence (past the 1 s handshake)
+            for raw in ((payload,), (begin, layer, payload), (array.array("Q", [1 << 40]),), ()):
+                got = await hung_up_on(process.address, *raw)
+                assert [m["type"] for m in got] == ["challenge"], raw
+            with socket.create_connection(parse_ucx_address(process.address)) as junk:
+                junk.sendall(b"GET / HTTP/1.1\r\n\r\n" + bytes(range(256)) * 16)
+            assert not any(k.any() or v.any() for k, v in caches)  # not a byte written
+            assert worker.failed == {}  # nor the reservation disturbed: it still takes the push
+            ack = await push(right, process.address, "r", block_ids, seed=1)
+        finally:
+            await right.close()
+            await wrong.close()
+            await missing.close()
+            await process.close()
+        assert ack == {"ok": True, "tokens": 7}
+
+    run(main())
+    assert worker.completed == {"r": LAYOUT.num_layers * nbytes} and worker.failed == {}
+    assert_in_cache(caches, block_ids, random_layers(len(block_ids), seed=1))
+    untouched = [b for b in range(NUM_CACHE_BLOCKS) if b not in block_ids]
+    assert not any(k[untouched].any() or v[untouched].any() for k, v in caches)
 
 
 def test_unannounced_and_revoked_reservations_get_no_writes() -> None:

@@ -1,6 +1,7 @@
 """Secrets and prompts stay out of logs and command lines: a cluster on a Redis that wants AUTH, behind
-a gateway with an API key, every process logging each request's lifecycle (--log-requests); and a
-cluster whose only Redis user is a least-privilege ACL user (README: Deploy)."""
+a gateway with an API key, its KV transfers authenticated by a secret, every process logging each
+request's lifecycle (--log-requests); and a cluster whose only Redis user is a least-privilege ACL user
+(README: Deploy)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from baton.shared.registry import redacted
 pytestmark = pytest.mark.integration
 
 API_KEY = "sk-test-key-that-must-not-leak"
+KV_TRANSFER_SECRET = "kv-transfer-secret-that-must-not-leak"
 PROMPT = "the launch code is 7f3a-quokka-91"
 
 
@@ -28,6 +30,7 @@ def cluster(llama_dir: Path, redis_with_auth: tuple[str, str]) -> Iterator[Local
         llama_dir,
         url,
         redis_password=password,
+        kv_transfer_secret=KV_TRANSFER_SECRET,
         http_port=0,
         log_requests=True,
         env={"BATON_API_KEY": API_KEY},
@@ -51,7 +54,10 @@ def test_requests_are_served_and_nothing_secret_is_logged_or_on_a_command_line(
     assert completion.finish_reason == "FINISH_REASON_LENGTH"
     logged = "".join(cluster.log.lines)
     assert "22 prompt tokens" in logged and "ended" in logged  # the lifecycle lines are there...
-    for secret in (password, API_KEY, PROMPT, PROMPT.split()[-1]):  # ...and none of these
+    # ...the KV was pushed, over connections that proved the secret (no fallback to local prefill)...
+    assert logged.count("bytes to decode-0") == 2 and "refused the KV connection" not in logged
+    assert logged.count("(connections authenticated by the KV transfer secret)") == 2  # both workers
+    for secret in (password, API_KEY, KV_TRANSFER_SECRET, PROMPT, PROMPT.split()[-1]):  # ...and none of these
         assert secret not in logged, secret
         for name, process in cluster.processes.items():
             argv = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode(errors="replace")

@@ -23,7 +23,7 @@ from child_process_helpers import LAYOUT, NUM_CACHE_BLOCKS, assert_child_dies_wi
 from baton.services.lifecycle import LOG_FORMAT
 from baton.services.prefill.sender_process import SenderProcess, SenderSpec
 from baton.shared.engine.kv_cache import KVCaches
-from baton.shared.transfer import TransferError, UcxKVReceiver
+from baton.shared.transfer import TransferError, TransferSecret, UcxKVReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -100,12 +100,13 @@ class Releases:
 
 @contextlib.asynccontextmanager
 async def pushing(
-    caches: KVCaches, releases: Releases, decode: DecodeSide
+    caches: KVCaches, releases: Releases, decode: DecodeSide, secret: TransferSecret | None = None
 ) -> AsyncIterator[tuple[str, SenderProcess]]:
-    """A receiver for `decode` (its address) and a started sending process over `caches`."""
-    receiver = UcxKVReceiver(LAYOUT, decode, host="127.0.0.1")
+    """A receiver for `decode` (its address) and a started sending process over `caches`; with
+    `secret`, both ends have it."""
+    receiver = UcxKVReceiver(LAYOUT, decode, host="127.0.0.1", secret=secret)
     await receiver.start()
-    sender = SenderProcess(spec(), caches, releases)
+    sender = SenderProcess(spec(secret=secret), caches, releases)
     try:
         await sender.start()
         yield receiver.address, sender
@@ -133,6 +134,44 @@ def test_a_shipped_prompt_arrives_whole_and_its_blocks_are_released_once() -> No
         assert releases.counts == {"r": 1}
 
     run(main())
+
+
+def test_the_child_proves_the_secret_and_a_refusal_names_the_cause() -> None:
+    """The worker's secret reaches its sending process (pickled with its spec): its pushes land on a
+    decode worker with the same secret; one with another secret refuses the connection, the push
+    fails with that cause (for the router to place the request again), and the blocks are released."""
+    caches, releases, decode = new_caches(), Releases(), DecodeSide()
+    other = DecodeSide()
+
+    async def main() -> None:
+        async with pushing(caches, releases, decode, TransferSecret("kv-secret-of-this-cluster")) as (
+            address,
+            sender,
+        ):
+            sender.open("r", address, [10, 11], LAYOUT.num_layers)
+            sender.ship("r", [3, 7], None)
+            await sender.finish("r", {"token_id": 5}, timeout_s=10)
+            stranger = UcxKVReceiver(LAYOUT, other, host="127.0.0.1", secret=TransferSecret("x" * 16))
+            await stranger.start()
+            try:
+                sender.open("s", stranger.address, [1], LAYOUT.num_layers)
+                sender.ship("s", [2], None)
+                with pytest.raises(TransferError) as refused:
+                    await sender.finish("s", {}, timeout_s=10)
+            finally:
+                await stranger.close()
+        assert str(refused.value) == (
+            f"the decode worker at {stranger.address} refused the KV connection: authentication failed: "
+            "wrong proof of the KV transfer secret (the secrets differ)"
+        )
+        assert releases.counts == {"r": 1, "s": 1}
+
+    run(main())
+    assert decode.trailers == {"r": {"token_id": 5}}
+    for layer, (k, v) in enumerate(caches):
+        assert torch.equal(decode.cache[layer, 0, [10, 11]], k[[3, 7]])
+        assert torch.equal(decode.cache[layer, 1, [10, 11]], v[[3, 7]])
+    assert other.blocks == {} and not other.cache.any()
 
 
 def test_aborted_pushes_release_their_blocks_and_tell_the_receiver() -> None:

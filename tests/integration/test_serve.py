@@ -58,6 +58,8 @@ def served(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     threading.Thread(target=_drain, args=(process, log), daemon=True).start()  # a full pipe would block it
     redis_url = re.search(r"registry (redis://\S+)\)", banner).group(1)  # type: ignore[union-attr]
     assert f"http://127.0.0.1:{http_port}/v1" in banner
+    # no secret given: serve made one up, and both workers' KV connections prove it
+    assert banner.count("(connections authenticated by the KV transfer secret)") == 2, banner
     try:
         yield Served(process, f"127.0.0.1:{router_port}", f"http://127.0.0.1:{http_port}", redis_url, log)
     finally:

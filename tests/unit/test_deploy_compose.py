@@ -95,8 +95,14 @@ def test_secrets_come_from_the_environment_only() -> None:
     services = compose()["services"]
     for service in services.values():
         for key, value in service.get("environment", {}).items():
-            if "PASSWORD" in key or "AUTH" in key or key.endswith("API_KEY"):
-                assert re.fullmatch(r"\$\{BATON_(REDIS_PASSWORD|API_KEY):[?-][^}]*\}", value), key
+            if "PASSWORD" in key or "AUTH" in key or "SECRET" in key or key.endswith("API_KEY"):
+                assert re.fullmatch(
+                    r"\$\{BATON_(REDIS_PASSWORD|API_KEY|KV_TRANSFER_SECRET):[?-][^}]*\}", value
+                ), key
+    for name in ("prefill", "decode", "prefill-cpu", "decode-cpu"):  # required: no worker goes without
+        assert services[name]["environment"]["BATON_KV_TRANSFER_SECRET"].startswith(
+            "${BATON_KV_TRANSFER_SECRET:?"
+        )
     assert '--requirepass "$$REDIS_PASSWORD"' in services["redis"]["command"][-1]  # not on its command line
 
 

@@ -179,20 +179,26 @@ def test_every_object_is_valid_against_the_kubernetes_schema(objects: tuple[Obj,
 
 def test_references_to_generated_objects_resolve(overlay: str, objects: tuple[Obj, ...]) -> None:
     """Secrets are the user's in gpu (none rendered) and generated in cpu-demo; either way the Redis
-    password every container reads is the one Redis requires."""
+    password every container reads is the one Redis requires, and the prefill and decode workers
+    read one KV transfer secret, which nothing optional leaves unset."""
     secrets = {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
-    password_refs = set()
+    password_refs, kv_secret_refs = set(), {}
     for container in containers(objects):
         for var in container.spec.get("env", []):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref is not None and var["name"] in ("BATON_REDIS_PASSWORD", "REDIS_PASSWORD"):
                 password_refs.add((ref["name"], ref["key"]))
+            if var["name"] == "BATON_KV_TRANSFER_SECRET":
+                assert ref is not None and not ref.get("optional", False), container.component
+                kv_secret_refs[container.component] = (ref["name"], ref["key"])
     assert len(password_refs) == 1, password_refs
     ((secret_name, _key),) = password_refs
+    assert set(kv_secret_refs) == WORKERS and len(set(kv_secret_refs.values())) == 1, kv_secret_refs
+    ((kv_secret_name, _kv_key),) = set(kv_secret_refs.values())
     if overlay in GPU_OVERLAYS:
-        assert secrets == set() and secret_name == "baton-redis"
+        assert secrets == set() and (secret_name, kv_secret_name) == ("baton-redis", "baton-kv-transfer")
     else:
-        assert secret_name in secrets
+        assert {secret_name, kv_secret_name} <= secrets
 
 
 # -- Baton's containers run real commands with their own settings ---------------------------------------

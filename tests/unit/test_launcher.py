@@ -105,3 +105,31 @@ def test_a_worker_bound_to_every_interface_advertises_its_own_address(
     assert advertised_host(worker("::")) == "10.1.2.3"
     assert advertised_host(worker("0.0.0.0", "decode-0.baton")) == "decode-0.baton"  # told: as told
     assert advertised_host(worker("127.0.0.1")) == "127.0.0.1"  # bound to one interface: that one
+
+
+def test_only_the_workers_get_the_kv_transfer_secret_and_only_in_their_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = "kv-secret-for-the-launcher-test"
+    cluster = LocalCluster(ClusterSpec(model="m", kv_transfer_secret=secret))
+    assert secret not in repr(cluster.spec)
+    for name in ("prefill-0", "decode-1"):
+        assert cluster._environment(name, {})["BATON_KV_TRANSFER_SECRET"] == secret
+        assert secret not in cluster._worker_argv(name)
+    for name in ("router", "gateway"):
+        assert "BATON_KV_TRANSFER_SECRET" not in cluster._environment(name, {})
+    with pytest.raises(ValueError, match="at least 16 characters, got 6") as short:
+        LocalCluster(ClusterSpec(model="m", kv_transfer_secret="hunter"))
+    assert "hunter" not in str(short.value)
+
+    started: list[ClusterSpec] = []
+    monkeypatch.setattr("baton.services.launcher.serve_forever", lambda spec: started.append(spec) or 0)
+    assert main(["serve", "--model", "m"]) == 0  # none given: a random one for this cluster
+    monkeypatch.setenv("BATON_KV_TRANSFER_SECRET", secret)
+    assert main(["serve", "--model", "m"]) == 0
+    made_up, given = (spec.kv_transfer_secret or "" for spec in started)
+    assert len(made_up) == 64 and int(made_up, 16) >= 0 and given == secret
+    monkeypatch.setenv("BATON_KV_TRANSFER_SECRET", "hunter")
+    assert main(["decode", "--model", "m"]) == 2  # a clear message before anything loads
+    error = capsys.readouterr().err
+    assert "kv_transfer_secret" in error and "at least 16 characters" in error and "hunter" not in error

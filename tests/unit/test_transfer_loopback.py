@@ -382,11 +382,13 @@ def test_receiver_validates_raw_protocol_messages() -> None:
     async def exchange(
         messages: list[dict[str, Any] | torch.Tensor], refused: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
-        """Send each item; read a reply after a hello, a finish, and a begin of a `refused` request."""
+        """Read the challenge; send each item; read a reply after a hello, a finish, and a begin of a
+        `refused` request."""
         mine, theirs = _LoopbackChannel.pair()
         serving = asyncio.create_task(InboundConnection(LAYOUT, handler, set(), "raw").serve(theirs, 1.0))
         replies = []
         try:
+            assert (await mine.recv_message(1.0))["type"] == "challenge"
             for item in messages:
                 if isinstance(item, torch.Tensor):
                     await mine.send_payload(item)
@@ -400,7 +402,13 @@ def test_receiver_validates_raw_protocol_messages() -> None:
             await serving
         return replies
 
-    hello = {"type": "hello", "protocol": PROTOCOL_VERSION, "layout": LAYOUT.to_dict()}
+    hello = {
+        "type": "hello",
+        "protocol": PROTOCOL_VERSION,
+        "layout": LAYOUT.to_dict(),
+        "address": "raw",
+        "nonce": "ab" * 32,
+    }
 
     def begin(request_id: str, num_layers: int = 3) -> dict[str, Any]:
         return {"type": "begin", "request_id": request_id, "block_ids": [0], "num_layers": num_layers}
