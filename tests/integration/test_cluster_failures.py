@@ -192,3 +192,43 @@ def test_a_killed_worker_restarted_with_its_command_serves_again(make_cluster, o
         offline, batch, 6
     )
     assert_no_leaks(cluster)
+
+
+def test_killing_the_router_mid_stream_frees_everything_and_a_restarted_router_serves(
+    make_cluster, offline: LLM
+) -> None:
+    """kill -9 of the router while a stream is open through the gateway: the stream ends with an
+    OpenAI error object then `[DONE]`; the decode worker sees the router's output stream go and aborts
+    its requests, so nothing stays held or recorded; the gateway answers 503 meanwhile and serves
+    again, token for token, once the router is restarted on its port."""
+    cluster = make_cluster(num_prefill=1, num_decode=1, http_port=0)
+    body = {"prompt": prompts(1)[0], "max_tokens": 800, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+            if len(events) == 5:
+                cluster.kill("router")
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "UNAVAILABLE" in error["message"], error
+    assert all("choices" in json.loads(e) for e in events[:-2])
+    assert_no_leaks(cluster, timeout_s=20)  # the workers and the registry, without the router
+    short = {"prompt": prompts(1)[0], "max_tokens": 4}
+    refused = httpx.post(f"{cluster.gateway_url}/v1/completions", json=short, timeout=30)
+    assert refused.status_code == 503 and "UNAVAILABLE" in refused.json()["error"]["message"]
+    assert refused.headers["retry-after"]
+    cluster.restart("router")
+    batch = prompts(3, 20, 60)
+    assert [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))] == expected(
+        offline, batch, 6
+    )
+    for _ in range(30):  # the gateway reconnects to the router on its next request
+        again = httpx.post(f"{cluster.gateway_url}/v1/completions", json=short, timeout=30)
+        if again.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] == "length"
+    assert_no_leaks(cluster)
