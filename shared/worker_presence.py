@@ -95,15 +95,24 @@ class WorkerPresence:
                     "registry unreachable, serving on and retrying every %.1f s: %s", self.interval_s, exc
                 )
                 self._outage_logged = True
+        except Exception as exc:  # Redis refused a command (an ACL missing a permission), a script failed
+            self._registered = False  # this beat's prefix changes may be lost: send everything next time
+            logger.error(
+                "registry refused worker %s's heartbeat, retrying every %.1f s: %s: %s",
+                self.info.worker_id,
+                self.interval_s,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _register(self) -> None:
         snap = await self._snapshot(True)
         await self.registry.register_worker(self.info, snap.load)
-        if snap.prefix_all:
-            await self.registry.publish_prefix(self.info.worker_id, snap.prefix_all, [])
         if snap.records:
             restored = await self.registry.restore_requests(self.info.worker_id, snap.records)
             if restored:
                 logger.warning("restored %d request records the registry had lost", len(restored))
         await self.registry.heartbeat(self.info.worker_id, snap.load, snap.request_ids)
+        if snap.prefix_all:  # last: the lease and the records matter more than placement hints
+            await self.registry.publish_prefix(self.info.worker_id, snap.prefix_all, [])
         self._registered = True
