@@ -74,8 +74,10 @@ def build_report(
     unexpected_exits: dict[str, int],
     durations_s: dict[str, float],
     config: dict[str, Any],
+    memory_rss_mib: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The JSON report; `ok` is what the exit status says: nothing lost, nothing leaked, the audit
+    """The JSON report (`memory_rss_mib`: each process's first, peak and last resident MiB); `ok` is
+    what the exit status says: nothing lost, nothing leaked, the audit
     clean, every restart served again, no other process died, and some requests completed."""
     o = tally.outcomes
     report: dict[str, Any] = {
@@ -91,6 +93,7 @@ def build_report(
         "unexpected_exits": unexpected_exits,
         "sent_by_kind": dict(sorted(tally.by_kind.items())),
         "durations_s": {k: round(v, 1) for k, v in durations_s.items()},
+        "memory_rss_mib": memory_rss_mib or {},
         "config": config,
         "lost_examples": tally.lost_examples,
     }

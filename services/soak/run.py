@@ -20,6 +20,7 @@ import httpx
 from baton.services.launcher import ClusterSpec, LocalCluster
 from baton.services.registry_check import IdleResult, check_idle
 from baton.services.soak.client import http_client, send
+from baton.services.soak.memory import MemoryTrack
 from baton.services.soak.outcome import classify
 from baton.services.soak.report import Restart, Tally, build_report
 from baton.services.soak.workload import Workload, WorkloadConfig
@@ -77,7 +78,8 @@ def run_soak(config: SoakConfig, out: TextIO = sys.stderr) -> dict[str, Any]:
         cluster.start()
         started = time.monotonic()
         try:
-            tally, restarts, drain_s = asyncio.run(_load(cluster, config, out))
+            memory = MemoryTrack()
+            tally, restarts, drain_s = asyncio.run(_load(cluster, config, out, memory))
             print("soak: load stopped; waiting for the cluster to be idle, auditing it", file=out, flush=True)
             load_ended = time.monotonic()
             idle = asyncio.run(_settle(cluster, config.settle_timeout_s))
@@ -92,7 +94,8 @@ def run_soak(config: SoakConfig, out: TextIO = sys.stderr) -> dict[str, Any]:
         "settle": settle_s,
         "total": time.monotonic() - began,
     }
-    return build_report(tally, restarts, idle, unexpected_exits, durations, _described(config, log_path))
+    described = _described(config, log_path)
+    return build_report(tally, restarts, idle, unexpected_exits, durations, described, memory.report())
 
 
 def _new_log_file() -> Path:
@@ -113,9 +116,12 @@ def _cluster_spec(config: SoakConfig) -> ClusterSpec:
     )
 
 
-async def _load(cluster: LocalCluster, config: SoakConfig, out: TextIO) -> tuple[Tally, list[Restart], float]:
-    """Client lanes until the duration is up, the kills and restarts beside them; returns the tally,
-    the restarts and how long the requests in flight at the end took to finish."""
+async def _load(
+    cluster: LocalCluster, config: SoakConfig, out: TextIO, memory: MemoryTrack
+) -> tuple[Tally, list[Restart], float]:
+    """Client lanes until the duration is up, the kills and restarts beside them, every process's
+    memory sampled each second; returns the tally, the restarts and how long the requests in flight at
+    the end took to finish."""
     tally, workload = Tally(), Workload(config.workload, config.seed)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -129,12 +135,15 @@ async def _load(cluster: LocalCluster, config: SoakConfig, out: TextIO) -> tuple
         ]
         faults = asyncio.create_task(_kill_and_restart(cluster, config, started, out))
         progress = asyncio.create_task(_progress(tally, started, config, out))
+        sampling = asyncio.create_task(_sample_memory(cluster, memory))
         try:
             await asyncio.gather(*lanes)
             drain_s = loop.time() - stop_at
             restarts = await faults
         finally:
             progress.cancel()
+            sampling.cancel()
+    memory.sample(cluster.processes)
     print(tally.progress_line(loop.time() - started, config.duration_s), file=out, flush=True)
     return tally, restarts, max(0.0, drain_s)
 
@@ -186,6 +195,12 @@ async def _kill_and_restart(
             flush=True,
         )
     return restarts
+
+
+async def _sample_memory(cluster: LocalCluster, memory: MemoryTrack, interval_s: float = 1.0) -> None:
+    while True:
+        memory.sample(cluster.processes)
+        await asyncio.sleep(interval_s)
 
 
 async def _progress(tally: Tally, started: float, config: SoakConfig, out: TextIO) -> None:

@@ -42,3 +42,6 @@ def test_a_short_soak_loses_no_request_and_leaks_no_block(llama_dir: Path, tmp_p
         == report["completed"] + report["cancelled"] + report["failed_with_clear_error"]["total"]
     ), shown
     assert report["ok"], shown
+    memory = report["memory_rss_mib"]  # every process sampled, each line from its first to its last
+    assert {"gateway", "router", "prefill-0", "decode-0", "decode-1"} <= set(memory), shown
+    assert all(0 < m["first"] <= m["peak"] and m["last"] <= m["peak"] for m in memory.values()), shown

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
 from baton.services.gateway.protocol import ChatCompletionRequest, CompletionRequest
+from baton.services.soak.memory import MemoryTrack, rss_mib
 from baton.services.soak.outcome import Observation, Outcome, classify
 from baton.services.soak.report import failures
 from baton.services.soak.workload import CHAT_PATH, Workload, WorkloadConfig
@@ -160,3 +163,21 @@ def test_a_report_fails_on_anything_lost_leaked_dirty_or_unrestarted() -> None:
         ({"completed": 0}, "no request completed"),
     ]:
         assert any(why in reason for reason in failures({**good, **change})), change
+
+
+def test_memory_track_keeps_first_peak_and_last_by_name_and_skips_exited_processes() -> None:
+    assert rss_mib(2**22 + 12345) is None  # no such process
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        track = MemoryTrack()
+        track.sample({"sleeper": sleeper, "done": done})
+        track.sample({"sleeper": sleeper, "done": done})
+        report = track.report()
+        assert set(report) == {"sleeper"}  # an exited process is not sampled
+        line = report["sleeper"]
+        assert 1 < line["first"] <= line["peak"] and line["last"] <= line["peak"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
