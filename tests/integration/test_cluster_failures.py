@@ -152,17 +152,7 @@ def test_a_decode_worker_dying_mid_stream_ends_the_sse_stream_with_an_error_then
     """Through the gateway: the stream carries an OpenAI error object, then `[DONE]`; the gateway
     stays up and reports itself not ready until a decode worker is back."""
     cluster = make_cluster(num_prefill=1, num_decode=1, http_port=0)
-    body = {"prompt": prompts(1)[0], "max_tokens": 800, "ignore_eos": True, "stream": True}
-    events: list[str] = []
-    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, timeout=60) as reply:
-        assert reply.status_code == 200
-        for line in reply.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-            if len(events) == 5:
-                cluster.kill("decode-0")
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
+    events, error = _stream_then_kill(cluster, "decode-0")
     assert error["type"] == "server_error" and "decode worker decode-0 failed" in error["message"]
     assert all("choices" in json.loads(e) for e in events[:-2])
     assert httpx.get(f"{cluster.gateway_url}/health").status_code == 200
@@ -202,17 +192,7 @@ def test_killing_the_router_mid_stream_frees_everything_and_a_restarted_router_s
     its requests, so nothing stays held or recorded; the gateway answers 503 meanwhile and serves
     again, token for token, once the router is restarted on its port."""
     cluster = make_cluster(num_prefill=1, num_decode=1, http_port=0)
-    body = {"prompt": prompts(1)[0], "max_tokens": 800, "ignore_eos": True, "stream": True}
-    events: list[str] = []
-    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, timeout=60) as reply:
-        assert reply.status_code == 200
-        for line in reply.iter_lines():
-            if line.startswith("data: "):
-                events.append(line.removeprefix("data: "))
-            if len(events) == 5:
-                cluster.kill("router")
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])["error"]
+    events, error = _stream_then_kill(cluster, "router")
     assert error["type"] == "server_error" and "UNAVAILABLE" in error["message"], error
     assert all("choices" in json.loads(e) for e in events[:-2])
     assert_no_leaks(cluster, timeout_s=20)  # the workers and the registry, without the router
@@ -232,3 +212,19 @@ def test_killing_the_router_mid_stream_frees_everything_and_a_restarted_router_s
         time.sleep(0.5)
     assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] == "length"
     assert_no_leaks(cluster)
+
+
+def _stream_then_kill(cluster: LocalCluster, victim: str) -> tuple[list[str], dict]:
+    """A long SSE stream through the gateway, `victim` killed (-9) after its fifth event; returns the
+    events' data and the error object of the event before the last, which must be `[DONE]`."""
+    body = {"prompt": prompts(1)[0], "max_tokens": 800, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    with httpx.stream("POST", f"{cluster.gateway_url}/v1/completions", json=body, timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+            if len(events) == 5:
+                cluster.kill(victim)
+    assert events[-1] == "[DONE]"
+    return events, json.loads(events[-2])["error"]
