@@ -21,6 +21,7 @@ from baton.shared import grpc_tls
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
+from baton.shared.gc_pauses import freeze_startup_heap
 from baton.shared.grpc_server import ServiceBinding, start_server
 from baton.shared.loop_lag import LoopLagMonitor
 from baton.shared.progress_watchdog import ProgressWatchdog
@@ -106,6 +107,7 @@ async def run_worker(config: WorkerConfig) -> None:
     )
     watchdog = ProgressWatchdog(engine, server, config.stall_timeout_s, lambda: service.draining)
     watchdog.start()
+    logger.info("startup heap frozen: %d objects exempt from garbage collection", freeze_startup_heap())
     loop_lag = LoopLagMonitor()
     loop_lag.start()
     signal_name = await wait_for_stop_signal()

@@ -2,7 +2,8 @@
 and records how much later than asked it ran. A loop whose lag often reaches tens of milliseconds is
 saturated (or blocked by a synchronous call, or starved of the GIL), and every request crossing it
 waits that long. Services log the summary at stop, beside the engine's step stats, so a benchmark's
-logs say which process's loop was the bottleneck without a profiler."""
+logs say which process's loop was the bottleneck without a profiler. The garbage collector's pauses
+(`gc_pauses.py`), which stop every thread of the process, are reported beside it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import asyncio
 import bisect
 import time
 from dataclasses import dataclass, field
+
+from baton.shared.gc_pauses import GcPauses
 
 # upper edges of the lag histogram's buckets, ms (the last bucket holds everything later)
 LAG_EDGES_MS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -74,24 +77,28 @@ class LagStats:
 
 
 class LoopLagMonitor:
-    """Samples the running loop's lag every `interval_s` (a chain of `call_at` timers, no task)."""
+    """Samples the running loop's lag every `interval_s` (a chain of `call_at` timers, no task), and
+    times the process's garbage collections meanwhile."""
 
     def __init__(self, interval_s: float = 0.01) -> None:
         self.interval_s = interval_s
         self.stats = LagStats()
+        self.gc = GcPauses()
         self._handle: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Start sampling the running loop (call from a coroutine on it)."""
         loop = asyncio.get_running_loop()
+        self.gc.install()
         self._schedule(loop, loop.time() + self.interval_s)
 
     def stop(self) -> str:
-        """Stop sampling; returns the summary line."""
+        """Stop sampling; returns the summary line (the loop's lag, then the collections' pauses)."""
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-        return self.stats.summary()
+        self.gc.remove()
+        return f"{self.stats.summary()}; gc pauses: {self.gc.summary()}"
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
         self._handle = loop.call_at(due, self._tick, loop, due)

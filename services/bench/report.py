@@ -89,6 +89,8 @@ def _print(report: dict[str, Any]) -> None:
         )
         for kind, totals in (r.get("engine_steps") or {}).items():
             print(f"          {describe_steps(kind, totals['per_step'])}")
+        if r.get("gc_pauses"):
+            print(f"          gc pauses: {r['gc_pauses']}")
     if "speedup_vs_hf" in report:
         print(f"  baton / hf output throughput: {report['speedup_vs_hf']:.1f}x")
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from baton.services.bench.datasets import BenchRequest
+from baton.shared.gc_pauses import GcPauses, freeze_startup_heap
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ThroughputResult:
     settings: dict[str, Any]
     engine_steps: dict[str, Any] | None = None
     """Baton's: where the timed run's step time went (see StepStats.as_dict)."""
+    gc_pauses: str | None = None
+    """Baton's: the garbage collector's pauses during the timed run (GcPauses.summary)."""
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -51,19 +54,23 @@ def run_baton(model: str, requests: list[BenchRequest], engine_settings: dict[st
     warm = [[(t + 1) % vocab for t in r.prompt_token_ids] for r in requests]
     llm.generate(warm, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     params = [SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in requests]
+    freeze_startup_heap()  # as the served workers do once ready, so both are timed alike
+    gc_pauses = GcPauses()
     _sync()
     llm.engine.step_stats.reset()
+    gc_pauses.install()
     start = time.perf_counter()
     outputs = llm.generate([r.prompt_token_ids for r in requests], params)
     _sync()
     elapsed = time.perf_counter() - start
+    gc_pauses.remove()
     for out, req in zip(outputs, requests, strict=True):
         if len(out.token_ids) != req.output_len:
             raise RuntimeError(
                 f"request {out.request_id} produced {len(out.token_ids)} tokens, not {req.output_len}"
             )
     settings = engine_settings | {"attention_backend": llm.engine.attention_backend}
-    return _result("baton", elapsed, requests, settings, llm.engine.step_stats.as_dict())
+    return _result("baton", elapsed, requests, settings, llm.engine.step_stats.as_dict(), gc_pauses.summary())
 
 
 def run_hf(
@@ -136,6 +143,7 @@ def _result(
     requests: list[BenchRequest],
     settings: dict[str, Any],
     engine_steps: dict[str, Any] | None = None,
+    gc_pauses: str | None = None,
 ) -> ThroughputResult:
     return ThroughputResult(
         system=system,
@@ -143,6 +151,7 @@ def _result(
         num_requests=len(requests),
         prompt_tokens=sum(len(r.prompt_token_ids) for r in requests),
         output_tokens=sum(r.output_len for r in requests),
+        gc_pauses=gc_pauses,
         settings=settings,
         engine_steps=engine_steps,
     )

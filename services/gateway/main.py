@@ -14,6 +14,7 @@ import uvicorn
 from baton.services.gateway.app import create_app
 from baton.services.lifecycle import wait_for_stop_signal
 from baton.shared.config import GatewayConfig
+from baton.shared.gc_pauses import freeze_startup_heap
 from baton.shared.loop_lag import LoopLagMonitor
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | 
             timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
         )
     )
+    logger.info("startup heap frozen: %d objects exempt from garbage collection", freeze_startup_heap())
     loop_lag = LoopLagMonitor()
     loop_lag.start()
     serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))
