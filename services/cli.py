@@ -300,6 +300,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         reservation_timeout_s=args.reservation_timeout_s,
         kv_faults=args.kv_faults,
         max_pushes_per_receiver=args.max_pushes_per_receiver,
+        kv_copy_buffer_gib=args.kv_copy_buffer_gib,
         kv_connections_per_receiver=args.kv_connections_per_receiver,
         kv_transfer_secret=args.kv_transfer_secret,
         threads=args.threads,
@@ -759,6 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
             "prefill only: KV pushes in flight to one decode worker (more wait)",
             type=int,
             default=128,
+        )
+        _flag(
+            worker,
+            "--kv-copy-buffer-gib",
+            "prefill only: device memory for prompt KV copied out and not yet sent (more prompts wait, "
+            "their blocks kept in the cache); it comes out of what --gpu-memory-utilization leaves free",
+            type=float,
+            default=2.0,
         )
         _flag(
             worker,

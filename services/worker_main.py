@@ -177,6 +177,7 @@ def sender_spec(
         faults=config.kv_faults,
         max_pushes_per_address=config.max_pushes_per_receiver,
         connections_per_address=config.kv_connections_per_receiver,
+        copy_buffer_nbytes=int(config.kv_copy_buffer_gib * (1 << 30)),
         attention_backend=core.attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),

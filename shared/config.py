@@ -179,6 +179,13 @@ class WorkerConfig(BaseModel):
         description="Prefill: KV pushes in flight to one decode worker (each holds its copied-out KV until "
         "sent); more wait.",
     )
+    kv_copy_buffer_gib: float = Field(
+        2.0,
+        gt=0,
+        description="Prefill: device memory the sending process may hold in prompt KV copied out of the "
+        "cache and not yet sent; further prompts wait, their blocks kept in the cache. It comes out of "
+        "what --gpu-memory-utilization leaves free.",
+    )
     kv_transfer_secret: SecretStr | None = Field(
         None,
         description="Prefill and decode: the secret every KV transfer connection proves knowledge of, both "

@@ -38,6 +38,7 @@ import torch
 
 from baton.services.lifecycle import terminate_with_parent
 from baton.shared.background import BackgroundTasks
+from baton.shared.byte_budget import ByteBudget
 from baton.shared.child_link import ChildLink, Message, ParentLink
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
@@ -66,6 +67,9 @@ class SenderSpec:
     attention_backend: str  # a resolved name, "torch" or "triton": its block copy reads the cache
     log_format: str
     log_level: int
+    copy_buffer_nbytes: int = 2 << 30
+    """Device memory the child may hold in copied-out prompt KV that is not sent yet; a prompt that
+    does not fit waits, its blocks held in the engine's cache (one larger than all of it goes alone)."""
     run_nbytes: int = 16 << 20
     """KV per message (whole layers, at least one): UCX moves messages of a few MiB at a fraction of
     its bandwidth (benchmarks/NOTES.md), and a prompt's copied-out KV leaves in a few of them."""
@@ -242,6 +246,7 @@ class _Pusher:
             secret=spec.secret,
         )
         self._pushes: dict[str, _Push] = {}
+        self._copy_buffer = ByteBudget(spec.copy_buffer_nbytes)  # copied-out KV not sent yet
         self._tasks = BackgroundTasks()
         self.parent: ParentLink | None = None
 
@@ -280,6 +285,8 @@ class _Pusher:
             self._release_if_announced(request_id, push)
 
         timings: dict[str, float] = {}
+        charge = 0  # bytes of the copy buffer this push holds
+        kv: torch.Tensor | None = None
         started = time.monotonic()
         # its own task: the prompt computes (and is copied out) while it connects, and an abort while
         # it connects must still reach a receiver it announced the request to
@@ -290,8 +297,14 @@ class _Pusher:
                 opening.result()  # a failed connection fails the push now, not once the prompt computed
             prompt_blocks, ready = await push.shipped
             announced = time.monotonic()
+            # copied out as soon as the copy buffer has room, whatever the connection: the engine's
+            # blocks wait only while earlier pushes hold the whole buffer (backpressure on the engine)
+            charge = await self._copy_buffer.acquire(
+                self._spec.layout.num_layers * self._spec.layout.layer_nbytes(len(prompt_blocks))
+            )
+            budgeted = time.monotonic()
             landed: torch.cuda.Event | None = None
-            try:  # copied out at once: the engine's blocks never wait for a slow connection
+            try:
                 kv, landed = self._copy_out(prompt_blocks, ready)  # kv: [num_layers, 2, blocks, *block]
                 while landed is not None and not landed.query():
                     await asyncio.sleep(0.0002)
@@ -306,15 +319,19 @@ class _Pusher:
             for first, count in layer_runs(kv.shape[0], layer_nbytes, self._spec.run_nbytes):
                 await live.send_layers(first, kv[first : first + count])
             sent = time.monotonic()
+            nbytes, kv = kv.numel() * kv.element_size(), None  # sent: its memory goes back at once
+            self._copy_buffer.release(charge)
+            charge = 0
             trailer, timeout_s = await push.trailer
             await live.finish(trailer, timeout_s=timeout_s)
             timings.update(
                 engine_ms=(announced - started) * 1e3,
-                copy_ms=(copied - announced) * 1e3,
+                buffer_ms=(budgeted - announced) * 1e3,  # waiting for room in the copy buffer
+                copy_ms=(copied - budgeted) * 1e3,
                 open_ms=(opened - copied) * 1e3,  # what the connection still needed after the copy
                 send_ms=(sent - opened) * 1e3,
             )
-            self._send(("finished", request_id, kv.numel() * kv.element_size(), timings, live.finish_timings))
+            self._send(("finished", request_id, nbytes, timings, live.finish_timings))
         except asyncio.CancelledError as exc:
             release_if_announced()  # before waiting for a connection that may be slow to settle
             if session is None:
@@ -332,6 +349,9 @@ class _Pusher:
             if self._pushes.get(request_id) is push:
                 del self._pushes[request_id]
             release_if_announced()
+            kv = None  # the copy's memory goes back to the allocator before its charge does
+            if charge:
+                self._copy_buffer.release(charge)
 
     def _release_if_announced(self, request_id: str, push: _Push) -> None:
         """Announced and not released yet: the engine's blocks go back now, whatever else is pending."""

@@ -100,13 +100,17 @@ class Releases:
 
 @contextlib.asynccontextmanager
 async def pushing(
-    caches: KVCaches, releases: Releases, decode: DecodeSide, secret: TransferSecret | None = None
+    caches: KVCaches,
+    releases: Releases,
+    decode: DecodeSide,
+    secret: TransferSecret | None = None,
+    **spec_overrides: Any,
 ) -> AsyncIterator[tuple[str, SenderProcess]]:
     """A receiver for `decode` (its address) and a started sending process over `caches`; with
     `secret`, both ends have it."""
     receiver = UcxKVReceiver(LAYOUT, decode, host="127.0.0.1", secret=secret)
     await receiver.start()
-    sender = SenderProcess(spec(secret=secret), caches, releases)
+    sender = SenderProcess(spec(secret=secret, **spec_overrides), caches, releases)
     try:
         await sender.start()
         yield receiver.address, sender
@@ -229,6 +233,36 @@ def test_announced_blocks_are_released_without_waiting_for_a_slow_connection() -
                 assert time.monotonic() - started < 2  # long before the connection attempt gives up
                 sender.abort("r", "gave up")
         assert releases.counts == {"r": 1}
+
+    run(main())
+
+
+def test_copied_out_kv_is_bounded_by_the_copy_buffer_and_the_engine_keeps_what_does_not_fit() -> None:
+    """With room for one prompt's KV, a push stuck connecting holds the whole buffer: the next prompt
+    is not copied out (its blocks stay the engine's) until the stuck one goes, then arrives whole."""
+    caches, releases, decode = new_caches(), Releases(), DecodeSide()
+    one_prompt = LAYOUT.num_layers * LAYOUT.layer_nbytes(2)
+
+    async def main() -> None:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            async with pushing(caches, releases, decode, copy_buffer_nbytes=one_prompt) as (address, sender):
+                sender.open("stuck", f"ucx://127.0.0.1:{silent.getsockname()[1]}", [1, 2], LAYOUT.num_layers)
+                sender.ship("stuck", [3, 4], None)
+                await releases.wait("stuck")  # copied out: it holds the buffer while it connects
+                sender.open("next", address, [10, 11], LAYOUT.num_layers)
+                sender.ship("next", [3, 7], None)
+                await asyncio.sleep(0.5)
+                assert "next" not in releases.counts  # not copied: the engine keeps its blocks
+                sender.abort("stuck", "gave up")
+                await releases.wait("next")
+                result = await sender.finish("next", {"token_id": 5}, timeout_s=10)
+        assert result.push_ms["buffer_ms"] >= 400
+        for layer, (k, v) in enumerate(caches):
+            assert torch.equal(decode.cache[layer, 0, [10, 11]], k[[3, 7]])
+            assert torch.equal(decode.cache[layer, 1, [10, 11]], v[[3, 7]])
+        assert releases.counts == {"stuck": 1, "next": 1}
 
     run(main())
 
