@@ -20,7 +20,7 @@ from baton.shared.transfer.protocol import (
     MAX_MESSAGE_NBYTES,
     Channel,
     ChannelClosed,
-    InboundConnection,
+    InboundConnections,
     ProtocolError,
     decode_message,
     encode_message,
@@ -123,11 +123,8 @@ class LoopbackKVReceiver(KVReceiver):
         self.layout = layout
         self.address = SCHEME + name
         self._name = name
-        self._handler = handler
+        self._inbound = InboundConnections(layout, handler, secret, handshake_timeout_s)
         self._idle_timeout_s = idle_timeout_s
-        self._secret = secret
-        self._handshake_timeout_s = handshake_timeout_s
-        self._active_ids: set[str] = set()
         self._connections: dict[asyncio.Task[None], _LoopbackChannel] = {}
 
     async def start(self) -> None:
@@ -150,15 +147,7 @@ class LoopbackKVReceiver(KVReceiver):
     def _accept(self, channel: _LoopbackChannel) -> None:
         """Serve a new connection (called by a sender's `open()`)."""
         peer = f"loopback sender #{next(_connection_ids)}"
-        connection = InboundConnection(
-            self.layout,
-            self._handler,
-            self._active_ids,
-            peer,
-            self.address,
-            self._secret,
-            self._handshake_timeout_s,
-        )
+        connection = self._inbound.new(peer, self.address)
         task = asyncio.get_running_loop().create_task(connection.serve(channel, self._idle_timeout_s))
         self._connections[task] = channel
         task.add_done_callback(self._connections.pop)

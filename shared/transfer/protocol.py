@@ -517,6 +517,24 @@ class _Inbound:
     payload_at: float = 0.0  # wall clock: when its last payload arrived
 
 
+@dataclass
+class InboundConnections:
+    """What every connection of one receiver shares; `new` makes each accepted one."""
+
+    layout: KVLayout
+    handler: KVReceiveHandler
+    secret: TransferSecret | None = None
+    handshake_timeout_s: float = 10.0
+    active_ids: set[str] = field(default_factory=set)
+    """Requests being received, on any connection (a request id on at most one at a time)."""
+
+    def new(self, peer: str, address: str) -> InboundConnection:
+        """A connection from `peer` to the receiver published at `address`."""
+        return InboundConnection(
+            self.layout, self.handler, self.active_ids, peer, address, self.secret, self.handshake_timeout_s
+        )
+
+
 class InboundConnection:
     """One sender's connection as a receiver sees it: validates every message and drives the handler.
 

@@ -41,7 +41,7 @@ from baton.shared.transfer.protocol import (
     MAX_MESSAGE_NBYTES,
     Channel,
     ChannelClosed,
-    InboundConnection,
+    InboundConnections,
     ProtocolError,
     decode_message,
     encode_message,
@@ -238,14 +238,11 @@ class UcxKVReceiver(KVReceiver):
         is read from their connections; `handshake_timeout_s`: how long a new connection may take to."""
         self.layout = layout
         self.address = ""  # "ucx://HOST:PORT" once started
-        self._handler = handler
+        self._inbound = InboundConnections(layout, handler, secret, handshake_timeout_s)
         self._host = advertise_host or host
         self._port = port
         self._device = device if device is not None else torch.device("cpu")
         self._idle_timeout_s = idle_timeout_s
-        self._secret = secret
-        self._handshake_timeout_s = handshake_timeout_s
-        self._active_ids: set[str] = set()
         self._listener: Any = None
         self._connections: dict[asyncio.Task[Any], _UcxChannel] = {}
         self._connection_ids = itertools.count(1)
@@ -290,15 +287,7 @@ class UcxKVReceiver(KVReceiver):
         peer = f"UCX connection #{next(self._connection_ids)} to {self.address}"
         self._connections[task] = channel
         try:
-            connection = InboundConnection(
-                self.layout,
-                self._handler,
-                self._active_ids,
-                peer,
-                self.address,
-                self._secret,
-                self._handshake_timeout_s,
-            )
+            connection = self._inbound.new(peer, self.address)
             await connection.serve(channel, self._idle_timeout_s)
         finally:
             del self._connections[task]
