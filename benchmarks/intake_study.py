@@ -34,7 +34,7 @@ from baton.services.router.service import RouterService
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import ServiceBinding, start_server
-from baton.shared.models import ModelConfig
+from baton.shared.models.model_config import ModelConfig
 from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 HERE = Path(__file__).resolve().parent

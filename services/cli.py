@@ -333,10 +333,10 @@ def _cmd_router(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout_s,
         grpc_tls=tls,
     )
-    from baton.services.router.main import run_router  # torch and the engine: after the checks
+    from baton.services.router.main import run_router  # after the checks
 
     setup_logging(args.log_level, args.log_requests)
-    if args.threads is not None:
+    if args.threads is not None and args.colocated:  # only a colocated router runs torch
         import torch
 
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ from baton.services.bench.datasets import BenchRequest, parse_range, random_requ
 from baton.shared.config import EngineConfig
 from baton.shared.engine.step_stats import describe_steps
 from baton.shared.grpc_tls import GrpcTls
-from baton.shared.models import resolve_dtype
+from baton.shared.models.loader import resolve_dtype
 from baton.shared.models.model_config import ModelConfig
 from baton.shared.tokenizer import Tokenizer
 

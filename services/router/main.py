@@ -9,13 +9,10 @@ import logging
 from pathlib import Path
 
 from baton.services.lifecycle import wait_for_stop_signal
-from baton.services.router.colocated import ColocatedBackend
 from baton.services.router.disaggregated import DisaggregatedBackend
 from baton.services.router.service import Backend, RouterService
 from baton.shared import grpc_tls
 from baton.shared.config import RouterConfig
-from baton.shared.engine.async_engine import AsyncEngine
-from baton.shared.engine.engine_core import EngineCore
 from baton.shared.gc_pauses import freeze_startup_heap
 from baton.shared.grpc_server import ServiceBinding, start_server
 from baton.shared.loop_lag import LoopLagMonitor
@@ -32,6 +29,11 @@ async def run_router(config: RouterConfig) -> None:
     backend: Backend
     max_model_len = config.max_model_len
     if config.colocated is not None:
+        # the engine and torch only here: a disaggregated router starts without them
+        from baton.services.router.colocated import ColocatedBackend
+        from baton.shared.engine.async_engine import AsyncEngine
+        from baton.shared.engine.engine_core import EngineCore
+
         core = await asyncio.to_thread(EngineCore, config.colocated)
         max_model_len = core.max_model_len
         engine = AsyncEngine(core)

@@ -17,7 +17,7 @@ from baton.services.lifecycle import request_logger
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.grpc_server import CapacityError, UnavailableError, error_message, status_for
-from baton.shared.models import ModelConfig
+from baton.shared.models.model_config import ModelConfig
 from baton.shared.output_mux import Failed, Subscribers
 from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc
 from baton.shared.rpc_convert import finish_reason_to_proto, logprobs_to_proto, sampling_from_proto

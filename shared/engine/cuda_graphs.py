@@ -11,7 +11,7 @@ import torch
 
 from baton.shared.engine.attention import AttentionMetadata
 from baton.shared.engine.kv_cache import KVCaches
-from baton.shared.models import LlamaForCausalLM
+from baton.shared.models.llama import LlamaForCausalLM
 
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 

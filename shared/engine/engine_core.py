@@ -30,8 +30,8 @@ from baton.shared.engine.sampler import Sampler
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
 from baton.shared.engine.step_stats import StepKindTotals, StepStats
-from baton.shared.models import ModelConfig, load_model, resolve_dtype
-from baton.shared.models.model_config import read_json
+from baton.shared.models.loader import load_model, resolve_dtype
+from baton.shared.models.model_config import ModelConfig, read_json
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from baton.shared.engine.kv_cache import KVCaches
 from baton.shared.engine.kv_cache_manager import KVCacheManager
 from baton.shared.engine.sampler import Sampler, SamplingRow
 from baton.shared.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
-from baton.shared.models import LlamaForCausalLM
+from baton.shared.models.llama import LlamaForCausalLM
 
 
 @dataclass(frozen=True)

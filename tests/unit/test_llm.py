@@ -11,7 +11,7 @@ import torch
 
 from baton import LLM, SamplingParams
 from baton.shared.demo.tiny_model import write_tiny_model
-from baton.shared.models import DTYPES
+from baton.shared.models.loader import DTYPES
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from baton import LLM
-from baton.shared.models import ModelDirectoryError
+from baton.shared.models.model_config import ModelDirectoryError
 
 
 @pytest.fixture
