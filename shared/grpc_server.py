@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from baton.shared.errors import CapacityError, ConflictError, UnavailableError
 from baton.shared.grpc_tls import GrpcTls, add_port, aio_channel
 
 logger = logging.getLogger(__name__)
@@ -32,30 +33,16 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class CapacityError(RuntimeError):
-    """No room for the request now (blocks, sequence slots, workers): RESOURCE_EXHAUSTED, retry later."""
-
-
-class UnavailableError(RuntimeError):
-    """A dependency this request needs is gone (worker died, engine stopped): UNAVAILABLE."""
-
-
-class ConflictError(RuntimeError):
-    """The request's shared state moved on (reservation expired, handoff refused): ABORTED."""
-
-
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The one mapping of Baton's exceptions to gRPC status codes."""
-    from baton.shared.engine.async_engine import EngineDeadError
-    from baton.shared.transfer import TransferError
-
+    """The one mapping of Baton's exceptions to gRPC status codes (no imports here: the first error a
+    torch-free service meets must not load the engine)."""
     if isinstance(exc, ValueError):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, KeyError):
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, UnavailableError | EngineDeadError | ConnectionError | TransferError):
+    if isinstance(exc, UnavailableError | ConnectionError):  # EngineDeadError, TransferError included
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, ConflictError):
         return grpc.StatusCode.ABORTED

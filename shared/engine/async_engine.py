@@ -20,6 +20,7 @@ from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.outputs import EngineOutput, merge_outputs, merge_queued
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken
+from baton.shared.errors import UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ BURST_MIN_RESERVED = 16
 T = TypeVar("T")
 
 
-class EngineDeadError(RuntimeError):
+class EngineDeadError(UnavailableError):
     """The engine thread stopped (a fatal error or shutdown); no request can make progress."""
 
 

@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from baton.shared.errors import UnavailableError
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -87,7 +89,7 @@ class KVLayout:
         return cls(**d)
 
 
-class TransferError(RuntimeError):
+class TransferError(UnavailableError):
     """This request's transfer failed (per-request, recoverable: the caller may retry elsewhere)."""
 
 

@@ -7,6 +7,7 @@ import json
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -135,6 +136,9 @@ def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster)
     assert first.finish_reason == "FINISH_REASON_LENGTH" and len(first.token_ids) == 100
     assert worker_stats(cluster)["prefill-0"].num_transfers == 1
     assert_no_leaks(cluster)
+    for name in ("router", "gateway"):  # their error paths must not import torch (seconds, blocking)
+        maps = Path(f"/proc/{cluster.processes[name].pid}/maps").read_text()
+        assert "libtorch" not in maps, f"the {name} loaded torch"
 
 
 def test_sigterm_drains_a_decode_worker_without_losing_a_request(make_cluster, offline: LLM) -> None:
