@@ -33,7 +33,9 @@ from baton.shared.rpc import worker_pb2
 pytestmark = pytest.mark.integration
 
 GATEWAY_DRAIN_TIMEOUT_S = GatewayConfig.model_fields["drain_timeout_s"].default
-ROUTER_DRAIN_TIMEOUT_S = RouterConfig.model_fields["drain_timeout_s"].default
+ROUTER_DRAIN_TIMEOUT_S = 4 * RouterConfig.model_fields["drain_timeout_s"].default
+"""The drain test's router gets longer than the default: on a loaded 2-core machine its streams' 400
+tokens have taken over 10 s (decode steps of 24 ms), and a drain cut short is another test's subject."""
 
 STREAMED = 400
 """Tokens of a request still streaming well after its service was signalled and refuses new work."""
@@ -118,7 +120,11 @@ def test_sigterm_drains_the_gateway_streams_and_refuses_new_connections(make_clu
 def test_sigterm_drains_the_router_streams_and_refuses_new_calls(make_cluster, offline: LLM) -> None:
     """The router stops listening at once (a new Generate is refused) and streams the calls it has to
     their end; then it exits 0."""
-    cluster = make_cluster(num_prefill=1, num_decode=1)
+    cluster = make_cluster(
+        num_prefill=1,
+        num_decode=1,
+        router_args=["--local-prefill-max-tokens", "0", "--drain-timeout-s", str(ROUTER_DRAIN_TIMEOUT_S)],
+    )
     router = cluster.processes["router"]
     batch = prompts(4, 20, 60)
 
