@@ -107,7 +107,7 @@ async def run_worker(config: WorkerConfig) -> None:
     )
     watchdog = ProgressWatchdog(engine, server, config.stall_timeout_s, lambda: service.draining)
     watchdog.start()
-    logger.info("startup heap frozen: %d objects exempt from garbage collection", freeze_startup_heap())
+    freeze_startup_heap()
     loop_lag = LoopLagMonitor()
     loop_lag.start()
     signal_name = await wait_for_stop_signal()

@@ -11,17 +11,22 @@ since. `GcPauses` measures the collections, for the services' stop-time summary.
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 
 def freeze_startup_heap() -> int:
-    """Collect once, then exempt every surviving object from later collections; returns how many
-    objects were frozen. Call once the service is ready (imports done, model loaded, servers up)."""
+    """Collect once, then exempt every surviving object from later collections; logs and returns how
+    many objects were frozen. Call once the service is ready (imports done, model loaded, servers up)."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
+    frozen = gc.get_freeze_count()
+    logger.info("startup heap frozen: %d objects exempt from garbage collection", frozen)
+    return frozen
 
 
 @dataclass

@@ -42,7 +42,7 @@ async def run_gateway(config: GatewayConfig, sockets: Sequence[socket.socket] | 
             timeout_graceful_shutdown=math.ceil(config.drain_timeout_s),
         )
     )
-    logger.info("startup heap frozen: %d objects exempt from garbage collection", freeze_startup_heap())
+    freeze_startup_heap()
     loop_lag = LoopLagMonitor()
     loop_lag.start()
     serving = asyncio.create_task(server.serve(sockets=list(sockets) if sockets else None))

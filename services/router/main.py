@@ -60,7 +60,7 @@ async def run_router(config: RouterConfig) -> None:
         mode,
         service.model_name,
     )
-    logger.info("startup heap frozen: %d objects exempt from garbage collection", freeze_startup_heap())
+    freeze_startup_heap()
     loop_lag = LoopLagMonitor()
     loop_lag.start()
     signal_name = await wait_for_stop_signal()
