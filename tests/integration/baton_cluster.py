@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from baton import LLM, SamplingParams
 from baton.services.launcher import ClusterSpec, LocalCluster
@@ -144,6 +145,51 @@ def expected(offline: LLM, prompts: list[list[int]], max_tokens: int) -> list[li
     """What the offline engine generates greedily (ignoring end-of-sequence) for these prompts."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     return [o.token_ids for o in offline.generate(prompts, params)]
+
+
+# Two tokens whose logprobs differ by less than this are tied. A CPU matmul's kernel, so the order of
+# its float32 sums, depends on the batch's shape, and a served batch is never the offline one: that
+# moves this model's logits by ~1e-5, so which of two tied tokens greedy decoding picks depends on what
+# else was in the batch (one CI run met a pair 1.0e-5 apart).
+TIE_LOGPROB_GAP = 1e-3
+
+
+def greedy_mismatch(offline: LLM, prompt: list[int], got: list[int], want: list[int]) -> str | None:
+    """Why `got` is not a greedy completion of `prompt` (or the start of one), else None. `want` is the
+    offline engine's greedy completion; where `got` leaves it, the token it took must tie with the best
+    one (within TIE_LOGPROB_GAP), and the comparison goes on along `got`'s branch."""
+    if len(got) > len(want):
+        return f"{len(got)} tokens, more than the {len(want)} asked for"
+    while True:
+        k = next((i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w), None)
+        if k is None:
+            return None
+        probe = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
+        top = offline.generate([prompt + got[:k]], probe)[0].logprobs[0]  # type: ignore[index]
+        best = max(lp.logprob for lp in top.values())
+        gap = best - top[got[k]].logprob if got[k] in top else None
+        if gap is None or gap > TIE_LOGPROB_GAP:
+            how = "not among the 5 likeliest" if gap is None else f"logprob {gap:.3g} below the best"
+            return f"token {k} is {got[k]} where greedy decoding gives {want[k]} ({how})"
+        if k + 1 == len(want):
+            return None
+        want = got[: k + 1] + expected(offline, [prompt + got[: k + 1]], len(want) - k - 1)[0]
+
+
+def assert_greedy(offline: LLM, prompts: list[list[int]], got: list[Any], max_tokens: int) -> None:
+    """Each of `got` is a whole greedy completion (`max_tokens` token ids) of its prompt, up to ties."""
+    want = expected(offline, prompts, max_tokens)
+    problems = {}
+    for i, (prompt, tokens, greedy_tokens) in enumerate(zip(prompts, got, want, strict=True)):
+        if not isinstance(tokens, list):  # say, the exception a call raised
+            problems[i] = repr(tokens)
+            continue
+        why = greedy_mismatch(offline, prompt, tokens, greedy_tokens)
+        if why is None and len(tokens) < max_tokens:
+            why = f"{len(tokens)} tokens of {max_tokens}"
+        if why is not None:
+            problems[i] = why
+    assert not problems, problems
 
 
 def wait_reaped(cluster: LocalCluster, worker_id: str) -> None:

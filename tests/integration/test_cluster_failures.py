@@ -14,11 +14,13 @@ import httpx
 import pytest
 from baton_cluster import (
     Completion,
+    assert_greedy,
     assert_no_leaks,
     expected,
     generate,
     generate_all,
     greedy,
+    greedy_mismatch,
     prompts,
     wait_reaped,
     worker_stats,
@@ -34,7 +36,7 @@ def test_two_prefill_two_decode_workers_match_offline(make_cluster, offline: LLM
     cluster = make_cluster(num_prefill=2, num_decode=2)
     batch = prompts(36)
     got = generate_all(cluster.router_address, batch, greedy(10))
-    assert [c.token_ids for c in got] == expected(offline, batch, 10)
+    assert_greedy(offline, batch, [c.token_ids for c in got], 10)
     stats = worker_stats(cluster)
     assert all(stats[w].num_transfers > 0 for w in ("prefill-0", "prefill-1", "decode-0", "decode-1")), {
         w: s.num_transfers for w, s in stats.items()
@@ -46,7 +48,7 @@ def test_short_prompts_are_prefilled_by_the_decode_worker(make_cluster, offline:
     cluster = make_cluster(num_prefill=1, num_decode=1, router_args=["--local-prefill-max-tokens", "32"])
     short, long = prompts(3, 4, 30), prompts(2, 60, 100)
     got = generate_all(cluster.router_address, short + long, greedy(6))
-    assert [c.token_ids for c in got] == expected(offline, short + long, 6)
+    assert_greedy(offline, short + long, [c.token_ids for c in got], 6)
     assert worker_stats(cluster)["prefill-0"].num_transfers == len(long)
     assert_no_leaks(cluster)
 
@@ -78,7 +80,7 @@ def test_killing_a_prefill_worker_under_load_loses_no_request(make_cluster, offl
     batch = prompts(32, 100, 300)
     got = asyncio.run(_load_then(cluster, batch, 8, victim="prefill-0"))
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
-    assert [c.token_ids for c in got] == expected(offline, batch, 8)
+    assert_greedy(offline, batch, [c.token_ids for c in got], 8)
     wait_reaped(cluster, "prefill-0")
     assert_no_leaks(cluster)
 
@@ -92,12 +94,12 @@ def test_killing_a_decode_worker_ends_its_requests_with_a_clear_error(make_clust
     want = expected(offline, batch, 300)
     failed = [c for c in got if c.finish_reason == "FINISH_REASON_ERROR"]
     assert failed, "some requests were decoding on the killed worker"
-    for completion, tokens in zip(got, want, strict=True):
+    for prompt, completion, tokens in zip(batch, got, want, strict=True):
         if completion.finish_reason == "FINISH_REASON_ERROR":
             assert "decode worker decode-0 failed" in completion.error
-            assert completion.token_ids == tokens[: len(completion.token_ids)]
         else:
-            assert completion.finish_reason == "FINISH_REASON_LENGTH" and completion.token_ids == tokens
+            assert completion.finish_reason == "FINISH_REASON_LENGTH" and len(completion.token_ids) == 300
+        assert greedy_mismatch(offline, prompt, completion.token_ids, tokens) is None
     wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
 
@@ -146,7 +148,7 @@ def test_sigterm_drains_a_decode_worker_without_losing_a_request(make_cluster, o
     batch = prompts(12, 20, 60)
     got = asyncio.run(_load_then(cluster, batch, 40, victim="decode-0", sig=signal.SIGTERM))
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
-    assert [c.token_ids for c in got] == expected(offline, batch, 40)
+    assert_greedy(offline, batch, [c.token_ids for c in got], 40)
     assert cluster.processes["decode-0"].returncode == 0
     wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
@@ -182,8 +184,8 @@ def test_a_killed_worker_restarted_with_its_command_serves_again(make_cluster, o
     after = worker_stats(cluster)["decode-0"]
     assert after.worker_id == "decode-0" and after.num_finished == 0 < before.num_blocks == after.num_blocks
     batch = prompts(3, 20, 60)
-    assert [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))] == expected(
-        offline, batch, 6
+    assert_greedy(
+        offline, batch, [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))], 6
     )
     assert_no_leaks(cluster)
 
@@ -206,8 +208,8 @@ def test_killing_the_router_mid_stream_frees_everything_and_a_restarted_router_s
     assert refused.headers["retry-after"]
     cluster.restart("router")
     batch = prompts(3, 20, 60)
-    assert [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))] == expected(
-        offline, batch, 6
+    assert_greedy(
+        offline, batch, [c.token_ids for c in generate_all(cluster.router_address, batch, greedy(6))], 6
     )
     for _ in range(30):  # the gateway reconnects to the router on its next request
         again = httpx.post(f"{cluster.gateway_url}/v1/completions", json=short, timeout=30)

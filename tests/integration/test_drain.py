@@ -16,10 +16,12 @@ import grpc
 import httpx
 import pytest
 from baton_cluster import (
+    assert_greedy,
     assert_no_leaks,
     expected,
     generate,
     greedy,
+    greedy_mismatch,
     prompts,
     wait_reaped,
     worker_stats,
@@ -147,7 +149,7 @@ def test_sigterm_drains_the_router_streams_and_refuses_new_calls(make_cluster, o
     assert refused_code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert in_flight == len(batch), "the streams should still be running when new calls are refused"
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(batch), [c.error for c in got]
-    assert [c.token_ids for c in got] == expected(offline, batch, STREAMED)
+    assert_greedy(offline, batch, [c.token_ids for c in got], STREAMED)
     assert router.returncode == 0
     assert exited_after_s < ROUTER_DRAIN_TIMEOUT_S
     assert_no_leaks(cluster)
@@ -189,7 +191,7 @@ def test_sigterm_drains_a_prefill_worker_without_losing_a_request(make_cluster, 
 
     got, held = asyncio.run(main())
     assert [c.finish_reason for c in got] == ["FINISH_REASON_LENGTH"] * len(got), [c.error for c in got]
-    assert [c.token_ids for c in got] == expected(offline, before + during, 8)
+    assert_greedy(offline, before + during, [c.token_ids for c in got], 8)
     assert cluster.processes["prefill-0"].wait(10) == 0
     # the decode worker received the KV of exactly the prefills prefill-0 held: none was cut, none added
     assert sorted(_logged(cluster, "decode-0", r"request (\S+): KV from prefill-0 complete")) == sorted(held)
@@ -226,13 +228,13 @@ def test_a_decode_drain_past_its_timeout_ends_the_requests_with_an_error(make_cl
     got, exited_after_s = asyncio.run(main())
     assert cluster.processes["decode-0"].returncode == 0
     assert exited_after_s < DECODE_DRAIN_TIMEOUT_S + 5
-    for completion, tokens in zip(got, expected(offline, batch, LONG), strict=True):
+    for prompt, completion, tokens in zip(batch, got, expected(offline, batch, LONG), strict=True):
         assert completion.finish_reason == "FINISH_REASON_ERROR"
         assert completion.error == (
             f"decode worker decode-0 stopped before the request finished "
             f"(drain timeout {DECODE_DRAIN_TIMEOUT_S:g} s)"
         )
         assert 0 < len(completion.token_ids) < LONG
-        assert completion.token_ids == tokens[: len(completion.token_ids)]
+        assert greedy_mismatch(offline, prompt, completion.token_ids, tokens) is None
     wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)

@@ -11,7 +11,7 @@ import time
 
 import grpc
 import pytest
-from baton_cluster import assert_no_leaks, expected, generate, greedy, prompts
+from baton_cluster import assert_no_leaks, expected, generate, greedy, greedy_mismatch, prompts
 
 from baton import LLM
 
@@ -44,12 +44,13 @@ def test_a_push_that_always_fails_completes_elsewhere_or_ends_with_a_clear_error
     started = time.monotonic()
     outcomes = _outcomes(cluster, batch)
     assert time.monotonic() - started < 45  # three attempts at most each, never a hang
-    for outcome, tokens in zip(outcomes, expected(offline, batch, 4), strict=True):
+    for prompt, outcome, tokens in zip(batch, outcomes, expected(offline, batch, 4), strict=True):
         if isinstance(outcome, BaseException):
             assert isinstance(outcome, grpc.aio.AioRpcError), outcome
             assert outcome.code() is grpc.StatusCode.UNAVAILABLE
             details = outcome.details() or ""
             assert "failed after 3 attempts" in details and cause in details, details
         else:
-            assert outcome.finish_reason == "FINISH_REASON_LENGTH" and outcome.token_ids == tokens
+            assert outcome.finish_reason == "FINISH_REASON_LENGTH" and len(outcome.token_ids) == 4
+            assert greedy_mismatch(offline, prompt, outcome.token_ids, tokens) is None
     assert_no_leaks(cluster)
