@@ -1,7 +1,8 @@
 """Disaggregation on two GPUs: one prefill + one decode worker against two colocated replicas (decode
 workers that prefill their own prompts) on the same two GPUs, under a prefill-heavy mix at rising
 Poisson rates, through the gateway. Goodput is the highest rate at which at least 90 % of requests
-meet TTFT <= 1 s and TPOT <= 25 ms (and none fails).
+meet TTFT <= 1 s and TPOT <= 25 ms (and none fails). A third layout is 1P+1D whose decode worker also
+prefills while the prefill worker's queue is full (`--max-prefill-queue-tokens`).
 
     python3 benchmarks/disagg_study.py OUT_DIR            # on a machine with two GPUs
 
@@ -11,6 +12,7 @@ Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and th
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -24,16 +26,39 @@ from baton.services.bench.client_processes import run_load_in_processes
 from baton.services.bench.datasets import random_requests
 from baton.services.bench.serve import LoadConfig, summarize
 from baton.services.launcher import ClusterSpec, LocalCluster
+from baton.shared.grpc_tls import aio_channel
 from baton.shared.models.model_config import ModelConfig
+from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 SLO_TTFT_MS, SLO_TPOT_MS, SLO_FRACTION = 1000.0, 25.0, 0.9
+OVERFLOW_QUEUE_TOKENS = 65536  # ~0.3 s of the prefill GPU's work for this model on an H100
 LAYOUTS = {
     # decode workers start first: decode-0 gets GPU 0, prefill-0 GPU 1
     "disaggregated_1p1d": {"num_prefill": 1, "num_decode": 1, "local_prefill_max_tokens": 64},
+    # the same, and the decode worker prefills what arrives while prefill-0's queue is full
+    "disaggregated_1p1d_overflow": {
+        "num_prefill": 1,
+        "num_decode": 1,
+        "local_prefill_max_tokens": 64,
+        "max_prefill_queue_tokens": OVERFLOW_QUEUE_TOKENS,
+    },
     # no prefill worker: each decode worker prefills its own prompts (a colocated replica per GPU)
     "colocated_x2": {"num_prefill": 0, "num_decode": 2, "local_prefill_max_tokens": 1 << 30},
 }
+PLACEMENT_COUNTERS = ("num_remote_prefills", "num_local_prefills", "num_overflow_prefills", "num_retries")
+
+
+def placements(cluster: LocalCluster) -> dict[str, int]:
+    """The router's placement counters (since its start)."""
+
+    async def ask() -> router_pb2.ClusterStats:
+        async with aio_channel(cluster.router_address, None) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest(), timeout=10)
+
+    stats = asyncio.run(ask())
+    return {name: getattr(stats, name) for name in PLACEMENT_COUNTERS}
 
 
 def run_layout(
@@ -47,7 +72,12 @@ def run_layout(
         router_port=0,
         http_port=0,
         engine_args=engine,
-        router_args=["--local-prefill-max-tokens", str(layout["local_prefill_max_tokens"])],
+        router_args=[
+            "--local-prefill-max-tokens",
+            str(layout["local_prefill_max_tokens"]),
+            "--max-prefill-queue-tokens",
+            str(layout.get("max_prefill_queue_tokens", 0)),
+        ],
         gpus=["0", "1"],
     )
     vocab = ModelConfig.from_dir(model).vocab_size
@@ -57,20 +87,26 @@ def run_layout(
         cluster.start(timeout_s=600)
         try:
             for index, rate in enumerate([args.warmup_rate, *args.rates]):
-                # a fresh seed per run: no prompt is in any prefix cache
-                requests = random_requests(args.num_prompts, (1024, 4096), (64, 256), vocab, seed=100 + index)
+                # a fresh seed per run: no prompt is in any prefix cache; enough requests that the
+                # arrivals last --min-duration-s (a short burst measures a queue, not a rate)
+                num_prompts = max(args.num_prompts, round(rate * args.min_duration_s))
+                requests = random_requests(num_prompts, (1024, 4096), (64, 256), vocab, seed=100 + index)
                 config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=index, progress=False)
+                before = placements(cluster)
                 run = run_load_in_processes(config, requests, args.client_processes)
+                after = placements(cluster)
                 summary = summarize(run.records, run.elapsed_s, SLO_TTFT_MS, SLO_TPOT_MS)
                 summary["slo_fraction"] = summary["slo"]["met"] / len(run.records)
                 summary["client_cpu_busy"] = run.cpu_s / run.elapsed_s
+                summary["placements"] = {name: after[name] - before[name] for name in PLACEMENT_COUNTERS}
                 if index == 0:
                     continue  # warm-up: compiles kernels and fills the allocator's pools
                 runs.append({"request_rate": rate, "summary": summary})
                 ttft, tpot = summary["ttft_ms"]["p90"], summary["tpot_ms"]["p99"]
                 print(
                     f"{name} rate {rate}: {summary['slo_fraction']:.0%} met the SLOs, "
-                    f"failed {summary['failed']}, TTFT p90 {ttft:.0f} ms, TPOT p99 {tpot:.1f} ms",
+                    f"failed {summary['failed']}, TTFT p90 {ttft:.0f} ms, TPOT p99 {tpot:.1f} ms, "
+                    f"{num_prompts} requests, placements {summary['placements']}",
                     flush=True,
                 )
         finally:
@@ -92,11 +128,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--rates", default="2,4,6,8,10,12,16", help="Poisson rates, requests/s")
-    parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate")
+    parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate (at least)")
+    parser.add_argument(
+        "--min-duration-s", type=float, default=0.0, help="more requests at a high rate: rate x this"
+    )
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="which layouts, in order")
     parser.add_argument("--warmup-rate", type=float, default=4.0)
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
+    layouts = {name: LAYOUTS[name] for name in args.layouts.split(",")}
     if torch.cuda.device_count() < 2:
         sys.exit("disagg_study.py needs two GPUs")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,29 +149,32 @@ def main() -> None:
             "input_len": [1024, 4096],
             "output_len": [64, 256],
             "num_prompts_per_rate": args.num_prompts,
+            "min_duration_s": args.min_duration_s,
         },
         "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS, "fraction": SLO_FRACTION},
         "layouts": {},
     }
-    for name, layout in LAYOUTS.items():
+    for name, layout in layouts.items():
         results["layouts"][name] = {"layout": layout, "runs": run_layout(name, layout, model, args, args.out)}
         results["layouts"][name]["goodput_rps"] = goodput(results["layouts"][name]["runs"])
-    disagg, coloc = (results["layouts"][n] for n in LAYOUTS)
-    results["goodput_ratio"] = disagg["goodput_rps"] / coloc["goodput_rps"] if coloc["goodput_rps"] else None
-    # decode under load: TPOT p99 at the highest good rate against the lowest rate tried (the decode
-    # worker never prefills here, so what grows is its batch and the KV pushes landing beside it)
-    by_rate = {r["request_rate"]: r["summary"]["tpot_ms"]["p99"] for r in disagg["runs"]}
-    results["decode_tpot_p99_ms_by_rate"] = by_rate
-    quiet, loaded = min(by_rate), disagg["goodput_rps"]
-    comparable = loaded in by_rate and loaded > quiet
-    results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
+        (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))  # so far
+    goodputs = {name: layout["goodput_rps"] for name, layout in results["layouts"].items()}
+    coloc = goodputs.get("colocated_x2")
+    for name in ("disaggregated_1p1d", "disaggregated_1p1d_overflow"):
+        if coloc and name in goodputs:
+            results["goodput_ratio" + name.removeprefix("disaggregated_1p1d")] = goodputs[name] / coloc
+    disagg = results["layouts"].get("disaggregated_1p1d")
+    if disagg is not None:
+        # decode under load: TPOT p99 at the highest good rate against the lowest rate tried (the
+        # decode worker never prefills here, so what grows is its batch and the KV pushes beside it)
+        by_rate = {r["request_rate"]: r["summary"]["tpot_ms"]["p99"] for r in disagg["runs"]}
+        results["decode_tpot_p99_ms_by_rate"] = by_rate
+        quiet, loaded = min(by_rate), disagg["goodput_rps"]
+        comparable = loaded in by_rate and loaded > quiet
+        results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
     (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
-    print(
-        json.dumps(
-            {k: results[k] for k in ("goodput_ratio", "decode_tpot_p99_ms_by_rate", "decode_tpot_p99_ratio")}
-        )
-    )
-    for name in LAYOUTS:
+    print(json.dumps({k: v for k, v in results.items() if k.startswith(("goodput_ratio", "decode_tpot"))}))
+    for name in layouts:
         print(f"{name}: goodput {results['layouts'][name]['goodput_rps']} req/s")
 
 

@@ -327,6 +327,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
         port=args.port,
         colocated=engine if args.colocated else None,
         local_prefill_max_tokens=args.local_prefill_max_tokens,
+        max_prefill_queue_tokens=args.max_prefill_queue_tokens,
         max_attempts=args.max_attempts,
         max_pending_requests=args.max_pending_requests,
         max_model_len=engine.max_model_len,
@@ -405,7 +406,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "--burst-step-interval-ms",
             str(_burst_step_interval_ms(args, gpus)),
         ],
-        router_args=["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)],
+        router_args=[
+            "--local-prefill-max-tokens",
+            str(args.local_prefill_max_tokens),
+            "--max-prefill-queue-tokens",
+            str(args.max_prefill_queue_tokens),
+        ],
         gateway_args=_gateway_argv(args),
         log_level=args.log_level,
         log_requests=args.log_requests,
@@ -605,6 +611,14 @@ def _add_router_flags(parser: argparse.ArgumentParser) -> None:
         "prompts with at most this many uncached tokens are prefilled on the decode worker",
         type=int,
         default=64,
+    )
+    _flag(
+        group,
+        "--max-prefill-queue-tokens",
+        "while every prefill worker has this many prompt tokens queued, decode workers prefill "
+        "(0: no limit)",
+        type=int,
+        default=0,
     )
     _flag(
         group, "--colocated", "run the engine inside the router (no workers, no Redis)", action="store_true"

@@ -241,6 +241,13 @@ class RouterConfig(BaseModel):
         ge=0,
         description="Prompts with at most this many uncached tokens are prefilled by the decode worker.",
     )
+    max_prefill_queue_tokens: int = Field(
+        0,
+        ge=0,
+        description="While every prefill worker has at least this many prompt tokens queued (sent by "
+        "this Router, not yet handed off), prompts are prefilled by their decode worker instead; "
+        "0: no limit (prompts always wait for a prefill worker).",
+    )
     max_attempts: int = Field(3, ge=1, description="Placements tried for a request before it fails.")
     max_pending_requests: int = Field(
         4096,

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -22,9 +23,11 @@ from baton.services.router.decode_outputs import decode_outputs
 from baton.services.router.directory import WorkerDirectory
 from baton.services.router.placement import (
     Placement,
+    QueuedPrefill,
     choose_prefill_worker,
     prefill_locally,
     rank_decode_workers,
+    with_queue_room,
 )
 from baton.shared.background import BackgroundTasks
 from baton.shared.config import RouterConfig
@@ -78,7 +81,11 @@ class DisaggregatedBackend:
         self.directory = WorkerDirectory(registry, config.worker_refresh_s, config.registry.lease_ttl_s, tls)
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
+        self.num_overflow_prefills = 0
+        """Local prefills of prompts that were long enough to ship, taken while every prefill queue was full."""
         self.num_retries = 0
+        self.prefill_queue: Counter[str] = Counter()
+        """Uncached prompt tokens this router sent to each prefill worker and not yet seen handed off."""
         self.subscriber = f"router-{uuid.uuid4().hex[:12]}"  # this router on decode workers' output streams
         self._outputs: dict[
             tuple[str, str], Subscription[EngineOutput]
@@ -131,19 +138,28 @@ class DisaggregatedBackend:
         decode = decodes[0]
         block_size = decode.info.block_size
         overlap = await self._prefix_overlap(prompt, block_size, prefills)
-        prefill = choose_prefill_worker(prefills, overlap, in_flight, failures.prefill)
+        candidates = [w for w in prefills if w.info.worker_id not in failures.prefill]
+        roomy = with_queue_room(candidates, self.prefill_queue, self.config.max_prefill_queue_tokens)
+        prefill = choose_prefill_worker(roomy if roomy else candidates, overlap, in_flight)
         cached = overlap.get(prefill.info.worker_id, 0) * block_size if prefill else 0
+        queued = None
         if prefill is not None and prefill_locally(len(prompt), cached, self.config.local_prefill_max_tokens):
             prefill = None
+        elif prefill is not None and not roomy:  # every prefill queue is full: the decode GPU takes it
+            prefill = None
+            self.num_overflow_prefills += 1
         in_flight[decode.info.worker_id] += 1
         if prefill is not None:
             in_flight[prefill.info.worker_id] += 1
-        return Placement(decode, prefill, cached)
+            queued = QueuedPrefill.join(self.prefill_queue, prefill.info.worker_id, len(prompt) - cached)
+        return Placement(decode, prefill, cached, queued)
 
     def _release(self, placement: Placement) -> None:
         self.directory.in_flight[placement.decode.info.worker_id] -= 1
         if placement.prefill is not None:
             self.directory.in_flight[placement.prefill.info.worker_id] -= 1
+        if placement.queued is not None:
+            placement.queued.release()
 
     async def _prefix_overlap(
         self, prompt: list[int], block_size: int, prefills: list[WorkerRecord]
@@ -198,7 +214,7 @@ class DisaggregatedBackend:
             if prefill is not None:
                 self.num_remote_prefills += 1
                 prefill_task = asyncio.create_task(
-                    self._prefill(prefill, attempt_id, prompt, sampling, reserved, d_stub, failures, state)
+                    self._prefill(placement, attempt_id, prompt, sampling, reserved, d_stub, failures, state)
                 )
             else:
                 self.num_local_prefills += 1
@@ -245,7 +261,7 @@ class DisaggregatedBackend:
 
     async def _prefill(
         self,
-        prefill: WorkerRecord,
+        placement: Placement,
         attempt_id: str,
         prompt: list[int],
         sampling: object,
@@ -257,6 +273,8 @@ class DisaggregatedBackend:
         """Run the prefill; if it fails, abort the decode attempt so its stream ends and the request is
         placed again (without this prefill worker). If the decode worker already streamed a token (the
         handoff committed and only the acknowledgement was lost), the attempt goes on."""
+        prefill = placement.prefill
+        assert prefill is not None
         p_id = prefill.info.worker_id
         try:
             await self.directory.prefill_stub(prefill).Prefill(
@@ -277,6 +295,9 @@ class DisaggregatedBackend:
                 self.directory.mark_failed(p_id)
             if not state.emitted:
                 await _abort_quietly(d_stub, attempt_id, failures.last_error)
+        finally:
+            if placement.queued is not None:
+                placement.queued.release()
 
     def _decode_failed(
         self, decode: WorkerRecord, exc: grpc.aio.AioRpcError, failures: _Failures, before_reserve: bool
@@ -299,13 +320,17 @@ class DisaggregatedBackend:
         raise UnavailableError(f"decode worker {d_id}: {code.name} {exc.details()}")
 
     async def cluster_stats(self) -> router_pb2.ClusterStats:
-        """Every live worker's GetStats, asked concurrently, summed."""
+        """Every live worker's GetStats, asked concurrently, summed; and this router's placements."""
         decodes, prefills, replies = await self._ask_every_worker("GetStats", worker_pb2.GetStatsRequest())
         answered = [r for r in replies if isinstance(r, worker_pb2.WorkerStats)]
         stats = summed_stats(answered)
         stats.num_decode_workers = len(decodes)
         stats.num_prefill_workers = len(prefills)
         stats.num_unreachable_workers = len(replies) - len(answered)
+        stats.num_remote_prefills = self.num_remote_prefills
+        stats.num_local_prefills = self.num_local_prefills
+        stats.num_overflow_prefills = self.num_overflow_prefills
+        stats.num_retries = self.num_retries
         return stats
 
     async def reset_prefix_cache(self) -> router_pb2.ResetClusterPrefixCacheResponse:

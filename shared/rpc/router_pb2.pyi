@@ -136,7 +136,7 @@ class GetClusterStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStats(_message.Message):
-    __slots__ = ("num_decode_workers", "num_prefill_workers", "num_unreachable_workers", "num_running", "num_waiting", "num_reserved", "num_decode_blocks", "num_decode_held_blocks", "num_preemptions", "prefix_query_tokens", "prefix_hit_tokens", "num_transfers", "num_transfer_failures")
+    __slots__ = ("num_decode_workers", "num_prefill_workers", "num_unreachable_workers", "num_running", "num_waiting", "num_reserved", "num_decode_blocks", "num_decode_held_blocks", "num_preemptions", "prefix_query_tokens", "prefix_hit_tokens", "num_transfers", "num_transfer_failures", "num_remote_prefills", "num_local_prefills", "num_overflow_prefills", "num_retries")
     NUM_DECODE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_PREFILL_WORKERS_FIELD_NUMBER: _ClassVar[int]
     NUM_UNREACHABLE_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,10 @@ class ClusterStats(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     NUM_TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMOTE_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOCAL_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_OVERFLOW_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    NUM_RETRIES_FIELD_NUMBER: _ClassVar[int]
     num_decode_workers: int
     num_prefill_workers: int
     num_unreachable_workers: int
@@ -163,4 +167,8 @@ class ClusterStats(_message.Message):
     prefix_hit_tokens: int
     num_transfers: int
     num_transfer_failures: int
-    def __init__(self, num_decode_workers: _Optional[int] = ..., num_prefill_workers: _Optional[int] = ..., num_unreachable_workers: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_decode_blocks: _Optional[int] = ..., num_decode_held_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ...) -> None: ...
+    num_remote_prefills: int
+    num_local_prefills: int
+    num_overflow_prefills: int
+    num_retries: int
+    def __init__(self, num_decode_workers: _Optional[int] = ..., num_prefill_workers: _Optional[int] = ..., num_unreachable_workers: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_reserved: _Optional[int] = ..., num_decode_blocks: _Optional[int] = ..., num_decode_held_blocks: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., num_transfers: _Optional[int] = ..., num_transfer_failures: _Optional[int] = ..., num_remote_prefills: _Optional[int] = ..., num_local_prefills: _Optional[int] = ..., num_overflow_prefills: _Optional[int] = ..., num_retries: _Optional[int] = ...) -> None: ...

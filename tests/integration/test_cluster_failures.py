@@ -28,6 +28,7 @@ from baton_cluster import (
 
 from baton import LLM
 from baton.services.launcher import LocalCluster
+from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -50,6 +51,35 @@ def test_short_prompts_are_prefilled_by_the_decode_worker(make_cluster, offline:
     got = generate_all(cluster.router_address, short + long, greedy(6))
     assert_greedy(offline, short + long, [c.token_ids for c in got], 6)
     assert worker_stats(cluster)["prefill-0"].num_transfers == len(long)
+    assert_no_leaks(cluster)
+
+
+def test_prompts_overflow_to_the_decode_worker_while_the_prefill_queue_is_full(
+    make_cluster, offline: LLM
+) -> None:
+    """`--max-prefill-queue-tokens`: with prefill-0's pushes slowed, its queue fills with the first
+    prompts of a burst and the rest are prefilled by the decode worker, token for token."""
+    cluster = make_cluster(
+        num_prefill=1,
+        num_decode=1,
+        prefill_args=["--kv-faults", "delay_ms=150"],
+        router_args=["--local-prefill-max-tokens", "0", "--max-prefill-queue-tokens", "200"],
+    )
+    batch = prompts(8, 100, 180)  # at most two fit under 200 queued tokens at once
+    got = generate_all(cluster.router_address, batch, greedy(6))
+    assert_greedy(offline, batch, [c.token_ids for c in got], 6)
+
+    async def stats() -> router_pb2.ClusterStats:
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest())
+
+    placed = asyncio.run(stats())
+    assert placed.num_overflow_prefills > 0 and placed.num_remote_prefills > 0, placed
+    assert placed.num_remote_prefills + placed.num_local_prefills == len(batch) and not placed.num_retries
+    assert placed.num_overflow_prefills == placed.num_local_prefills  # no prompt was short enough
+    pushed = worker_stats(cluster)["prefill-0"].num_transfers
+    assert placed.num_transfers == pushed == placed.num_remote_prefills
     assert_no_leaks(cluster)
 
 

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from baton.services.router.placement import choose_prefill_worker, prefill_locally, rank_decode_workers
+from collections import Counter
+
+from baton.services.router.placement import (
+    QueuedPrefill,
+    choose_prefill_worker,
+    prefill_locally,
+    rank_decode_workers,
+    with_queue_room,
+)
 from baton.shared.registry import WorkerInfo, WorkerLoad, WorkerRecord
 
 
@@ -31,3 +39,23 @@ def test_short_uncached_remainders_are_prefilled_locally() -> None:
     assert not prefill_locally(200, 0, 64)
     assert prefill_locally(200, 160, 64)
     assert not prefill_locally(1, 0, 0)
+
+
+def test_prefill_workers_with_a_full_queue_are_passed_over() -> None:
+    p, q = worker("p", "prefill"), worker("q", "prefill")
+    queued = {"p": 4096, "q": 4095}
+    assert [w.info.worker_id for w in with_queue_room([p, q], queued, 4096)] == ["q"]
+    assert with_queue_room([p, q], {"p": 4096, "q": 5000}, 4096) == []
+    assert with_queue_room([p, q], {"p": 10**9, "q": 10**9}, 0) == [p, q]  # 0: no limit
+
+
+def test_a_queued_prefill_leaves_its_queue_once() -> None:
+    queue: Counter[str] = Counter()
+    first = QueuedPrefill.join(queue, "p", 1000)
+    second = QueuedPrefill.join(queue, "p", 24)
+    assert queue["p"] == 1024
+    first.release()
+    first.release()  # the prefill call's end and the attempt's end both release it
+    assert queue["p"] == 24
+    second.release()
+    assert queue["p"] == 0
