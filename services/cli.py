@@ -615,8 +615,7 @@ def _add_router_flags(parser: argparse.ArgumentParser) -> None:
     _flag(
         group,
         "--max-prefill-queue-tokens",
-        "while every prefill worker has this many prompt tokens queued, decode workers prefill "
-        "(0: no limit)",
+        "while every prefill worker has this many prompt tokens queued, decode workers prefill (0: no limit)",
         type=int,
         default=0,
     )

@@ -32,6 +32,7 @@ from baton.shared import grpc_tls
 from baton.shared.config import GrpcTlsConfig, check_kv_transfer_secret
 from baton.shared.grpc_tls import GrpcTls
 from baton.shared.registry import Registry, RegistryUnavailable, redacted
+from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 STOP_TIMEOUT_S = 45.0
 """How long stop() waits for each group after SIGTERM before SIGKILL: longer than any service's default
@@ -122,15 +123,21 @@ class LocalCluster:
                 workers += [f"prefill-{i}" for i in range(self.spec.num_prefill)]
                 for index, name in enumerate(workers):
                     self._spawn(name, self._worker_argv(name), self._gpu_env(index))
-                self._wait_registered(set(workers), deadline)
+            # the router and the gateway start while the workers load their model: they find them
+            # in the registry once they register
             port = self.spec.router_port or _free_port()
             self.router_address = f"{self.spec.host}:{port}"
             self._spawn("router", self._router_argv(port), self._gpu_env(0) if self.spec.colocated else {})
-            self._wait_serving(deadline)
             if self.spec.http_port is not None:
                 http_port = self.spec.http_port or _free_port()
                 self.gateway_url = f"http://{_url_host(self.spec.host)}:{http_port}"
                 self._spawn("gateway", self._gateway_argv(http_port))
+            if not self.spec.colocated:
+                self._wait_registered(set(workers), deadline)
+            self._wait_serving(deadline)
+            if not self.spec.colocated:
+                self._wait_router_sees_workers(deadline)
+            if self.spec.http_port is not None:
                 self._wait_gateway_ready(deadline)
         except BaseException:
             self.stop()
@@ -301,6 +308,22 @@ class LocalCluster:
             f"the router on {self.router_address} to serve",
         )
 
+    def _wait_router_sees_workers(self, deadline: float) -> None:
+        """Until the router's worker list (refreshed from the registry) holds every worker."""
+        want = (self.spec.num_decode, self.spec.num_prefill)
+
+        def seen() -> bool:
+            with grpc_tls.sync_channel(self.router_address, self.tls) as channel:
+                try:
+                    stats = router_pb2_grpc.RouterStub(channel).GetClusterStats(
+                        router_pb2.GetClusterStatsRequest(), timeout=2
+                    )
+                except grpc.RpcError:
+                    return False
+            return (stats.num_decode_workers, stats.num_prefill_workers) == want
+
+        self._poll(seen, deadline, f"the router to see {want[0]} decode and {want[1]} prefill workers")
+
     def _wait_gateway_ready(self, deadline: float) -> None:
         def ready() -> bool:
             try:
@@ -318,7 +341,7 @@ class LocalCluster:
                 raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what} (see its log above)")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out waiting for {what}")
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     # -- run / stop ------------------------------------------------------------------------------
     def exited(self) -> dict[str, int]:

@@ -82,7 +82,7 @@ class DisaggregatedBackend:
         self.num_remote_prefills = 0
         self.num_local_prefills = 0
         self.num_overflow_prefills = 0
-        """Local prefills of prompts that were long enough to ship, taken while every prefill queue was full."""
+        """Local prefills of prompts long enough to ship, taken while every prefill queue was full."""
         self.num_retries = 0
         self.prefill_queue: Counter[str] = Counter()
         """Uncached prompt tokens this router sent to each prefill worker and not yet seen handed off."""
