@@ -134,15 +134,19 @@ SECRET = "the-decode-worker-kv-secret"
 
 
 async def hung_up_on(address: str, *messages: Any, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """Connect with raw ucxx, send `messages` as they come (a dict as Baton's sender sends one, an array
-    as a payload) without any handshake, and read until the receiver hangs up; what it sent."""
+    """Connect with raw ucxx, read the receiver's first message (its challenge), send `messages` as
+    they come (a dict as Baton's sender sends one, an array as a payload) without any handshake, and
+    read until the receiver hangs up; what it sent. A send the hang-up cuts short ends it too (the
+    receiver refuses at the first message it does not expect, maybe before the rest is out)."""
     ucx = ucx_for_this_loop()
     ep = await ucx.create_endpoint(*parse_ucx_address(address))
-    for message in messages:
-        await (ep.send_obj(encode_message(message)) if isinstance(message, dict) else ep.send(message))
     received = []
     try:
         async with asyncio.timeout(timeout_s):
+            received.append(json.loads(bytes(await ep.recv_obj())))
+            for message in messages:
+                is_message = isinstance(message, dict)
+                await (ep.send_obj(encode_message(message)) if is_message else ep.send(message))
             while True:
                 received.append(json.loads(bytes(await ep.recv_obj())))
     except ucx.exceptions.UCXError:
