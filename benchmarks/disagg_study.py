@@ -4,6 +4,11 @@ Poisson rates, through the gateway. Goodput is the highest rate at which at leas
 meet TTFT <= 1 s and TPOT <= 25 ms (and none fails). A third layout is 1P+1D whose decode worker also
 prefills while the prefill worker's queue is full (`--max-prefill-queue-tokens`).
 
+Decode interference, per layout after its rates: the TPOT of a fixed set of long decodes (32 prompts
+of 128 tokens, 512 output tokens each) alone, then while prefill-only requests (the mix's prompts,
+one output token: nothing joins the decode batch) arrive at `--interference-rate`. On 1P+1D what
+reaches the decode GPU is the prompts' KV; on the colocated replicas, the prefills themselves.
+
     python3 benchmarks/disagg_study.py OUT_DIR            # on a machine with two GPUs
 
 Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and the cluster logs.
@@ -13,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +68,49 @@ def placements(cluster: LocalCluster) -> dict[str, int]:
     return {name: getattr(stats, name) for name in PLACEMENT_COUNTERS}
 
 
+def decode_interference(
+    cluster: LocalCluster,
+    vocab: int,
+    rate: float,
+    client_processes: int,
+    victims: tuple[int, int, int] = (32, 128, 512),
+    prompt_len: tuple[int, int] = (1024, 4096),
+    lead_s: float = 0.5,
+) -> dict[str, Any]:
+    """The victims' (count, prompt, output tokens) TPOT alone and under prefill-only arrivals at
+    `rate` (starting `lead_s` before the victims and lasting beyond them)."""
+    count, prompt, output = victims
+    config = LoadConfig(url=cluster.gateway_url, progress=False)
+    result: dict[str, Any] = {"rate": rate, "victims": {"count": count, "prompt": prompt, "output": output}}
+
+    def victim_set(seed: int) -> list[Any]:
+        return random_requests(count, (prompt, prompt), (output, output), vocab, seed)
+
+    alone = run_load_in_processes(config, victim_set(7), 1)
+    result["alone"] = summarize(alone.records, alone.elapsed_s, None, None)
+    # arrivals for twice the victims' time alone, so the load outlasts them
+    num_stream = max(1, round(rate * (lead_s + 2 * alone.elapsed_s)))
+    stream = random_requests(num_stream, prompt_len, (1, 1), vocab, seed=8)
+    stream_config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=8, progress=False)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        background_run = pool.submit(run_load_in_processes, stream_config, stream, client_processes)
+        time.sleep(lead_s)
+        loaded = run_load_in_processes(config, victim_set(9), 1)
+        background = background_run.result()
+    result["loaded"] = summarize(loaded.records, loaded.elapsed_s, None, None)
+    result["background"] = summarize(background.records, background.elapsed_s, None, None)
+    result["background_outlasted_victims"] = (
+        background.started_s + background.elapsed_s >= loaded.started_s + loaded.elapsed_s
+    )
+    quiet, busy = result["alone"]["tpot_ms"]["p99"], result["loaded"]["tpot_ms"]["p99"]
+    result["tpot_p99_ratio"] = busy / quiet if quiet else None
+    return result
+
+
 def run_layout(
     name: str, layout: dict[str, Any], model: Path, args: argparse.Namespace, out: Path
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """Every rate's summary ("runs") and the decode interference probe's ("interference")."""
     engine = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "8192"]
     spec = ClusterSpec(
         model=str(model),
@@ -81,7 +128,8 @@ def run_layout(
         gpus=["0", "1"],
     )
     vocab = ModelConfig.from_dir(model).vocab_size
-    runs = []
+    runs: list[dict[str, Any]] = []
+    interference = None
     with open(out / f"{name}.log", "w") as log:
         cluster = LocalCluster(spec, log=log)
         cluster.start(timeout_s=600)
@@ -98,7 +146,7 @@ def run_layout(
                 summary = summarize(run.records, run.elapsed_s, SLO_TTFT_MS, SLO_TPOT_MS)
                 summary["slo_fraction"] = summary["slo"]["met"] / len(run.records)
                 summary["client_cpu_busy"] = run.cpu_s / run.elapsed_s
-                summary["placements"] = {name: after[name] - before[name] for name in PLACEMENT_COUNTERS}
+                summary["placements"] = {c: after[c] - before[c] for c in PLACEMENT_COUNTERS}
                 if index == 0:
                     continue  # warm-up: compiles kernels and fills the allocator's pools
                 runs.append({"request_rate": rate, "summary": summary})
@@ -109,9 +157,20 @@ def run_layout(
                     f"{num_prompts} requests, placements {summary['placements']}",
                     flush=True,
                 )
+            if args.interference_rate > 0:
+                interference = decode_interference(
+                    cluster, vocab, args.interference_rate, args.client_processes
+                )
+
+                print(
+                    f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
+                    f"{interference['alone']['tpot_ms']['p99']:.1f} ms alone, "
+                    f"{interference['loaded']['tpot_ms']['p99']:.1f} ms under load",
+                    flush=True,
+                )
         finally:
             cluster.stop()
-    return runs
+    return {"layout": layout, "runs": runs, "interference": interference}
 
 
 def goodput(runs: list[dict[str, Any]]) -> float:
@@ -133,6 +192,12 @@ def main() -> None:
         "--min-duration-s", type=float, default=0.0, help="more requests at a high rate: rate x this"
     )
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="which layouts, in order")
+    parser.add_argument(
+        "--interference-rate",
+        type=float,
+        default=64.0,
+        help="prefill-only arrivals beside the victims (0: skip)",
+    )
     parser.add_argument("--warmup-rate", type=float, default=4.0)
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
@@ -155,7 +220,7 @@ def main() -> None:
         "layouts": {},
     }
     for name, layout in layouts.items():
-        results["layouts"][name] = {"layout": layout, "runs": run_layout(name, layout, model, args, args.out)}
+        results["layouts"][name] = run_layout(name, layout, model, args, args.out)
         results["layouts"][name]["goodput_rps"] = goodput(results["layouts"][name]["runs"])
         (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))  # so far
     goodputs = {name: layout["goodput_rps"] for name, layout in results["layouts"].items()}
@@ -172,6 +237,11 @@ def main() -> None:
         quiet, loaded = min(by_rate), disagg["goodput_rps"]
         comparable = loaded in by_rate and loaded > quiet
         results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
+    results["decode_interference_tpot_p99_ratio"] = {
+        name: layout["interference"]["tpot_p99_ratio"]
+        for name, layout in results["layouts"].items()
+        if layout["interference"] is not None
+    }
     (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.startswith(("goodput_ratio", "decode_tpot"))}))
     for name in layouts:
