@@ -392,6 +392,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         colocated=args.colocated,
         host=args.host,
         router_port=args.router_port,
+        num_routers=args.routers,
         http_port=args.port,
         redis_url=args.redis_url,
         redis_username=args.redis_username,
@@ -693,6 +694,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_service_flags(serve, default_port=8000, port_help="the gateway's HTTP port (0: any free port)")
     _flag(serve, "--router-port", "the Router's gRPC port (0: any free port)", type=int, default=50051)
+    _flag(
+        serve,
+        "--routers",
+        "Router replicas (on --router-port and the ports after it); the gateway spreads requests over "
+        "them and fails over when one is unreachable",
+        type=int,
+        default=1,
+    )
     _add_gateway_flags(serve)
     _add_router_flags(serve)
     _add_engine_flags(serve)
@@ -717,7 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway in front of a Router")
     _flag(gateway, "--model", "model directory: tokenizer and chat template (default: the demo model)")
-    _flag(gateway, "--router", "the Router's gRPC address", default="127.0.0.1:50051")
+    _flag(
+        gateway,
+        "--router",
+        "the Router's gRPC address; several replicas comma-separated (each request goes to the one "
+        "with the fewest in flight, and to another when its Router cannot be reached)",
+        default="127.0.0.1:50051",
+    )
     _flag(gateway, "--host", "interface to bind (0.0.0.0: all)", default="127.0.0.1")
     _flag(gateway, "--port", "HTTP port (0: any free port)", type=int, default=8000)
     _flag(gateway, "--log-level", "DEBUG, INFO, WARNING", default="INFO")

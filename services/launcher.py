@@ -49,6 +49,9 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     router_port: int = 50051
     """Router gRPC port; 0 picks a free one."""
+    num_routers: int = 1
+    """Router replicas: `router` on router_port, then `router-1`, ... on the next ports (free ones
+    when router_port is 0); the gateway is given every address."""
     http_port: int | None = 8000
     """Gateway HTTP port; 0 picks a free one; None runs no gateway."""
     redis_url: str | None = None
@@ -92,6 +95,8 @@ class LocalCluster:
     def __init__(self, spec: ClusterSpec, log: TextIO = sys.stderr) -> None:
         if spec.num_prefill < 0 or spec.num_decode < (0 if spec.colocated else 1):
             raise ValueError("a cluster needs at least one decode worker (and no negative counts)")
+        if spec.num_routers < 1 or (spec.colocated and spec.num_routers > 1):
+            raise ValueError("a cluster needs a router (only one when colocated: it runs the engine)")
         if spec.kv_transfer_secret is not None:
             check_kv_transfer_secret(spec.kv_transfer_secret)
         self.spec = spec
@@ -103,6 +108,9 @@ class LocalCluster:
         """Each process's argv and extra environment, as first spawned (restart reuses them)."""
         self.redis_url = spec.redis_url or ""
         self.router_address = ""
+        """The first router's host:port."""
+        self.router_addresses: dict[str, str] = {}
+        """Every router's host:port, by process name."""
         self.gateway_url = ""
         """http://host:port of the gateway ('' when there is none)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -125,18 +133,22 @@ class LocalCluster:
                     self._spawn(name, self._worker_argv(name), self._gpu_env(index))
             # the router and the gateway start while the workers load their model: they find them
             # in the registry once they register
-            port = self.spec.router_port or _free_port()
-            self.router_address = f"{self.spec.host}:{port}"
-            self._spawn("router", self._router_argv(port), self._gpu_env(0) if self.spec.colocated else {})
+            for index in range(self.spec.num_routers):
+                name = "router" if index == 0 else f"router-{index}"
+                port = self.spec.router_port + index if self.spec.router_port else _free_port()
+                self.router_addresses[name] = f"{self.spec.host}:{port}"
+                self._spawn(name, self._router_argv(port), self._gpu_env(0) if self.spec.colocated else {})
+            self.router_address = self.router_addresses["router"]
             if self.spec.http_port is not None:
                 http_port = self.spec.http_port or _free_port()
                 self.gateway_url = f"http://{_url_host(self.spec.host)}:{http_port}"
                 self._spawn("gateway", self._gateway_argv(http_port))
             if not self.spec.colocated:
                 self._wait_registered(set(workers), deadline)
-            self._wait_serving(deadline)
-            if not self.spec.colocated:
-                self._wait_router_sees_workers(deadline)
+            for name in self.router_addresses:
+                self._wait_serving(name, deadline)
+                if not self.spec.colocated:
+                    self._wait_router_sees_workers(name, deadline)
             if self.spec.http_port is not None:
                 self._wait_gateway_ready(deadline)
         except BaseException:
@@ -218,7 +230,7 @@ class LocalCluster:
         return [
             "gateway",
             "--model", self.spec.model,
-            "--router", self.router_address,
+            "--router", ",".join(self.router_addresses.values()),
             "--host", self.spec.host,
             "--port", str(port),
             "--log-level", self.spec.log_level,
@@ -301,19 +313,16 @@ class LocalCluster:
             f"{sorted(names)} to register",
         )
 
-    def _wait_serving(self, deadline: float) -> None:
-        self._poll(
-            lambda: _health_serving(self.router_address, self.tls),
-            deadline,
-            f"the router on {self.router_address} to serve",
-        )
+    def _wait_serving(self, router: str, deadline: float) -> None:
+        address = self.router_addresses[router]
+        self._poll(lambda: _health_serving(address, self.tls), deadline, f"{router} on {address} to serve")
 
-    def _wait_router_sees_workers(self, deadline: float) -> None:
+    def _wait_router_sees_workers(self, router: str, deadline: float) -> None:
         """Until the router's worker list (refreshed from the registry) holds every worker."""
         want = (self.spec.num_decode, self.spec.num_prefill)
 
         def seen() -> bool:
-            with grpc_tls.sync_channel(self.router_address, self.tls) as channel:
+            with grpc_tls.sync_channel(self.router_addresses[router], self.tls) as channel:
                 try:
                     stats = router_pb2_grpc.RouterStub(channel).GetClusterStats(
                         router_pb2.GetClusterStatsRequest(), timeout=2
@@ -322,7 +331,7 @@ class LocalCluster:
                     return False
             return (stats.num_decode_workers, stats.num_prefill_workers) == want
 
-        self._poll(seen, deadline, f"the router to see {want[0]} decode and {want[1]} prefill workers")
+        self._poll(seen, deadline, f"{router} to see {want[0]} decode and {want[1]} prefill workers")
 
     def _wait_gateway_ready(self, deadline: float) -> None:
         def ready() -> bool:
@@ -365,8 +374,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         if name.startswith(("prefill", "decode")):
             self._wait_worker_serving(name, deadline)
-        elif name == "router":
-            self._wait_serving(deadline)
+        elif name in self.router_addresses:
+            self._wait_serving(name, deadline)
         elif name == "gateway":
             self._wait_gateway_ready(deadline)
 
@@ -386,7 +395,7 @@ class LocalCluster:
         """SIGTERM the gateway, then the router, then the workers, then Redis (each group drains);
         SIGKILL stragglers. Returns every process's exit code."""
         workers = [n for n in self.processes if n.startswith(("prefill", "decode"))]
-        order = [["gateway"], ["router"], workers, ["redis"]]
+        order = [["gateway"], list(self.router_addresses), workers, ["redis"]]
         for group in order:
             running = [
                 self.processes[n] for n in group if n in self.processes and self.processes[n].poll() is None
@@ -434,14 +443,14 @@ def serve_forever(spec: ClusterSpec) -> int:
             + '-d \'{"prompt": "Once upon a time", "max_tokens": 16}\'',
         ]
     lines += [
-        f"  gRPC Router: {cluster.router_address} ({grpc_tls.describe(cluster.tls)})",
+        f"  gRPC Router: {', '.join(cluster.router_addresses.values())} ({grpc_tls.describe(cluster.tls)})",
         "Press Ctrl-C to stop.\n",
     ]
     print("\n".join(lines), flush=True)
     code = 0
     while not stop.wait(0.5):
         exited = cluster.exited()
-        if exited.keys() & {"gateway", "router", "redis"}:
+        if exited.keys() & {"gateway", "redis", *cluster.router_addresses}:
             print(f"baton serve: {exited} exited; stopping the cluster", file=sys.stderr)
             code = 1
             break

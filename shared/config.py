@@ -277,9 +277,14 @@ class GatewayConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field(description="Model directory (tokenizer and chat template; its name is the model id).")
-    router: str = Field("127.0.0.1:50051", description="The Router's gRPC address, host:port.")
+    router: str = Field(
+        "127.0.0.1:50051",
+        description="The Router's gRPC address, host:port; several Router replicas comma-separated "
+        "(each request goes to the one with the fewest of this gateway's requests in flight, and to "
+        "another when its Router cannot be reached).",
+    )
     grpc_tls: GrpcTlsConfig = Field(
-        default_factory=GrpcTlsConfig, description="TLS of its channel to the Router."
+        default_factory=GrpcTlsConfig, description="TLS of its channels to the Router."
     )
     host: str = Field("127.0.0.1", description="Interface the HTTP server binds (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one.")
@@ -304,6 +309,17 @@ class GatewayConfig(BaseModel):
     max_body_bytes: int = Field(
         16 << 20, ge=1024, description="Largest request body; a larger one gets 413 before it is read."
     )
+
+    @field_validator("router")
+    @classmethod
+    def _router_addresses(cls, router: str) -> str:
+        if not all(address.strip() for address in router.split(",")):
+            raise ValueError(f"router must be host:port, or several comma-separated; got {router!r}")
+        return router
+
+    @property
+    def router_addresses(self) -> list[str]:
+        return [address.strip() for address in self.router.split(",")]
 
     @property
     def max_pending_per_process(self) -> int:

@@ -98,7 +98,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         """Readiness: the Router answers and at least one decode worker is alive."""
         stats = await ctx.router.cluster_stats(READY_TIMEOUT_S)
         if stats is None:
-            return unavailable(f"the router at {config.router} does not answer").response()
+            return unavailable(f"the router at {ctx.router.addresses} does not answer").response()
         if stats.num_decode_workers == 0:
             return unavailable("no decode worker is alive").response()
         return JSONResponse(

@@ -8,7 +8,7 @@ from typing import Any
 from baton.services.gateway.errors import bad_request
 from baton.services.gateway.metrics import GatewayMetrics
 from baton.services.gateway.protocol import SamplingFields
-from baton.services.gateway.router_client import RouterClient
+from baton.services.gateway.router_pool import RouterPool
 from baton.services.lifecycle import request_logger
 from baton.shared import grpc_tls
 from baton.shared.config import GatewayConfig
@@ -22,7 +22,7 @@ class GatewayContext:
         self.config = config
         model_dir = Path(config.model)
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.router = RouterClient(config.router, grpc_tls.load(config.grpc_tls))
+        self.router = RouterPool(config.router_addresses, grpc_tls.load(config.grpc_tls))
         self.metrics = GatewayMetrics(model_dir.name)
 
     def encode(self, text: str, param: str) -> list[int]:

@@ -61,13 +61,11 @@ class RouterClient:
 
     async def served_model(self, requested: str | None) -> router_pb2.ModelInfo:
         """The model a request names (None: the only one); 404 for any other name."""
-        model = await self.model()
-        if requested is not None and requested != model.name:
-            raise OpenAIError(
-                404, f"The model `{requested[:200]}` does not exist. This server serves `{model.name}`.",
-                param="model", code="model_not_found",
-            )  # fmt: skip
-        return model
+        return model_named(await self.model(), requested)
+
+    def connected(self) -> bool:
+        """The channel to the Router is up (an UNAVAILABLE on an up channel came from the Router)."""
+        return self._channel.get_state() is grpc.ChannelConnectivity.READY
 
     def generate(self, request: router_pb2.GenerateRequest) -> SubmittedRequest:
         """The request's responses, read like a Generate call's (`request.request_id` must be set)."""
@@ -90,6 +88,16 @@ class RouterClient:
             await self._stub.Abort(router_pb2.AbortRequest(request_id=request_id), timeout=ABORT_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:  # the router went away: it aborts what it held itself
             logger.warning("request %s: abort not delivered: %s", request_id, exc.details())
+
+
+def model_named(model: router_pb2.ModelInfo, requested: str | None) -> router_pb2.ModelInfo:
+    """`model` if the request names it (or none); 404 for any other name."""
+    if requested is not None and requested != model.name:
+        raise OpenAIError(
+            404, f"The model `{requested[:200]}` does not exist. This server serves `{model.name}`.",
+            param="model", code="model_not_found",
+        )  # fmt: skip
+    return model
 
 
 class SubmittedRequest:

@@ -26,7 +26,7 @@ from baton_cluster import (
     worker_stats,
 )
 
-from baton import LLM
+from baton import LLM, SamplingParams
 from baton.services.launcher import LocalCluster
 from baton.shared.rpc import router_pb2, router_pb2_grpc
 
@@ -69,18 +69,56 @@ def test_prompts_overflow_to_the_decode_worker_while_the_prefill_queue_is_full(
     got = generate_all(cluster.router_address, batch, greedy(6))
     assert_greedy(offline, batch, [c.token_ids for c in got], 6)
 
-    async def stats() -> router_pb2.ClusterStats:
-        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest())
-
-    placed = asyncio.run(stats())
+    placed = router_stats(cluster.router_address)
     assert placed.num_overflow_prefills > 0 and placed.num_remote_prefills > 0, placed
     assert placed.num_remote_prefills + placed.num_local_prefills == len(batch) and not placed.num_retries
     assert placed.num_overflow_prefills == placed.num_local_prefills  # no prompt was short enough
     pushed = worker_stats(cluster)["prefill-0"].num_transfers
     assert placed.num_transfers == pushed == placed.num_remote_prefills
     assert_no_leaks(cluster)
+
+
+def test_two_routers_share_the_gateways_requests_and_one_dying_costs_none(make_cluster, offline: LLM) -> None:
+    """`num_routers=2`: the gateway spreads its requests over both replicas; once one is killed, the
+    next requests go to the other (the dead one is passed over), and none fails."""
+    cluster = make_cluster(num_prefill=1, num_decode=1, http_port=0, num_routers=2)
+    assert set(cluster.router_addresses) == {"router", "router-1"}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+
+    async def complete(batch: list[list[int]]) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=cluster.gateway_url, timeout=60) as client:
+            body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/completions", json={**body, "prompt": p}) for p in batch)
+                )
+            )
+
+    def texts(replies: list[httpx.Response]) -> list[str]:
+        assert [r.status_code for r in replies] == [200] * len(replies), [r.text for r in replies]
+        return [r.json()["choices"][0]["text"] for r in replies]
+
+    batch = prompts(8, 20, 60)
+    assert texts(asyncio.run(complete(batch))) == [o.text for o in offline.generate(batch, params)]
+    placed = {name: router_stats(address) for name, address in cluster.router_addresses.items()}
+    assert all(s.num_remote_prefills > 0 for s in placed.values()), placed
+    assert sum(s.num_remote_prefills for s in placed.values()) == len(batch)
+
+    cluster.kill("router")
+    after = prompts(6, 20, 60)
+    assert texts(asyncio.run(complete(after))) == [o.text for o in offline.generate(after, params)]
+    survivor = router_stats(cluster.router_addresses["router-1"])
+    assert survivor.num_remote_prefills == placed["router-1"].num_remote_prefills + len(after)
+    assert_no_leaks(cluster)
+
+
+def router_stats(address: str) -> router_pb2.ClusterStats:
+    async def ask() -> router_pb2.ClusterStats:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest())
+
+    return asyncio.run(ask())
 
 
 async def _load_then(

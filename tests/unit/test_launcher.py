@@ -133,3 +133,18 @@ def test_only_the_workers_get_the_kv_transfer_secret_and_only_in_their_environme
     assert main(["decode", "--model", "m"]) == 2  # a clear message before anything loads
     error = capsys.readouterr().err
     assert "kv_transfer_secret" in error and "at least 16 characters" in error and "hunter" not in error
+
+
+def test_router_replicas_reach_the_gateway_and_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    cluster = LocalCluster(ClusterSpec(model="m", num_routers=2))
+    cluster.router_addresses = {"router": "127.0.0.1:50051", "router-1": "127.0.0.1:50052"}
+    argv = cluster._gateway_argv(0)
+    assert argv[argv.index("--router") + 1] == "127.0.0.1:50051,127.0.0.1:50052"
+    config = GatewayConfig(model="m", router="127.0.0.1:50051, 127.0.0.1:50052")
+    assert config.router_addresses == ["127.0.0.1:50051", "127.0.0.1:50052"]
+    with pytest.raises(ValueError, match="comma-separated"):
+        GatewayConfig(model="m", router="127.0.0.1:50051,,127.0.0.1:50052")
+    with pytest.raises(ValueError, match="only one when colocated"):
+        LocalCluster(ClusterSpec(model="m", colocated=True, num_decode=0, num_routers=2))
+    assert main(["serve", "--routers", "0"]) == 2  # a clear message, nothing started
+    assert "router" in capsys.readouterr().err
