@@ -218,8 +218,16 @@ def test_every_service_runs_its_baton_command_with_only_its_settings(objects: tu
 def test_services_find_each_other_by_name_in_their_own_namespace(objects: tuple[Obj, ...]) -> None:
     batons = baton_containers(objects)
     gateway_env = environment(batons["gateway"], objects)
-    assert gateway_env["BATON_ROUTER"] == "baton-router:50051"
-    assert find(objects, "Service", "baton-router") is not None
+    # every router replica by its stable name, as many as the StatefulSet runs
+    routers = find(objects, "StatefulSet", "baton-router")
+    assert routers is not None
+    pods = routers["spec"]["serviceName"]
+    replicas = [f"baton-router-{i}.{pods}:50051" for i in range(routers["spec"]["replicas"])]
+    assert gateway_env["BATON_ROUTER"].split(",") == replicas and len(replicas) >= 2
+    headless = find(objects, "Service", pods)
+    assert headless is not None and headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # names resolve before readiness
+    assert find(objects, "Service", "baton-router") is not None  # for gRPC clients: any replica
     for component in ("router", *WORKERS):
         env = environment(batons[component], objects)
         assert env["BATON_REDIS_URL"] == "redis://baton-redis:6379/0", component
@@ -368,10 +376,12 @@ def test_disruption_budgets_and_autoscalers_cover_the_services(objects: tuple[Ob
 
 
 def test_cpu_demo_runs_one_of_each() -> None:
+    """...but two routers: the gateway's settings name both."""
     objects = render("cpu-demo")
     for obj in objects:
         if obj["kind"] in ("Deployment", "StatefulSet"):
-            assert obj["spec"].get("replicas", 1) == 1, obj["metadata"]["name"]
+            want = 2 if obj["metadata"]["name"] == "baton-router" else 1
+            assert obj["spec"].get("replicas", 1) == want, obj["metadata"]["name"]
         if obj["kind"] == "HorizontalPodAutoscaler":
             assert obj["spec"]["minReplicas"] == 1, obj["metadata"]["name"]
 
