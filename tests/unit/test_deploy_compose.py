@@ -51,7 +51,8 @@ def test_compose_files_follow_the_compose_specification() -> None:
 
 def test_every_container_runs_a_real_baton_command_with_real_settings() -> None:
     services = baton_services()
-    assert set(services) == {"router", "gateway", "prefill", "decode", "prefill-cpu", "decode-cpu"}
+    routers, workers = {"router", "router-2"}, {"prefill", "decode", "prefill-cpu", "decode-cpu"}
+    assert set(services) == {"gateway", *routers, *workers}
     for name, service in services.items():
         argv = [*entrypoint(), *service["command"]]
         assert command_problem(argv) is None, name
@@ -68,10 +69,12 @@ def test_services_wait_for_what_they_need_and_report_their_health() -> None:
             assert condition == {"condition": "service_healthy"}, (name, needed)
             assert needed in services
     assert set(services["router"]["depends_on"]) == {"redis"}
-    assert set(services["gateway"]["depends_on"]) == {"router"}
+    assert set(services["gateway"]["depends_on"]) == {"router", "router-2"}
+    gateway = services["gateway"]["command"]
+    assert gateway[gateway.index("--router") + 1] == "router:50051,router-2:50051"  # both replicas
     assert services["gateway"]["ports"] == ["${BATON_HTTP_PORT:-8000}:8000"]
     # the probes ask the ports the services were told to listen on
-    for name in ("router", "prefill", "decode", "prefill-cpu", "decode-cpu"):
+    for name in ("router", "router-2", "prefill", "decode", "prefill-cpu", "decode-cpu"):
         port = services[name]["command"][services[name]["command"].index("--port") + 1]
         assert services[name]["healthcheck"]["test"][-1] == f"127.0.0.1:{port}", name
 
