@@ -17,7 +17,6 @@ Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import json
 import sys
@@ -33,9 +32,7 @@ from baton.services.bench.client_processes import run_load_in_processes
 from baton.services.bench.datasets import random_requests
 from baton.services.bench.serve import LoadConfig, summarize
 from baton.services.launcher import ClusterSpec, LocalCluster
-from baton.shared.grpc_tls import aio_channel
 from baton.shared.models.model_config import ModelConfig
-from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 SLO_TTFT_MS, SLO_TPOT_MS, SLO_FRACTION = 1000.0, 25.0, 0.9
@@ -58,13 +55,7 @@ PLACEMENT_COUNTERS = ("num_remote_prefills", "num_local_prefills", "num_overflow
 
 def placements(cluster: LocalCluster) -> dict[str, int]:
     """The router's placement counters (since its start)."""
-
-    async def ask() -> router_pb2.ClusterStats:
-        async with aio_channel(cluster.router_address, None) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest(), timeout=10)
-
-    stats = asyncio.run(ask())
+    stats = cluster.router_stats()
     return {name: getattr(stats, name) for name in PLACEMENT_COUNTERS}
 
 
@@ -161,7 +152,6 @@ def run_layout(
                 interference = decode_interference(
                     cluster, vocab, args.interference_rate, args.client_processes
                 )
-
                 print(
                     f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
                     f"{interference['alone']['tpot_ms']['p99']:.1f} ms alone, "

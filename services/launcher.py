@@ -317,18 +317,22 @@ class LocalCluster:
         address = self.router_addresses[router]
         self._poll(lambda: _health_serving(address, self.tls), deadline, f"{router} on {address} to serve")
 
+    def router_stats(self, router: str = "router", timeout_s: float = 10.0) -> router_pb2.ClusterStats:
+        """Router `router`'s GetClusterStats: the workers it sees, summed, and its own placements
+        (grpc.RpcError when it does not answer)."""
+        with grpc_tls.sync_channel(self.router_addresses[router], self.tls) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            return stub.GetClusterStats(router_pb2.GetClusterStatsRequest(), timeout=timeout_s)
+
     def _wait_router_sees_workers(self, router: str, deadline: float) -> None:
         """Until the router's worker list (refreshed from the registry) holds every worker."""
         want = (self.spec.num_decode, self.spec.num_prefill)
 
         def seen() -> bool:
-            with grpc_tls.sync_channel(self.router_addresses[router], self.tls) as channel:
-                try:
-                    stats = router_pb2_grpc.RouterStub(channel).GetClusterStats(
-                        router_pb2.GetClusterStatsRequest(), timeout=2
-                    )
-                except grpc.RpcError:
-                    return False
+            try:
+                stats = self.router_stats(router, timeout_s=2)
+            except grpc.RpcError:
+                return False
             return (stats.num_decode_workers, stats.num_prefill_workers) == want
 
         self._poll(seen, deadline, f"{router} to see {want[0]} decode and {want[1]} prefill workers")

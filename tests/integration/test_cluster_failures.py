@@ -28,7 +28,6 @@ from baton_cluster import (
 
 from baton import LLM, SamplingParams
 from baton.services.launcher import LocalCluster
-from baton.shared.rpc import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +68,7 @@ def test_prompts_overflow_to_the_decode_worker_while_the_prefill_queue_is_full(
     got = generate_all(cluster.router_address, batch, greedy(6))
     assert_greedy(offline, batch, [c.token_ids for c in got], 6)
 
-    placed = router_stats(cluster.router_address)
+    placed = cluster.router_stats()
     assert placed.num_overflow_prefills > 0 and placed.num_remote_prefills > 0, placed
     assert placed.num_remote_prefills + placed.num_local_prefills == len(batch) and not placed.num_retries
     assert placed.num_overflow_prefills == placed.num_local_prefills  # no prompt was short enough
@@ -100,25 +99,16 @@ def test_two_routers_share_the_gateways_requests_and_one_dying_costs_none(make_c
 
     batch = prompts(8, 20, 60)
     assert texts(asyncio.run(complete(batch))) == [o.text for o in offline.generate(batch, params)]
-    placed = {name: router_stats(address) for name, address in cluster.router_addresses.items()}
+    placed = {name: cluster.router_stats(name) for name in cluster.router_addresses}
     assert all(s.num_remote_prefills > 0 for s in placed.values()), placed
     assert sum(s.num_remote_prefills for s in placed.values()) == len(batch)
 
     cluster.kill("router")
     after = prompts(6, 20, 60)
     assert texts(asyncio.run(complete(after))) == [o.text for o in offline.generate(after, params)]
-    survivor = router_stats(cluster.router_addresses["router-1"])
+    survivor = cluster.router_stats("router-1")
     assert survivor.num_remote_prefills == placed["router-1"].num_remote_prefills + len(after)
     assert_no_leaks(cluster)
-
-
-def router_stats(address: str) -> router_pb2.ClusterStats:
-    async def ask() -> router_pb2.ClusterStats:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
-            return await stub.GetClusterStats(router_pb2.GetClusterStatsRequest())
-
-    return asyncio.run(ask())
 
 
 async def _load_then(
