@@ -313,14 +313,19 @@ class GatewayConfig(BaseModel):
     @field_validator("router")
     @classmethod
     def _router_addresses(cls, router: str) -> str:
-        if not all(address.strip() for address in router.split(",")):
+        if not all(_comma_separated(router)):
             raise ValueError(f"router must be host:port, or several comma-separated; got {router!r}")
         return router
 
     @property
     def router_addresses(self) -> list[str]:
-        return [address.strip() for address in self.router.split(",")]
+        return _comma_separated(self.router)
 
     @property
     def max_pending_per_process(self) -> int:
         return -(-self.max_pending_requests // self.processes)
+
+
+def _comma_separated(text: str) -> list[str]:
+    """'a, b' -> ['a', 'b'] (an empty entry stays, as '')."""
+    return [item.strip() for item in text.split(",")]
