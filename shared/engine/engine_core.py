@@ -279,7 +279,8 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Something to compute (reserved requests wait for their KV, not for a step)."""
-        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight)
+        sched = self.scheduler
+        return bool(sched.waiting or sched.ready or sched.running or self._in_flight)
 
     # -- stepping --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
@@ -406,7 +407,7 @@ class EngineCore:
     def stats(self) -> EngineStats:
         usage = self.kv_manager.pool.usage()
         return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.ready),
             num_running=len(self.scheduler.running),
             num_reserved=len(self.scheduler.reserved),
             num_free_blocks=usage.num_free,

@@ -1,7 +1,8 @@
 """Continuous batching: each step mixes decodes and (chunked) prefills under a token budget.
 
 Order of service in a step: running requests with one token to compute (decodes), then running
-requests part-way through their prompt (prefill chunks), then waiting requests in arrival order.
+requests part-way through their prompt (prefill chunks), then requests whose pushed prompt KV arrived
+while the running batch was full, then waiting requests in arrival order.
 When blocks run out, the most recently arrived running request not yet scheduled this step is
 preempted (its blocks freed, its tokens recomputed later, cached prefix blocks reused); a request
 is never dropped.
@@ -23,7 +24,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     """Token budget of one step (decodes count one each; prompts are chunked to fit)."""
     max_num_seqs: int
-    """Most requests in the running batch."""
+    """Most requests in the running batch (a decode worker's reservations wait outside it)."""
     max_model_len: int
     """Context length: a request ends (finish_reason "length") when it reaches it."""
 
@@ -81,6 +82,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.reserved: dict[str, Request] = {}
         """Decode worker: requests holding blocks for a prompt whose KV is being pushed to us."""
+        self.ready: deque[Request] = deque()
+        """Decode worker: requests whose pushed prompt KV arrived while the running batch was full;
+        they join it, in arrival order and before any waiting request, as it makes room."""
         self.held: dict[str, Request] = {}
         """Prefill worker: finished requests whose blocks are kept until their prompt KV was read."""
         self._requests: dict[str, Request] = {}
@@ -99,10 +103,13 @@ class Scheduler:
 
     def reserve(self, request: Request) -> list[int] | None:
         """Hold blocks for the request's whole prompt, whose KV another worker computes and pushes.
-        None (nothing changed) when the blocks or a sequence slot are not free."""
+        None (nothing changed) when they are not free, keeping `watermark_blocks` free beside them
+        for the running batch to grow into. Reservations take no place in the running batch: a
+        prompt queued at a prefill worker costs its blocks alone."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if self._num_seqs >= self.config.max_num_seqs:
+        needed = -(-request.num_prompt_tokens // self.kv.block_size)
+        if needed > self.kv.pool.num_free_blocks - self.watermark_blocks:
             return None
         if self.kv.allocate_slots(request, request.num_prompt_tokens) is None:
             return None
@@ -112,20 +119,27 @@ class Scheduler:
         return self.kv.block_ids(request.request_id)
 
     def commit_reserved(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> Request:
-        """The reserved request's prompt KV arrived: it joins the running batch with the first token
-        (sampled by the prefill worker) appended, or finishes if that token ends it."""
+        """The reserved request's prompt KV arrived: it joins the running batch (or, while that is
+        full, `ready`) with the first token (sampled by the prefill worker) appended, or finishes if
+        that token ends it."""
         request = self.reserved.pop(request_id)
         request.num_computed_tokens = request.num_prompt_tokens
         request.num_cached_tokens = num_cached_tokens
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
+        if self.ready or len(self.running) >= self.config.max_num_seqs:
+            request.status = RequestStatus.WAITING
+            self.ready.append(request)
+        else:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
         self.kv.publish_computed_blocks(request)
         self._append_token(request, first_token.token_id)
         return request
 
     @property
-    def _num_seqs(self) -> int:
-        return len(self.running) + len(self.reserved)
+    def watermark_blocks(self) -> int:
+        """Blocks a reservation leaves free: 1 % of the cache (at least one), room for the running
+        batch to grow and for a ready request's next token."""
+        return max(1, self.kv.pool.num_blocks // 100)
 
     def abort(self, request_ids: Iterable[str]) -> list[Request]:
         """Finish these requests with reason ABORT wherever they are; unknown ids are ignored."""
@@ -178,6 +192,7 @@ class Scheduler:
             scheduled.add(request.request_id)
             budget -= num_new
         if not out.preempted:
+            budget = self._admit_ready(out, budget)
             self._admit_waiting(out, budget)
         return out
 
@@ -193,8 +208,22 @@ class Scheduler:
                 return False
         return True
 
+    def _admit_ready(self, out: SchedulerOutput, budget: int) -> int:
+        """Move ready requests (prompt KV in place, one token to compute) into the running batch;
+        returns the budget left."""
+        while self.ready and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.ready[0]
+            if self.kv.allocate_slots(request, 1) is None:
+                break  # no block for its next token: running requests free some as they finish
+            self.ready.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk.of(request, request.num_computed_tokens, 1))
+            budget -= 1
+        return budget
+
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and self._num_seqs < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             prefix: PrefixMatch = (
                 self.kv.find_cached_prefix(request) if request.num_computed_tokens == 0 else NO_MATCH
@@ -275,6 +304,8 @@ class Scheduler:
             self.running.remove(request)
         elif request.status is RequestStatus.RESERVED:
             del self.reserved[request.request_id]
+        elif request in self.ready:
+            self.ready.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         if request.holds_blocks:

@@ -32,6 +32,7 @@ from baton.shared.rpc import common_pb2, router_pb2, router_pb2_grpc, worker_pb2
 pytestmark = pytest.mark.integration
 
 MAX_TOKENS = 12
+MAX_NUM_SEQS = 8
 rng = random.Random(7)
 PROMPTS = [[rng.randrange(3, 2000) for _ in range(n)] for n in (5, 17, 40, 90, 33, 64)]
 LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256-token step budget
@@ -39,9 +40,11 @@ LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256
 
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
-    """1 prefill + 1 decode worker; every prompt is prefilled remotely (local threshold 0)."""
+    """1 prefill + 1 decode worker; every prompt is prefilled remotely (local threshold 0). Each
+    worker runs at most MAX_NUM_SEQS requests at once."""
+    engine_args = ["--max-model-len", "1024", "--max-num-batched-tokens", "256"]
     cluster = start_cluster(
-        llama_dir, redis_server, engine_args=["--max-model-len", "1024", "--max-num-batched-tokens", "256"]
+        llama_dir, redis_server, engine_args=[*engine_args, "--max-num-seqs", str(MAX_NUM_SEQS)]
     )
     yield cluster
     codes = cluster.stop()
@@ -80,6 +83,8 @@ def test_long_prompt_goes_through_chunked_prefill(cluster: LocalCluster, offline
 
 
 def test_forty_concurrent_requests_all_complete(cluster: LocalCluster, offline: LLM) -> None:
+    """Five times the decode worker's batch: the prompts beyond it are reserved (queued for the
+    prefill worker, then ready) without a running slot, instead of refused."""
     prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(4, 120))] for _ in range(40)]
     got = generate_all(cluster.router_address, prompts, greedy(8))
     assert_greedy(offline, prompts, [c.token_ids for c in got], 8)

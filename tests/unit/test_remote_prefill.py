@@ -73,6 +73,31 @@ def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_bu
     decode.assert_no_leaks()
 
 
+def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(llama_dir: Path) -> None:
+    expected = [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
+    prefill = EngineCore(EngineConfig(model=str(llama_dir)))
+    decode = EngineCore(
+        EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=512, max_num_seqs=1)
+    )
+    shipped = [shipped_prefill(prefill, f"r{i}", prompt, GREEDY) for i, prompt in enumerate(PROMPTS)]
+    tokens: dict[str, list[int]] = {}
+    for i, prompt in enumerate(PROMPTS):
+        assert decode.reserve(f"r{i}", prompt, GREEDY) is not None  # all reserved: no running slot needed
+    for i, (layers, first_out) in enumerate(shipped):
+        for layer, kv in sorted(layers.items()):
+            decode.write_reserved_kv(f"r{i}", layer, kv)
+        first = SampledToken(first_out.new_token_ids[0])
+        tokens[f"r{i}"] = list(decode.commit_reserved(f"r{i}", first, 0).new_token_ids)
+    assert decode.stats().num_running == 1 and decode.stats().num_waiting == 2
+    while decode.has_unfinished():
+        for out in decode.step():
+            tokens[out.request_id] += out.new_token_ids
+            assert decode.stats().num_running <= 1
+    assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+    prefill.assert_no_leaks()
+    decode.assert_no_leaks()
+
+
 def test_prefill_worker_prefix_cache_hits_are_counted(llama_dir: Path) -> None:
     prefill = EngineCore(EngineConfig(model=str(llama_dir)))
     shared = list(range(50, 98))  # three full blocks

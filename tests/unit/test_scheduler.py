@@ -193,6 +193,68 @@ def test_max_num_seqs_caps_the_running_batch() -> None:
     assert len(out.chunks) == 2 and len(s.waiting) == 1
 
 
+def commit(s: Scheduler, rid: str, token: int = 7) -> Request:
+    request = s.commit_reserved(rid, SampledToken(token), 0)
+    s.kv.check_integrity()
+    return request
+
+
+def test_reservations_take_no_running_slot_and_wait_ready_for_one() -> None:
+    s = make(num_blocks=64, max_seqs=2)
+    for i in range(5):  # more reservations than running slots: prompts queued at a prefill worker
+        assert s.reserve(req(f"r{i}", [1, 2, 3, 4, 5], max_tokens=3)) is not None
+    committed = [commit(s, f"r{i}") for i in range(5)]
+    assert [r.request_id for r in s.running] == ["r0", "r1"]
+    assert [r.request_id for r in s.ready] == ["r2", "r3", "r4"]
+    assert all(r.status is RequestStatus.WAITING for r in committed[2:])
+    s.add(req("local", [1, 2], max_tokens=2))  # waits behind the ready ones
+    out = run_step(s)
+    assert [c.request.request_id for c in out.chunks] == ["r0", "r1"]
+    run_step(s)  # r0 and r1 reach max_tokens: r2 and r3 join in their places, as decodes
+    out = run_step(s)
+    assert [(c.request.request_id, c.start, c.num_new_tokens) for c in out.chunks] == [
+        ("r2", 5, 1),
+        ("r3", 5, 1),
+    ]
+    while s.has_unfinished():
+        run_step(s)
+    assert all(r.output_token_ids == [7, 7, 7] for r in committed)
+    assert s.kv.pool.usage().num_held == 0
+
+
+def test_a_commit_waits_behind_earlier_ready_requests() -> None:
+    s = make(num_blocks=64, max_seqs=1)
+    for rid in ("a", "b", "c"):
+        s.reserve(req(rid, [1, 2, 3], max_tokens=2))
+    commit(s, "a")
+    commit(s, "b")
+    s.abort(["a"])  # a slot opens, but "b" is ready first: "c" must not overtake it
+    commit(s, "c")
+    assert [r.request_id for r in s.ready] == ["b", "c"] and not s.running
+    out = run_step(s)
+    assert [c.request.request_id for c in out.chunks] == ["b"]
+
+
+def test_an_aborted_ready_request_frees_its_blocks() -> None:
+    s = make(num_blocks=64, max_seqs=1)
+    s.reserve(req("a", [1, 2, 3], max_tokens=4))
+    s.reserve(req("b", list(range(9)), max_tokens=4))
+    commit(s, "a")
+    commit(s, "b")
+    (aborted,) = s.abort(["b"])
+    assert aborted.finish_reason is FinishReason.ABORT and not s.ready
+    s.kv.check_integrity()
+    assert s.kv.pool.usage().num_held == 1  # "a"'s one block
+
+
+def test_a_reservation_leaves_the_watermark_free() -> None:
+    s = make(num_blocks=200)  # watermark: 2 blocks
+    assert s.watermark_blocks == 2
+    assert s.reserve(req("a", list(range(4 * 197)))) is not None  # 197 blocks, 3 left
+    assert s.reserve(req("b", list(range(8)))) is None  # 2 more would leave 1
+    assert s.reserve(req("c", list(range(4)))) is not None  # 1 more leaves 2
+
+
 def test_duplicate_request_id_is_refused() -> None:
     s = make()
     s.add(req("a", [1]))
