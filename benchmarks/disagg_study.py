@@ -37,15 +37,18 @@ from baton.shared.models.model_config import ModelConfig
 HERE = Path(__file__).resolve().parent
 SLO_TTFT_MS, SLO_TPOT_MS, SLO_FRACTION = 1000.0, 25.0, 0.9
 OVERFLOW_QUEUE_TOKENS = 65536  # ~0.3 s of the prefill GPU's work for this model on an H100
+STEP_TOKENS = 8192  # the engine's default --max-num-batched-tokens
 LAYOUTS = {
     # decode workers start first: decode-0 gets GPU 0, prefill-0 GPU 1
     "disaggregated_1p1d": {"num_prefill": 1, "num_decode": 1, "local_prefill_max_tokens": 64},
-    # the same, and the decode worker prefills what arrives while prefill-0's queue is full
+    # the same, and the decode worker prefills what arrives while prefill-0's queue is full, in
+    # chunks of decode_step_tokens (a whole 8192-token step beside its decodes would cost ~25 ms of TPOT)
     "disaggregated_1p1d_overflow": {
         "num_prefill": 1,
         "num_decode": 1,
         "local_prefill_max_tokens": 64,
         "max_prefill_queue_tokens": OVERFLOW_QUEUE_TOKENS,
+        "decode_step_tokens": 2048,
     },
     # no prefill worker: each decode worker prefills its own prompts (a colocated replica per GPU)
     "colocated_x2": {"num_prefill": 0, "num_decode": 2, "local_prefill_max_tokens": 1 << 30},
@@ -103,13 +106,15 @@ def run_layout(
 ) -> dict[str, Any]:
     """Every rate's summary ("runs") and the decode interference probe's ("interference")."""
     engine = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "8192"]
+    decode_step_tokens = layout.get("decode_step_tokens", STEP_TOKENS)
     spec = ClusterSpec(
         model=str(model),
         num_prefill=layout["num_prefill"],
         num_decode=layout["num_decode"],
         router_port=0,
         http_port=0,
-        engine_args=engine,
+        engine_args=[*engine, "--max-num-batched-tokens", str(decode_step_tokens)],
+        prefill_args=["--max-num-batched-tokens", str(STEP_TOKENS)],  # after engine_args: it wins
         router_args=[
             "--local-prefill-max-tokens",
             str(layout["local_prefill_max_tokens"]),
@@ -141,6 +146,7 @@ def run_layout(
                 if index == 0:
                     continue  # warm-up: compiles kernels and fills the allocator's pools
                 runs.append({"request_rate": rate, "summary": summary})
+                overloaded = summary["slo_fraction"] < args.stop_below
                 ttft, tpot = summary["ttft_ms"]["p90"], summary["tpot_ms"]["p99"]
                 print(
                     f"{name} rate {rate}: {summary['slo_fraction']:.0%} met the SLOs, "
@@ -148,6 +154,11 @@ def run_layout(
                     f"{num_prompts} requests, placements {summary['placements']}",
                     flush=True,
                 )
+                if overloaded:
+                    print(
+                        f"{name}: below {args.stop_below:.0%} met at {rate}, higher rates skipped", flush=True
+                    )
+                    break  # a higher rate only queues longer: goodput is settled
             if args.interference_rate > 0:
                 interference = decode_interference(
                     cluster, vocab, args.interference_rate, args.client_processes
@@ -187,6 +198,12 @@ def main() -> None:
         type=float,
         default=64.0,
         help="prefill-only arrivals beside the victims (0: skip)",
+    )
+    parser.add_argument(
+        "--stop-below",
+        type=float,
+        default=0.0,
+        help="skip a layout's higher rates once fewer than this fraction met the SLOs (0: never)",
     )
     parser.add_argument("--warmup-rate", type=float, default=4.0)
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
