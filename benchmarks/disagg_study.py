@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +104,15 @@ def decode_interference(
 
 
 def run_layout(
-    name: str, layout: dict[str, Any], model: Path, args: argparse.Namespace, out: Path
+    name: str,
+    layout: dict[str, Any],
+    model: Path,
+    args: argparse.Namespace,
+    out: Path,
+    save: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """Every rate's summary ("runs") and the decode interference probe's ("interference")."""
+    """Every rate's summary ("runs") and the decode interference probe's ("interference"), handed to
+    `save` after each (a run cut short keeps what it measured)."""
     engine = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "8192"]
     decode_step_tokens = layout.get("decode_step_tokens", STEP_TOKENS)
     spec = ClusterSpec(
@@ -125,7 +133,7 @@ def run_layout(
     )
     vocab = ModelConfig.from_dir(model).vocab_size
     runs: list[dict[str, Any]] = []
-    interference = None
+    result: dict[str, Any] = {"layout": layout, "runs": runs, "interference": None}
     with open(out / f"{name}.log", "w") as log:
         cluster = LocalCluster(spec, log=log)
         cluster.start(timeout_s=600)
@@ -146,6 +154,7 @@ def run_layout(
                 if index == 0:
                     continue  # warm-up: compiles kernels and fills the allocator's pools
                 runs.append({"request_rate": rate, "summary": summary})
+                save(result)
                 overloaded = summary["slo_fraction"] < args.stop_below
                 ttft, tpot = summary["ttft_ms"]["p90"], summary["tpot_ms"]["p99"]
                 print(
@@ -160,9 +169,10 @@ def run_layout(
                     )
                     break  # a higher rate only queues longer: goodput is settled
             if args.interference_rate > 0:
-                interference = decode_interference(
+                interference = result["interference"] = decode_interference(
                     cluster, vocab, args.interference_rate, args.client_processes
                 )
+                save(result)
                 print(
                     f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
                     f"{interference['alone']['tpot_ms']['p99']:.1f} ms alone, "
@@ -171,7 +181,7 @@ def run_layout(
                 )
         finally:
             cluster.stop()
-    return {"layout": layout, "runs": runs, "interference": interference}
+    return result
 
 
 def goodput(runs: list[dict[str, Any]]) -> float:
@@ -226,10 +236,14 @@ def main() -> None:
         "slo": {"ttft_ms": SLO_TTFT_MS, "tpot_ms": SLO_TPOT_MS, "fraction": SLO_FRACTION},
         "layouts": {},
     }
+
+    def save(name: str, so_far: dict[str, Any]) -> None:
+        results["layouts"][name] = {**so_far, "goodput_rps": goodput(so_far["runs"])}
+        (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
+
     for name, layout in layouts.items():
-        results["layouts"][name] = run_layout(name, layout, model, args, args.out)
-        results["layouts"][name]["goodput_rps"] = goodput(results["layouts"][name]["runs"])
-        (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))  # so far
+        save_this = functools.partial(save, name)
+        save_this(run_layout(name, layout, model, args, args.out, save_this))
     goodputs = {name: layout["goodput_rps"] for name, layout in results["layouts"].items()}
     coloc = goodputs.get("colocated_x2")
     for name in ("disaggregated_1p1d", "disaggregated_1p1d_overflow"):
