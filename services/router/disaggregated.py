@@ -122,8 +122,9 @@ class DisaggregatedBackend:
 
     # -- placement -------------------------------------------------------------------------------
     async def _place(self, prompt: list[int], failures: _Failures) -> Placement:
-        """Choose the workers and count the request against them at once (no await in between), so a
-        burst of requests spreads instead of all seeing the same idle worker."""
+        """Choose the workers and count the request against them at once (no await in between: the
+        prefix index is read before), so a burst of requests spreads instead of all seeing the same
+        idle worker."""
         live_decodes = await self.directory.live("decode")
         prefills = await self.directory.live("prefill")
         in_flight = self.directory.in_flight
@@ -135,9 +136,10 @@ class DisaggregatedBackend:
                 "no decode worker is available"
                 + (f" (last failure: {failures.last_error})" if failures.last_error else "")
             )
-        decode = decodes[0]
-        block_size = decode.info.block_size
+        block_size = decodes[0].info.block_size
         overlap = await self._prefix_overlap(prompt, block_size, prefills)
+        # ranked again after that wait: the requests placed meanwhile are counted now
+        decode = rank_decode_workers(live_decodes, in_flight, failures.decode)[0]
         candidates = [w for w in prefills if w.info.worker_id not in failures.prefill]
         roomy = with_queue_room(candidates, self.prefill_queue, self.config.max_prefill_queue_tokens)
         prefill = choose_prefill_worker(roomy if roomy else candidates, overlap, in_flight)
