@@ -129,7 +129,13 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--gpu-memory-utilization", "fraction of the GPU Baton may use", type=float, default=0.9)
     _flag(group, "--cpu-kv-cache-gib", "CPU KV cache size", type=float, default=1.0)
     _flag(group, "--max-num-batched-tokens", "token budget of one step", type=int, default=8192)
-    _flag(group, "--max-num-seqs", "most sequences decoding together", type=int, default=256)
+    _flag(
+        group,
+        "--max-num-seqs",
+        "most sequences decoding together (not counting reservations)",
+        type=int,
+        default=256,
+    )
     _flag(group, "--max-model-len", "context length (default: the model's)", type=int, default=None)
     _flag(group, "--no-prefix-caching", "disable the prefix cache", action="store_true")
     _flag(group, "--seed", "sampler seed for requests without one", type=int, default=0)

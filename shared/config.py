@@ -46,7 +46,12 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(
         8192, ge=1, description="Token budget of one step; prompts are chunked to fit."
     )
-    max_num_seqs: int = Field(256, ge=1, description="Most requests decoding together.")
+    max_num_seqs: int = Field(
+        256,
+        ge=1,
+        description="Most requests decoding together (a decode worker's reservations, prompts being "
+        "prefilled elsewhere, wait outside this batch).",
+    )
     max_model_len: int | None = Field(
         None, ge=1, description="Context length (prompt + output); None: the model's max_position_embeddings."
     )
