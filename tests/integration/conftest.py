@@ -12,7 +12,10 @@ from baton_cluster import start_cluster
 from baton import LLM
 from baton.services.launcher import LocalCluster
 
-LEASE_S = 2.0
+LEASE_S = 3.5
+"""Short, so a killed worker is reaped within seconds; not shorter: in one CI run on 2 busy cores
+two live prefill workers' 2 s leases lapsed together mid-test (their event loops never lagged past
+51 ms, so the stall was outside them), and a request's three attempts ran out."""
 
 
 @pytest.fixture(scope="session")
