@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from baton.shared.engine.kv_cache_manager import NO_MATCH, KVCacheManager, PrefixMatch
+from baton.shared.engine.kv_cache_manager import NO_MATCH, KVCacheManager, PrefixMatch, cdiv
 from baton.shared.engine.request import FinishReason, Request, RequestStatus
 
 
@@ -108,11 +108,10 @@ class Scheduler:
         prompt queued at a prefill worker costs its blocks alone."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        needed = -(-request.num_prompt_tokens // self.kv.block_size)
+        needed = cdiv(request.num_prompt_tokens, self.kv.block_size)
         if needed > self.kv.pool.num_free_blocks - self.watermark_blocks:
             return None
-        if self.kv.allocate_slots(request, request.num_prompt_tokens) is None:
-            return None
+        self.kv.allocate_slots(request, request.num_prompt_tokens)  # fits: checked just above
         request.status = RequestStatus.RESERVED
         self._requests[request.request_id] = request
         self.reserved[request.request_id] = request
