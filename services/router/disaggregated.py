@@ -128,6 +128,8 @@ class DisaggregatedBackend:
         live_decodes = await self.directory.live("decode")
         prefills = await self.directory.live("prefill")
         in_flight = self.directory.in_flight
+        block_size = live_decodes[0].info.block_size if live_decodes else 0
+        overlap = await self._prefix_overlap(prompt, block_size, prefills) if live_decodes else {}
         decodes = rank_decode_workers(live_decodes, in_flight, failures.decode)
         if not decodes and failures.full:
             raise CapacityError(f"no decode worker has room for this request ({failures.last_error})")
@@ -136,10 +138,7 @@ class DisaggregatedBackend:
                 "no decode worker is available"
                 + (f" (last failure: {failures.last_error})" if failures.last_error else "")
             )
-        block_size = decodes[0].info.block_size
-        overlap = await self._prefix_overlap(prompt, block_size, prefills)
-        # ranked again after that wait: the requests placed meanwhile are counted now
-        decode = rank_decode_workers(live_decodes, in_flight, failures.decode)[0]
+        decode = decodes[0]
         candidates = [w for w in prefills if w.info.worker_id not in failures.prefill]
         roomy = with_queue_room(candidates, self.prefill_queue, self.config.max_prefill_queue_tokens)
         prefill = choose_prefill_worker(roomy if roomy else candidates, overlap, in_flight)
