@@ -4,6 +4,11 @@ scatter into a paged cache included), each at several message sizes, medians of 
 
     python3 benchmarks/transfer_bandwidth.py --src cuda:0 --dst cuda:1 --out transfer.json
 
+Raw UCX is timed twice: `--in-flight` messages and then a one-byte ack, whose round trip through
+ucxx's Python layers (~1 ms) is part of every round; and `--window` messages posted at once before the
+ack, against as many torch copies queued before one synchronize, which is how ucx_perftest's and
+nvbandwidth's streaming figures are taken (the round trip spread over the window).
+
 Sender and receiver run in separate processes, as the prefill and decode workers do. UCX's transports
 come from its environment (UCX_TLS, ...), which the command line passes through; `--proto-info` asks
 UCX to print the protocols it chose.
@@ -38,8 +43,9 @@ def _sync(*devices: str) -> None:
             torch.cuda.synchronize(device)
 
 
-def torch_copy(src: str, dst: str, size: int, repeats: int) -> float:
-    """GB/s of `dst_tensor.copy_(src_tensor)` (a peer copy across GPUs), median of `repeats`."""
+def torch_copy(src: str, dst: str, size: int, repeats: int, window: int = 1) -> float:
+    """GB/s of `window` copies `dst_tensor.copy_(src_tensor)` (a peer copy across GPUs) queued back to
+    back and waited for once, median of `repeats`."""
     a = torch.randint(0, 255, (size,), dtype=torch.uint8, device=src)
     b = torch.empty(size, dtype=torch.uint8, device=dst)
     for _ in range(3):
@@ -48,11 +54,12 @@ def torch_copy(src: str, dst: str, size: int, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        b.copy_(a)
+        for _ in range(window):
+            b.copy_(a)
         _sync(src, dst)
         times.append(time.perf_counter() - start)
     assert torch.equal(a.to(dst), b)
-    return _gbps(size, statistics.median(times))
+    return _gbps(size * window, statistics.median(times))
 
 
 # -- raw UCX ---------------------------------------------------------------------------------------
@@ -223,6 +230,14 @@ def main() -> None:
     )
     parser.add_argument("--sizes-mib", default="1,4,16,64,256", help="raw message sizes")
     parser.add_argument("--in-flight", type=int, default=4, help="raw messages in flight at once")
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=16,
+        help="streaming figures: messages (and torch copies) posted back to back before one wait, as "
+        "ucx_perftest's bandwidth tests do (0: skip)",
+    )
+    parser.add_argument("--raw-only", action="store_true", help="skip Baton's KV push")
     parser.add_argument("--kv-tokens", default="256,1024,4096", help="prompt lengths pushed")
     parser.add_argument("--kv-concurrency", type=int, default=8, help="requests pushed at once")
     parser.add_argument("--repeats", type=int, default=5)
@@ -245,6 +260,27 @@ def main() -> None:
     result["ucx_raw_gbps"] = {s // MiB: v for s, v in raw.items()}
     result["ucx_raw_in_flight"] = args.in_flight
     print(f"raw UCX GB/s by MiB ({args.in_flight} in flight):", result["ucx_raw_gbps"], flush=True)
+    largest = max(sizes) // MiB
+    result["ucx_raw_vs_torch_at_largest"] = (
+        result["ucx_raw_gbps"][largest] / result["torch_copy_gbps"][largest]
+    )
+    if args.window:
+        result["window"] = args.window
+        result["torch_copy_window_gbps"] = {
+            s // MiB: torch_copy(args.src, args.dst, s, args.repeats, args.window) for s in sizes
+        }
+        raw = raw_ucx(args.src, args.dst, sizes, args.window, args.repeats)
+        result["ucx_raw_window_gbps"] = {s // MiB: v for s, v in raw.items()}
+        result["ucx_raw_window_vs_torch_window_at_largest"] = (
+            result["ucx_raw_window_gbps"][largest] / result["torch_copy_window_gbps"][largest]
+        )
+        print(f"torch copy GB/s by MiB ({args.window} queued):", result["torch_copy_window_gbps"], flush=True)
+        print(f"raw UCX GB/s by MiB ({args.window} in flight):", result["ucx_raw_window_gbps"], flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.raw_only:
+        return
     result["kv_push_gbps"] = kv_push(args.src, args.dst, tokens, args.kv_concurrency, args.repeats, False)
     result["kv_push_grouped_gbps"] = kv_push(
         args.src, args.dst, tokens, args.kv_concurrency, args.repeats, True
@@ -252,10 +288,6 @@ def main() -> None:
     result["kv_push_concurrency"] = args.kv_concurrency
     for key, how in (("kv_push_gbps", "a message per layer"), ("kv_push_grouped_gbps", "one message")):
         print(f"Baton KV push GB/s by prompt tokens ({args.kv_concurrency} at once, {how}):", result[key])
-    largest = max(sizes) // MiB
-    result["ucx_raw_vs_torch_at_largest"] = (
-        result["ucx_raw_gbps"][largest] / result["torch_copy_gbps"][largest]
-    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
