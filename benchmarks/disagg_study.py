@@ -22,6 +22,7 @@ import functools
 import json
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,7 +75,9 @@ def decode_interference(
     lead_s: float = 0.5,
 ) -> dict[str, Any]:
     """The victims' (count, prompt, output tokens) TPOT alone and under prefill-only arrivals at
-    `rate` (starting `lead_s` before the victims and lasting beyond them)."""
+    `rate`. The victims start `lead_s` after the first arrival has been answered (the arrivals' load
+    processes take seconds to start), and the arrivals last twice the victims' time alone; the result
+    says when each began and ended, so a probe whose load missed its victims shows."""
     count, prompt, output = victims
     config = LoadConfig(url=cluster.gateway_url, progress=False)
     result: dict[str, Any] = {"rate": rate, "victims": {"count": count, "prompt": prompt, "output": output}}
@@ -88,15 +91,23 @@ def decode_interference(
     num_stream = max(1, round(rate * (lead_s + 2 * alone.elapsed_s)))
     stream = random_requests(num_stream, prompt_len, (1, 1), vocab, seed=8)
     stream_config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=8, progress=False)
+    flowing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        background_run = pool.submit(run_load_in_processes, stream_config, stream, client_processes)
+        background_run = pool.submit(run_load_in_processes, stream_config, stream, client_processes, flowing)
+        while not flowing.wait(0.5):
+            if background_run.done():
+                background_run.result()  # raises what stopped it
+                raise RuntimeError("the background load ended before any request was answered")
         time.sleep(lead_s)
         loaded = run_load_in_processes(config, victim_set(9), 1)
         background = background_run.result()
     result["loaded"] = summarize(loaded.records, loaded.elapsed_s, None, None)
     result["background"] = summarize(background.records, background.elapsed_s, None, None)
-    result["background_outlasted_victims"] = (
-        background.started_s + background.elapsed_s >= loaded.started_s + loaded.elapsed_s
+    victims_end = loaded.started_s + loaded.elapsed_s
+    result["victims_after_background_began_s"] = loaded.started_s - background.started_s
+    result["background_after_victims_ended_s"] = background.started_s + background.elapsed_s - victims_end
+    result["background_covered_victims"] = (
+        result["victims_after_background_began_s"] > 0 and result["background_after_victims_ended_s"] >= 0
     )
     quiet, busy = result["alone"]["tpot_ms"]["p99"], result["loaded"]["tpot_ms"]["p99"]
     result["tpot_p99_ratio"] = busy / quiet if quiet else None
@@ -176,7 +187,9 @@ def run_layout(
                 print(
                     f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
                     f"{interference['alone']['tpot_ms']['p99']:.1f} ms alone, "
-                    f"{interference['loaded']['tpot_ms']['p99']:.1f} ms under load",
+                    f"{interference['loaded']['tpot_ms']['p99']:.1f} ms under load (the load began "
+                    f"{interference['victims_after_background_began_s']:.2f} s before them and ended "
+                    f"{interference['background_after_victims_ended_s']:.2f} s after)",
                     flush=True,
                 )
         finally:
@@ -258,8 +271,10 @@ def main() -> None:
         quiet, loaded = min(by_rate), disagg["goodput_rps"]
         comparable = loaded in by_rate and loaded > quiet
         results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
-    results["decode_interference_tpot_p99_ratio"] = {
+    results["decode_interference_tpot_p99_ratio"] = {  # None: the load did not span the victims' run
         name: layout["interference"]["tpot_p99_ratio"]
+        if layout["interference"]["background_covered_victims"]
+        else None
         for name, layout in results["layouts"].items()
         if layout["interference"] is not None
     }

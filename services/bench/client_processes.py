@@ -24,15 +24,22 @@ from baton.services.bench.serve import LoadConfig, LoadRun, Progress, RequestRec
 READY_TIMEOUT_S = 120.0
 
 
-def run_load_in_processes(config: LoadConfig, requests: list[BenchRequest], processes: int) -> LoadRun:
+def run_load_in_processes(
+    config: LoadConfig,
+    requests: list[BenchRequest],
+    processes: int,
+    flowing: threading.Event | None = None,
+) -> LoadRun:
     """The run over `processes` load processes (1: this one). `max_concurrency` is divided among
     them. The merged run spans the earliest start to the latest end; its CPU time is the busiest
-    process's."""
+    process's. `flowing`, if given, is set once a first request has ended: the load is under way (the
+    processes take seconds to start)."""
     if processes < 1:
         raise ValueError(f"--client-processes must be >= 1, got {processes}")
     processes = min(processes, len(requests))
     if processes == 1:
-        return asyncio.run(run_load(config, requests))
+        progress = _FirstEnded(Progress(len(requests), config.progress), flowing)
+        return asyncio.run(run_load(config, requests, progress=progress))
     ctx = multiprocessing.get_context("spawn")
     send_at_s = send_times(len(requests), config.request_rate, config.seed)
     share_config = replace(
@@ -55,7 +62,9 @@ def run_load_in_processes(config: LoadConfig, requests: list[BenchRequest], proc
         worker.start()
     progress = Progress(len(requests), config.progress)
     stop_drawing = threading.Event()
-    drawer = threading.Thread(target=_draw, args=(progress, done, stop_drawing), daemon=True)
+    drawer = threading.Thread(
+        target=_draw, args=(_FirstEnded(progress, flowing), done, stop_drawing), daemon=True
+    )
     drawer.start()
     try:
         runs: dict[int, LoadRun] = {}
@@ -135,7 +144,26 @@ class _SharedCount:
         pass
 
 
-def _draw(progress: Progress, done: Synchronized[int], stop: threading.Event) -> None:
+class _FirstEnded:
+    """A progress sink that also sets `flowing` (if any) when the first request ends."""
+
+    def __init__(self, progress: Progress, flowing: threading.Event | None) -> None:
+        self.progress, self._flowing = progress, flowing
+
+    @property
+    def done(self) -> int:
+        return self.progress.done
+
+    def advance(self, count: int = 1) -> None:
+        self.progress.advance(count)
+        if self._flowing is not None:
+            self._flowing.set()
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def _draw(progress: _FirstEnded, done: Synchronized[int], stop: threading.Event) -> None:
     while not stop.wait(0.1):
         with contextlib.suppress(Exception):
             if (new := done.value - progress.done) > 0:

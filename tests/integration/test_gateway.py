@@ -4,11 +4,13 @@ decode worker, Redis, UCX over TCP), driven by the official `openai` package and
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Iterable, Iterator
 from pathlib import Path
@@ -580,3 +582,24 @@ def test_bench_serve_measures_every_request(
     vocab = ModelConfig.from_dir(llama_dir).vocab_size
     wanted = random_requests(12, (8, 40), (4, 12), vocab, seed=0)
     assert summary["output_tokens"] == sum(r.output_len for r in wanted)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_load_tells_when_its_first_request_was_answered(cluster: LocalCluster, processes: int) -> None:
+    # the decode interference probe starts its victims on this, not on a guess of how long the
+    # load processes take to start (seconds, for spawned processes that import torch)
+    from baton.services.bench.client_processes import run_load_in_processes
+    from baton.services.bench.serve import LoadConfig
+
+    config = LoadConfig(url=cluster.gateway_url, request_rate=10.0, progress=False)
+    requests = random_requests(
+        6, (8, 16), (2, 2), ModelConfig.from_dir(Path(cluster.spec.model)).vocab_size, 1
+    )
+    flowing = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(run_load_in_processes, config, requests, processes, flowing)
+        assert flowing.wait(120)
+        flowed_at = time.time()
+        run = load.result()
+    assert run.started_s < flowed_at < run.started_s + run.elapsed_s
+    assert all(r.ok for r in run.records)
