@@ -142,6 +142,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _flag(group, "--enforce-eager", "CUDA: no CUDA graphs for decode steps", action="store_true")
     _flag(
         group,
+        "--async-scheduling",
+        "queue each decode-only step's successor before reading its tokens (host work overlaps the device)",
+        action="store_true",
+    )
+    _flag(
+        group,
         "--burst-step-interval-ms",
         "decode worker: while 16+ requests wait for pushed KV, more than decode, at most one step per "
         "this many ms, leaving a shared GPU to the prefill (0: off; default: off, except that `serve` uses "
@@ -275,6 +281,7 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
         attention_backend=args.attention_backend,
         load_format=args.load_format,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         stream_interval=args.stream_interval,
         burst_step_interval_ms=args.burst_step_interval_ms or 0.0,
     )
@@ -480,6 +487,8 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-prefix-caching")
     if args.enforce_eager:
         argv.append("--enforce-eager")
+    if args.async_scheduling:
+        argv.append("--async-scheduling")
     argv += ["--stream-interval", str(args.stream_interval)]
     return argv
 

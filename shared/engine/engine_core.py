@@ -23,12 +23,18 @@ from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes, check_kv_run, scatter_kv_run
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
-from baton.shared.engine.model_runner import ModelRunner
+from baton.shared.engine.model_runner import LaunchedStep, ModelRunner
 from baton.shared.engine.outputs import EngineOutput, Logprob, PositionLogprobs
-from baton.shared.engine.request import Request
+from baton.shared.engine.request import Request, RequestStatus
 from baton.shared.engine.sampler import Sampler
 from baton.shared.engine.sampling_params import SamplingParams
-from baton.shared.engine.scheduler import SampledToken, Scheduler, SchedulerConfig, SchedulerOutput
+from baton.shared.engine.scheduler import (
+    SampledToken,
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from baton.shared.engine.step_stats import StepKindTotals, StepStats
 from baton.shared.models.loader import load_model, resolve_dtype
 from baton.shared.models.model_config import ModelConfig, read_json
@@ -47,7 +53,7 @@ class _QueuedStep(NamedTuple):
     """A step queued on the device: what was scheduled, and the function that waits for its tokens."""
 
     sched: SchedulerOutput
-    result: Callable[[], dict[str, SampledToken]]
+    result: LaunchedStep
     totals: StepKindTotals  # where its wait and finish times count
 
 
@@ -119,6 +125,9 @@ class EngineCore:
         self._compute_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._overlap_steps = self.device.type == "cuda"  # on a CPU a queued step is a computed one
         self._in_flight: _QueuedStep | None = None
+        self._async_scheduling = config.async_scheduling
+        self.num_continued_steps = 0
+        """Steps queued before their predecessor's tokens were read (see _launch_continuation)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.step_stats = StepStats()
@@ -289,20 +298,26 @@ class EngineCore:
         On a GPU the next step is queued before this one's outputs are built: the device computes
         step N+1 while the host builds step N's outputs and the caller handles them. Requests added,
         aborted or committed between calls are seen by the next schedule, as before; a request
-        aborted while a step ran is skipped when that step's tokens arrive."""
+        aborted while a step ran is skipped when that step's tokens arrive.
+
+        With `async_scheduling`, a decode-only step's successor is queued before its tokens are read
+        (see _launch_continuation), so the device does not wait for the host between the two."""
         if self._in_flight is None:
             self._in_flight = self._launch()
             if self._in_flight is None:
                 return []
         # cleared first: a failure leaves none in flight
         (sched, result, totals), self._in_flight = self._in_flight, None
+        ahead = self._launch_continuation(sched, result) if self._async_scheduling else None
         started = time.perf_counter()
         with self._on_compute_stream():  # the copy of the sampled ids queues behind the step
             sampled = result()  # waits for the device
         waited = time.perf_counter()
         changed = self.scheduler.update(sched, sampled)
         updated = time.perf_counter()
-        if self._overlap_steps:
+        if ahead is not None:
+            self._in_flight = ahead
+        elif self._overlap_steps:
             self._in_flight = self._launch()  # counted as the next step's launch
         resumed = time.perf_counter()
         outputs = [self._output(r, sampled[r.request_id]) for r in changed]
@@ -322,6 +337,62 @@ class EngineCore:
             sched, time.perf_counter() - started, time.thread_time() - started_cpu
         )
         return _QueuedStep(sched, result, totals)
+
+    def _launch_continuation(self, sched: SchedulerOutput, launched: LaunchedStep) -> _QueuedStep | None:
+        """Queue the step after `sched`, which is still on the device, when `sched` is decode-only and
+        the next step would decode the same batch: each request one token further, its input token
+        the one `sched` samples (taken on the device). A request whose pending token ends it by length
+        is left out; one that a stop token ends is found when the tokens are read, and the token this
+        step computes for it is dropped then (its blocks, freed meanwhile, are written only by steps
+        queued before any later owner's, on the one stream; reservations wait for `fence`).
+
+        None, and the next step is scheduled once the tokens are read, when: a request waits to join
+        (waiting, ready, or committed since); a request's sampling needs its latest token on the host
+        (penalties, a seeded draw, min_tokens not yet reached); or no block is free for a token."""
+        scheduler = self.scheduler
+        if launched.sampled_ids is None or scheduler.waiting or scheduler.ready:
+            return None
+        started, started_cpu = time.perf_counter(), time.thread_time()
+        max_model_len = scheduler.config.max_model_len
+        rows: list[int] = []  # of `sched`'s sampled ids, one per chunk of the next step
+        chunks: list[ScheduledChunk] = []
+        num_running = 0
+        for row, chunk in enumerate(sched.chunks):  # decode-only: every chunk samples, in order
+            request = chunk.request
+            if chunk.num_new_tokens != 1 or not chunk.samples:
+                return None
+            if request.status is not RequestStatus.RUNNING:
+                continue  # ended (aborted, failed) since it was scheduled
+            num_running += 1
+            params = request.sampling_params
+            num_output = request.num_output_tokens
+            if (
+                params.has_penalties
+                or (params.seed is not None and not params.is_greedy)
+                or num_output < params.min_tokens
+                or request.prefill_only
+            ):
+                return None
+            if num_output + 1 >= params.max_tokens or len(request.all_token_ids) + 1 >= max_model_len:
+                continue  # the pending token is its last
+            rows.append(row)
+            chunks.append(ScheduledChunk(request, chunk.start + 1, 1, True))
+        if not chunks or num_running != len(scheduler.running):
+            return None
+        for chunk in chunks:  # room for the pending token and this step's
+            if self.kv_manager.allocate_slots(chunk.request, 2) is None:
+                return None  # blocks given to the ones before stay theirs: their next steps use them
+        continuation = SchedulerOutput(chunks)
+        with self._on_compute_stream():
+            input_ids = launched.sampled_ids  # [len(sched.chunks)]
+            if len(rows) < len(sched.chunks):
+                input_ids = input_ids.index_select(0, host_to_device(rows, torch.long, self.device))
+            result = self.runner.launch(continuation, input_ids)
+        totals = self.step_stats.launched(
+            continuation, time.perf_counter() - started, time.thread_time() - started_cpu
+        )
+        self.num_continued_steps += 1
+        return _QueuedStep(continuation, result, totals)
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

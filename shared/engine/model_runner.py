@@ -28,6 +28,20 @@ class ModelInputs:
     sampling_chunks: list[ScheduledChunk]
 
 
+class LaunchedStep:
+    """A step queued on the device. `sampled_ids` [num_sampling] int64 holds its sampled tokens on the
+    device, one per sampling chunk in step order (None when no chunk samples), usable as the next
+    step's inputs before they are read; calling it waits for the device and gives the tokens by
+    request id."""
+
+    def __init__(self, sampled_ids: torch.Tensor | None, read: Callable[[], dict[str, SampledToken]]) -> None:
+        self.sampled_ids = sampled_ids
+        self._read = read
+
+    def __call__(self) -> dict[str, SampledToken]:
+        return self._read()
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -47,10 +61,10 @@ class ModelRunner:
         """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> Callable[[], dict[str, SampledToken]]:
-        """Queue the step on the device; the returned function waits for it and gives the sampled
-        tokens by request id."""
-        inputs = self.prepare_inputs(sched.chunks)
+    def launch(self, sched: SchedulerOutput, input_ids: torch.Tensor | None = None) -> LaunchedStep:
+        """Queue the step on the device. `input_ids` [num_chunks] (on the device), for a decode-only
+        step whose last tokens are not known on the host yet: each chunk's input token, in order."""
+        inputs = self.prepare_inputs(sched.chunks, input_ids)
         meta = inputs.meta
         graphs = self.graphs
         if graphs is not None and meta.num_decodes == meta.num_seqs and meta.num_seqs <= graphs.max_batch:
@@ -58,7 +72,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         if not inputs.sampling_chunks:
-            return lambda: {}
+            return LaunchedStep(None, dict)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [_sampling_row(chunk) for chunk in inputs.sampling_chunks]
         sampling = self.sampler.launch(logits, rows)
@@ -77,11 +91,14 @@ class ModelRunner:
                 for i, rid in enumerate(request_ids)
             }
 
-        return result
+        return LaunchedStep(sampling.token_ids, result)
 
-    def prepare_inputs(self, chunks: list[ScheduledChunk]) -> ModelInputs:
+    def prepare_inputs(
+        self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None
+    ) -> ModelInputs:
         """Chunks arrive decodes first (the scheduler's order), which the metadata relies on. Built
-        with one pass of Python per request and NumPy for the rest: this runs every step."""
+        with one pass of Python per request and NumPy for the rest: this runs every step.
+        `input_ids` (device, one per chunk) replaces the requests' tokens in a decode-only step."""
         bs, n = self.block_size, len(chunks)
         query_lens = np.fromiter((c.num_new_tokens for c in chunks), np.int64, n)
         starts = np.fromiter((c.start for c in chunks), np.int64, n)
@@ -96,10 +113,14 @@ class ModelRunner:
         # every scheduled request holds the blocks its tokens need, so max_blocks columns hold its table
         rows = np.fromiter((self.kv.row_of(c.request.request_id) for c in chunks), np.int64, n)
         block_tables = self.kv.block_table[rows, :max_blocks]
-        if num_tokens == n:  # decodes only: each request's last token
-            input_ids = np.array([c.request.all_token_ids[c.start] for c in chunks], dtype=np.int64)
+        if input_ids is not None:
+            if num_tokens != n:
+                raise ValueError("device input ids are for decode-only steps")
+            host_ids = np.zeros(0, dtype=np.int64)  # nothing to copy
+        elif num_tokens == n:  # decodes only: each request's last token
+            host_ids = np.array([c.request.all_token_ids[c.start] for c in chunks], dtype=np.int64)
         else:
-            input_ids = np.fromiter(
+            host_ids = np.fromiter(
                 itertools.chain.from_iterable(
                     c.request.all_token_ids[c.start : c.start + c.num_new_tokens] for c in chunks
                 ),
@@ -111,8 +132,8 @@ class ModelRunner:
         sampling = [i for i, c in enumerate(chunks) if c.samples]
         logits_indices = cu[1:][sampling] - 1
         # two host-to-device copies in all, one per dtype
-        slot_mapping_d, input_ids_d, positions_d, logits_indices_d = arrays_to_device(
-            [slot_mapping, input_ids, positions, logits_indices], np.int64, self.device
+        slot_mapping_d, host_ids_d, positions_d, logits_indices_d = arrays_to_device(
+            [slot_mapping, host_ids, positions, logits_indices], np.int64, self.device
         )
         cu_d, seq_lens_d, block_tables_d = arrays_to_device(
             [cu, seq_lens, block_tables], np.int32, self.device
@@ -129,7 +150,7 @@ class ModelRunner:
             seq_lens_host=tuple(seq_lens.tolist()),
         )
         return ModelInputs(
-            input_ids=input_ids_d,
+            input_ids=host_ids_d if input_ids is None else input_ids,
             positions=positions_d,
             meta=meta,
             logits_indices=logits_indices_d,

@@ -44,6 +44,19 @@ class SamplerOutput:
     """Per row: the most likely (token, logprob) pairs, as many as the row's `logprobs` asked."""
 
 
+class QueuedSample:
+    """A step's sampling, queued on the device: `token_ids` [num_rows] (int64, on the device, valid in
+    the queue's stream order) can feed the next step before they are read; calling it waits for the
+    device and reads the result."""
+
+    def __init__(self, token_ids: torch.Tensor, read: Callable[[], SamplerOutput]) -> None:
+        self.token_ids = token_ids
+        self._read = read
+
+    def __call__(self) -> SamplerOutput:
+        return self._read()
+
+
 class Sampler:
     """Batched: one pass of tensor ops for the whole step, one host sync at the end."""
 
@@ -56,7 +69,7 @@ class Sampler:
         """logits: [num_rows, vocab] float32, one row per request that samples this step."""
         return self.launch(logits, rows)()
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> Callable[[], SamplerOutput]:
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> QueuedSample:
         """Queue the sampling on the device; the returned function waits for it and reads the result
         (so the host can do other work meanwhile). Non-greedy filters may still wait for the device."""
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
@@ -72,12 +85,12 @@ class Sampler:
             greedy = host_to_device([r.params.is_greedy for r in rows], torch.bool, self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
-            return lambda: SamplerOutput(chosen.tolist())
-        return lambda: _with_logprobs(raw_logprobs, rows, chosen)
+            return QueuedSample(chosen, _reader(chosen))
+        return QueuedSample(chosen, lambda: _with_logprobs(raw_logprobs, rows, chosen))
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:  # -> [num_rows]
-        temps = torch.tensor(
-            [1.0 if r.params.is_greedy else r.params.temperature for r in rows], device=self.device
+        temps = host_to_device(
+            [1.0 if r.params.is_greedy else r.params.temperature for r in rows], logits.dtype, self.device
         )
         probs = torch.softmax(_filter(logits / temps[:, None], [r.params for r in rows]), dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self._generator)
@@ -93,6 +106,24 @@ class Sampler:
         gen = torch.Generator(device=self.device)
         gen.manual_seed((((seed & _MASK64) * _SEED_MIX + position) & _MASK64) % (1 << 63))
         return gen
+
+
+def _reader(ids: torch.Tensor) -> Callable[[], SamplerOutput]:
+    """Reads `ids` [rows] once the device has computed them, without waiting for work queued after
+    them (a step queued before this one's tokens are read): on a GPU, a copy into pinned memory is
+    queued now, and reading waits for an event recorded behind it."""
+    if ids.device.type != "cuda":
+        return lambda: SamplerOutput(ids.tolist())
+    host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+    host.copy_(ids, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def read() -> SamplerOutput:
+        copied.synchronize()
+        return SamplerOutput(host.tolist())
+
+    return read
 
 
 def _apply_penalties(logits: torch.Tensor, row: SamplingRow) -> None:  # logits: [vocab], in place

@@ -108,3 +108,23 @@ def test_allocator_summary_counts_the_engines_device_memory(llama_dir: Path) -> 
     assert found, summary
     assert float(found[1]) >= round(torch.cuda.max_memory_reserved() / 2**30, 1) - 0.1
     assert int(found[2]) >= 1  # the KV cache at least
+
+
+def test_async_scheduling_on_cuda_gives_the_same_tokens(llama_dir: Path) -> None:
+    # continued decode steps replay the CUDA graphs with input ids taken from the device; the tokens
+    # are read through pinned memory without waiting for the step queued after them
+    lengths = [5, 40, 17, 64, 9, 33, 2, 48, 21, 12, 57, 30]
+    plain = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    engine = dict(device="cuda", dtype="float32", attention_backend="triton")
+    expected = [o.token_ids for o in LLM(str(llama_dir), **engine).generate(prompts(), plain)]
+    # and requests stopped by a token found one step late
+    stops = [
+        SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, stop_token_ids=[want[n // 2]])
+        for n, want in zip(lengths, expected, strict=True)
+    ]
+    stopped = [o.token_ids for o in LLM(str(llama_dir), **engine).generate(prompts(), stops)]
+    llm = LLM(str(llama_dir), async_scheduling=True, **engine)
+    assert [o.token_ids for o in llm.generate(prompts(), plain)] == expected
+    assert [o.token_ids for o in llm.generate(prompts(), stops)] == stopped
+    assert llm.engine.num_continued_steps > 50
+    llm.engine.assert_no_leaks()

@@ -10,6 +10,8 @@ import pytest
 from baton.services.cli import (
     SHARED_GPU_BURST_STEP_INTERVAL_MS,
     _burst_step_interval_ms,
+    _engine_argv,
+    _engine_config,
     _gateway_argv,
     _parse_gpus,
     build_parser,
@@ -84,6 +86,19 @@ def test_serve_paces_decode_bursts_where_a_prefill_worker_shares_its_gpu(
 ) -> None:
     args = build_parser().parse_args(["serve", *argv])
     assert _burst_step_interval_ms(args, _parse_gpus(args.gpus)) == expected
+
+
+def test_every_engine_flag_given_to_serve_reaches_the_workers_engines() -> None:
+    engine = ["--dtype", "float32", "--device", "cpu", "--block-size", "32", "--num-kv-blocks", "77"]
+    engine += ["--max-num-batched-tokens", "999", "--max-num-seqs", "9", "--max-model-len", "640"]
+    engine += ["--gpu-memory-utilization", "0.5", "--seed", "3", "--cpu-kv-cache-gib", "0.25"]
+    engine += ["--attention-backend", "torch", "--load-format", "dummy", "--no-prefix-caching"]
+    engine += ["--enforce-eager", "--async-scheduling", "--stream-interval", "4"]
+    served = _engine_config(build_parser().parse_args(["serve", *engine]))
+    passed_on = _engine_argv(build_parser().parse_args(["serve", *engine]))
+    worker = _engine_config(build_parser().parse_args(["decode", *passed_on]))
+    assert worker == served
+    assert served.async_scheduling and served.enforce_eager and not served.enable_prefix_caching
 
 
 def test_a_worker_bound_to_every_interface_advertises_its_own_address(

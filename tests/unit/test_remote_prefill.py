@@ -73,11 +73,20 @@ def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_bu
     decode.assert_no_leaks()
 
 
-def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(llama_dir: Path) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(
+    llama_dir: Path, async_scheduling: bool
+) -> None:
     expected = [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
     prefill = EngineCore(EngineConfig(model=str(llama_dir)))
     decode = EngineCore(
-        EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=512, max_num_seqs=1)
+        EngineConfig(
+            model=str(llama_dir),
+            num_kv_blocks=64,
+            max_model_len=512,
+            max_num_seqs=1,
+            async_scheduling=async_scheduling,
+        )
     )
     shipped = [shipped_prefill(prefill, f"r{i}", prompt, GREEDY) for i, prompt in enumerate(PROMPTS)]
     tokens: dict[str, list[int]] = {}
@@ -94,6 +103,7 @@ def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(llama_d
             tokens[out.request_id] += out.new_token_ids
             assert decode.stats().num_running <= 1
     assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+    assert (decode.num_continued_steps > 0) == async_scheduling
     prefill.assert_no_leaks()
     decode.assert_no_leaks()
 
