@@ -316,14 +316,25 @@ class _Pusher:
             session = live = await asyncio.shield(opening)
             opened = time.monotonic()
             layer_nbytes = kv[0].numel() * kv.element_size()
-            for first, count in layer_runs(kv.shape[0], layer_nbytes, self._spec.run_nbytes):
+            *runs, (last, last_count) = layer_runs(kv.shape[0], layer_nbytes, self._spec.run_nbytes)
+            for first, count in runs:
                 await live.send_layers(first, kv[first : first + count])
-            sent = time.monotonic()
-            nbytes, kv = kv.numel() * kv.element_size(), None  # sent: its memory goes back at once
-            self._copy_buffer.release(charge)
-            charge = 0
             trailer, timeout_s = await push.trailer
-            await live.finish(trailer, timeout_s=timeout_s)
+            sent = opened
+
+            def all_sent() -> None:  # its memory goes back before the reply
+                nonlocal charge, sent
+                sent = time.monotonic()
+                self._copy_buffer.release(charge)
+                charge = 0
+
+            # the last run and the finish leave together: the finish does not queue behind other
+            # pushes' payloads on the connection, and the receiver completes once the payload is in
+            finishing = live.finish_with_layers(
+                last, kv[last : last + last_count], trailer, timeout_s=timeout_s, on_sent=all_sent
+            )
+            nbytes, kv = kv.numel() * kv.element_size(), None  # the session holds what it still sends
+            await finishing
             timings.update(
                 engine_ms=(announced - started) * 1e3,
                 buffer_ms=(budgeted - announced) * 1e3,  # waiting for room in the copy buffer

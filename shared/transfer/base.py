@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
@@ -269,6 +270,25 @@ class KVPushSession(ABC):
     async def finish(self, trailer: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
         """Send the trailer and wait for the receiver's verdict; returns the ack payload. Raises
         TransferError on nack (with the receiver's reason), timeout or disconnect."""
+
+    async def finish_with_layers(
+        self,
+        first_layer: int,
+        kv: torch.Tensor | None,
+        trailer: dict[str, Any],
+        timeout_s: float = 30.0,
+        on_sent: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """`send_layers(first_layer, kv)` for the last layers, then `finish(trailer)`; a transport may
+        send the two together. `on_sent` is called once the layers are sent, before the verdict, with
+        no reference to `kv` held any more (the caller may then reuse its memory). `kv` is optional
+        only so that a caller can hand over its last reference."""
+        assert kv is not None
+        await self.send_layers(first_layer, kv)
+        kv = None
+        if on_sent is not None:
+            on_sent()
+        return await self.finish(trailer, timeout_s)
 
     @abstractmethod
     async def abort(self, reason: str) -> None:

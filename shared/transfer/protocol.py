@@ -245,6 +245,12 @@ class OutboundConnection:
     async def send(self, msg: dict[str, Any], payload: torch.Tensor | None = None) -> None:
         """Send a message (and its payload right behind it). Once posted it goes out whole, even if
         the caller is cancelled; a failed send closes the connection. Raises ChannelClosed."""
+        await asyncio.shield(self.post(msg, payload))
+
+    def post(self, msg: dict[str, Any], payload: torch.Tensor | None = None) -> asyncio.Future[None]:
+        """Queue a message (and its payload) behind everything posted before, without waiting: posts
+        made one after another, with no await between them, go out next to each other. The future
+        completes once it was sent; a failed send closes the connection. Raises ChannelClosed."""
         if self.closed:
             raise ChannelClosed(self._closed or "connection closed")
         try:
@@ -253,7 +259,7 @@ class OutboundConnection:
             self.close(f"sending failed: {e}")
             raise
         sending.add_done_callback(self._sent)
-        await asyncio.shield(sending)
+        return sending
 
     def _sent(self, sending: asyncio.Future[None]) -> None:
         error = None if sending.cancelled() else sending.exception()
@@ -359,6 +365,46 @@ class PushSession(KVPushSession):
         return session
 
     async def send_layers(self, first_layer: int, kv: torch.Tensor) -> None:
+        message = await self._layers_message(first_layer, kv)
+        if message is not None:
+            await self._send(*message, f"sending layer {first_layer}")
+
+    async def finish_with_layers(
+        self,
+        first_layer: int,
+        kv: torch.Tensor | None,
+        trailer: dict[str, Any],
+        timeout_s: float = 30.0,
+        on_sent: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """The last layers and the finish, posted next to each other once every checksum is known: the
+        finish does not queue behind other requests' payloads, which a separate `finish` finds posted
+        on the shared connection meanwhile, so the receiver completes the request as soon as the
+        payload is in. This holds no reference to `kv` once it is sent, when `on_sent` is called."""
+        assert kv is not None
+        message = await self._layers_message(first_layer, kv)
+        kv = None
+        finish, started, summed = await self._finish_message(trailer)
+        what = "sending the last layers and the finish"
+        try:
+            posts = [] if message is None else [self._connection.post(*message)]
+            posts.append(self._connection.post(finish))
+        except TransferError as e:
+            self._end(f"{what}: {e}", tell_receiver=False)
+            raise type(e)(self._what_failed()) from e
+        finally:
+            message = None  # the posts hold the payload until it is sent
+        for post in posts:
+            await self._sent(post, what)
+        if on_sent is not None:
+            on_sent()
+        return await self._verdict(started, summed, timeout_s)
+
+    async def _layers_message(
+        self, first_layer: int, kv: torch.Tensor
+    ) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """The header and payload of a run of layers, its checksum started; None when the fault
+        injector drops it (the receiver then misses a layer and refuses the finish)."""
         self._check_usable()
         if first_layer != self._next_layer:
             raise ValueError(f"layer {first_layer} sent out of order: expected layer {self._next_layer}")
@@ -380,7 +426,7 @@ class PushSession(KVPushSession):
         self._check_usable()
         self._next_layer += count
         if self._faults.should_drop():
-            return
+            return None
         self._checksums.append(PendingChecksum.start(kv))
         payload = self._faults.maybe_corrupt(kv.reshape(-1).view(torch.uint8))  # payload: [nbytes]
         header = {
@@ -390,18 +436,29 @@ class PushSession(KVPushSession):
             "count": count,
             "nbytes": payload.numel(),
         }
-        await self._send(header, payload, f"sending layer {first_layer}")
+        return header, payload
 
     async def finish(self, trailer: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
+        finish, started, summed = await self._finish_message(trailer)
+        await self._send(finish, None, "sending the finish")
+        return await self._verdict(started, summed, timeout_s)
+
+    async def _finish_message(self, trailer: dict[str, Any]) -> tuple[dict[str, Any], float, float]:
+        """The finish message, with every message's checksum (waited for if the device has not
+        produced them yet), and when the wait for them began and ended."""
         self._check_usable()
         if not isinstance(trailer, dict):
             raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
         encode_message(trailer)  # not JSON-able: TypeError/ValueError before anything is sent
-        start = time.monotonic()
+        started = time.monotonic()
         checksums = await resolve_checksums(self._checksums)
         summed = time.monotonic()
+        self._check_usable()  # refused or aborted while the sums were awaited
         finish = {"type": "finish", "request_id": self.request_id, "trailer": trailer, "checksums": checksums}
-        await self._send(finish, None, "sending the finish")
+        return finish, started, summed
+
+    async def _verdict(self, start: float, summed: float, timeout_s: float) -> dict[str, Any]:
+        """After the finish was sent: free the transfer slot, wait for the receiver's reply."""
         finish_sent_at = time.time()
         self._finish_sent = True
         self._release_slot()
@@ -453,7 +510,16 @@ class PushSession(KVPushSession):
     # -- internals -------------------------------------------------------------------------------
     async def _send(self, msg: dict[str, Any], payload: torch.Tensor | None, what: str) -> None:
         try:
-            await self._connection.send(msg, payload)
+            sending = self._connection.post(msg, payload)
+        except TransferError as e:
+            self._end(f"{what}: {e}", tell_receiver=False)
+            raise type(e)(self._what_failed()) from e
+        await self._sent(sending, what)
+
+    async def _sent(self, sending: asyncio.Future[None], what: str) -> None:
+        """Wait for a posted message (it goes out whole even if this is cancelled)."""
+        try:
+            await asyncio.shield(sending)
         except TransferError as e:
             self._end(f"{what}: {e}", tell_receiver=False)
             raise type(e)(self._what_failed()) from e

@@ -126,6 +126,61 @@ def test_round_trip_scatters_every_layer_exactly() -> None:
     assert not handler.cache[:, :, untouched].any()
 
 
+@pytest.mark.parametrize("together", [True, False])
+def test_the_finish_leaves_right_behind_the_last_payload(
+    monkeypatch: pytest.MonkeyPatch, together: bool
+) -> None:
+    # two pushes share one connection; what each posts is recorded in order
+    posted: list[tuple[str, str]] = []
+    post = _LoopbackChannel.post
+
+    def recording(channel: _LoopbackChannel, msg: dict[str, Any], payload: torch.Tensor | None = None) -> Any:
+        if msg["type"] in ("layer", "finish"):
+            posted.append(
+                (msg["request_id"], f"layer {msg['layer']}" if msg["type"] == "layer" else "finish")
+            )
+        return post(channel, msg, payload)
+
+    monkeypatch.setattr(_LoopbackChannel, "post", recording)
+    handler = ScatterHandler()
+    layers = {rid: random_layers(LAYOUT, 3, seed=i) for i, rid in enumerate("ab")}
+    blocks = {"a": [0, 1, 2], "b": [3, 4, 5]}
+
+    async def main() -> None:
+        receiver = LoopbackKVReceiver(LAYOUT, handler, name=f"together-{together}")
+        await receiver.start()
+        sender = LoopbackKVSender(LAYOUT, connections_per_address=1)
+        a = await sender.open(receiver.address, "a", blocks["a"], 3)
+        b = await sender.open(receiver.address, "b", blocks["b"], 3)
+
+        async def push_a() -> None:
+            for layer in (0, 1):
+                await a.send_layer(layer, layers["a"][layer])
+            if together:
+                await a.finish_with_layers(2, layers["a"][2][None], {"first_token": 1})
+            else:
+                await a.send_layer(2, layers["a"][2])
+                await a.finish({"first_token": 1})
+
+        async def push_b() -> None:
+            for layer in range(3):
+                await b.send_layer(layer, layers["b"][layer])
+            await b.finish({"first_token": 2})
+
+        await asyncio.gather(push_a(), push_b())
+        await sender.close()
+        await receiver.close()
+
+    run(main())
+    assert sorted(handler.completed) == ["a", "b"]
+    last = posted.index(("a", "layer 2"))
+    # sent apart, b's next layer slips in between (the finish waited for the payload to be sent)
+    assert (posted[last + 1] == ("a", "finish")) == together, posted
+    for rid in "ab":
+        for layer, kv in enumerate(layers[rid]):
+            assert torch.equal(handler.cache[layer][:, blocks[rid]], kv)
+
+
 def test_concurrent_requests_and_make_sender_dispatch() -> None:
     handler = ScatterHandler()
     requests = {f"req-{i}": [4 * i, 4 * i + 1, 4 * i + 2] for i in range(4)}
