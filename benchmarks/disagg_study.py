@@ -10,6 +10,8 @@ one output token: nothing joins the decode batch) arrive at `--interference-rate
 reaches the decode GPU is the prompts' KV; on the colocated replicas, the prefills themselves.
 
     python3 benchmarks/disagg_study.py OUT_DIR            # on a machine with two GPUs
+    python3 benchmarks/disagg_study.py OUT_DIR --rates '' --layouts disaggregated_1p1d,colocated_x2
+                                                          # the interference probe alone
 
 Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and the cluster logs.
 """
@@ -210,7 +212,11 @@ def goodput(runs: list[dict[str, Any]]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--rates", default="2,4,6,8,10,12,16", help="Poisson rates, requests/s")
+    parser.add_argument(
+        "--rates",
+        default="2,4,6,8,10,12,16",
+        help="Poisson rates, requests/s ('': the warm-up and the probe only)",
+    )
     parser.add_argument("--num-prompts", type=int, default=100, help="requests per rate (at least)")
     parser.add_argument(
         "--min-duration-s", type=float, default=0.0, help="more requests at a high rate: rate x this"
@@ -231,7 +237,7 @@ def main() -> None:
     parser.add_argument("--warmup-rate", type=float, default=4.0)
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
-    args.rates = [float(r) for r in args.rates.split(",")]
+    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     layouts = {name: LAYOUTS[name] for name in args.layouts.split(",")}
     if torch.cuda.device_count() < 2:
         sys.exit("disagg_study.py needs two GPUs")
@@ -263,7 +269,7 @@ def main() -> None:
         if coloc and name in goodputs:
             results["goodput_ratio" + name.removeprefix("disaggregated_1p1d")] = goodputs[name] / coloc
     disagg = results["layouts"].get("disaggregated_1p1d")
-    if disagg is not None:
+    if disagg is not None and disagg["runs"]:
         # decode under load: TPOT p99 at the highest good rate against the lowest rate tried (the
         # decode worker never prefills here, so what grows is its batch and the KV pushes beside it)
         by_rate = {r["request_rate"]: r["summary"]["tpot_ms"]["p99"] for r in disagg["runs"]}
