@@ -126,8 +126,6 @@ class EngineCore:
         self._overlap_steps = self.device.type == "cuda"  # on a CPU a queued step is a computed one
         self._in_flight: _QueuedStep | None = None
         self._async_scheduling = config.async_scheduling
-        self.num_continued_steps = 0
-        """Steps queued before their predecessor's tokens were read (see _launch_continuation)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # weights and caches are written before any step reads them
         self.step_stats = StepStats()
@@ -389,10 +387,15 @@ class EngineCore:
                 input_ids = input_ids.index_select(0, host_to_device(rows, torch.long, self.device))
             result = self.runner.launch(continuation, input_ids)
         totals = self.step_stats.launched(
-            continuation, time.perf_counter() - started, time.thread_time() - started_cpu
+            continuation, time.perf_counter() - started, time.thread_time() - started_cpu, continued=True
         )
-        self.num_continued_steps += 1
         return _QueuedStep(continuation, result, totals)
+
+    @property
+    def num_continued_steps(self) -> int:
+        """Steps queued before their predecessor's tokens were read (see _launch_continuation), since
+        `step_stats` was last reset."""
+        return self.step_stats.decode.continued
 
     @torch.inference_mode()
     def _warm_up(self) -> None:

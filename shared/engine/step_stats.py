@@ -23,12 +23,15 @@ class StepKindTotals:
     launch_cpu_s: float = 0.0
     wait_s: float = 0.0
     finish_s: float = 0.0
+    continued: int = 0
+    """Steps queued before their predecessor's tokens were read (async scheduling)."""
 
     def per_step(self) -> dict[str, float]:
         """Means per step: tokens, and milliseconds of launch, wait and finish."""
         n = max(self.steps, 1)
         return {
             "steps": self.steps,
+            "continued": self.continued,
             "tokens": self.tokens / n,
             "launch_ms": 1e3 * self.launch_s / n,
             "launch_cpu_ms": 1e3 * self.launch_cpu_s / n,
@@ -45,12 +48,16 @@ class StepStats:
     prefill: StepKindTotals = field(default_factory=StepKindTotals)
     decode: StepKindTotals = field(default_factory=StepKindTotals)
 
-    def launched(self, sched: SchedulerOutput, seconds: float, cpu_seconds: float) -> StepKindTotals:
-        """Count a step that took `seconds` to launch (`cpu_seconds` of the launching thread's CPU);
-        returns the totals it counts in, for its wait and finish times."""
+    def launched(
+        self, sched: SchedulerOutput, seconds: float, cpu_seconds: float, continued: bool = False
+    ) -> StepKindTotals:
+        """Count a step that took `seconds` to launch (`cpu_seconds` of the launching thread's CPU),
+        `continued` if queued before its predecessor's tokens were read; returns the totals it counts
+        in, for its wait and finish times."""
         num_tokens = sched.num_tokens
         totals = self.prefill if num_tokens > len(sched.chunks) else self.decode
         totals.steps += 1
+        totals.continued += continued
         totals.tokens += num_tokens
         totals.launch_s += seconds
         totals.launch_cpu_s += cpu_seconds
@@ -76,8 +83,9 @@ class StepStats:
 
 def describe_steps(kind: str, per_step: dict[str, float]) -> str:
     """`per_step` (StepKindTotals.per_step) in words."""
+    continued = f", {per_step['continued']:.0f} continued" if per_step.get("continued") else ""
     return (
-        f"{per_step['steps']:.0f} {kind} steps (mean {per_step['tokens']:.0f} tokens, "
+        f"{per_step['steps']:.0f} {kind} steps{continued} (mean {per_step['tokens']:.0f} tokens, "
         f"launch {per_step['launch_ms']:.2f} ms ({per_step['launch_cpu_ms']:.2f} ms CPU), "
         f"wait {per_step['wait_ms']:.2f} ms, "
         f"finish {per_step['finish_ms']:.2f} ms)"

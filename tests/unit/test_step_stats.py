@@ -37,3 +37,14 @@ def test_no_steps_read_as_zeros() -> None:
         "0 prefill steps (mean 0 tokens, launch 0.00 ms (0.00 ms CPU), wait 0.00 ms, finish 0.00 ms), "
         "0 decode steps (mean 0 tokens, launch 0.00 ms (0.00 ms CPU), wait 0.00 ms, finish 0.00 ms)"
     )
+
+
+def test_continued_steps_are_counted_and_named(llama_dir: Path) -> None:
+    llm = LLM(str(llama_dir), async_scheduling=True)
+    llm.generate([list(range(10, 40))], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    stats = llm.engine.step_stats
+    # one prefill step (the 1st token), then 7 decode steps: each continues the one before it but the
+    # first, which the prefill step's tokens had to be read for
+    assert (stats.decode.steps, stats.decode.continued, llm.engine.num_continued_steps) == (7, 6, 6)
+    assert "7 decode steps, 6 continued (mean 1 tokens" in stats.summary()
+    assert stats.as_dict()["decode"]["continued"] == 6
