@@ -382,6 +382,7 @@ class PushSession(KVPushSession):
         on the shared connection meanwhile, so the receiver completes the request as soon as the
         payload is in. This holds no reference to `kv` once it is sent, when `on_sent` is called."""
         assert kv is not None
+        _check_trailer(trailer)  # before anything goes out
         message = await self._layers_message(first_layer, kv)
         kv = None
         finish, started, summed = await self._finish_message(trailer)
@@ -447,9 +448,7 @@ class PushSession(KVPushSession):
         """The finish message, with every message's checksum (waited for if the device has not
         produced them yet), and when the wait for them began and ended."""
         self._check_usable()
-        if not isinstance(trailer, dict):
-            raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
-        encode_message(trailer)  # not JSON-able: TypeError/ValueError before anything is sent
+        _check_trailer(trailer)
         started = time.monotonic()
         checksums = await resolve_checksums(self._checksums)
         summed = time.monotonic()
@@ -553,6 +552,13 @@ class PushSession(KVPushSession):
         if tell_receiver and not connection.closed:
             abort = {"type": "abort", "request_id": self.request_id, "reason": told or reason}
             _BACKGROUND.spawn(_send_quietly(connection, abort))
+
+
+def _check_trailer(trailer: Any) -> None:
+    """A finish's trailer is a JSON-able dict (TypeError/ValueError otherwise)."""
+    if not isinstance(trailer, dict):
+        raise ValueError(f"trailer must be a dict, got {type(trailer).__name__}")
+    encode_message(trailer)
 
 
 _BACKGROUND = BackgroundTasks()  # aborts on their way out
