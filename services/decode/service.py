@@ -55,6 +55,8 @@ class _Tracked:
     timeout: asyncio.TimerHandle | None = None
     streamed: bool = False
     aborted: bool = False
+    reserving: bool = True  # its Reserve call has not returned yet
+    ended: bool = False  # its last output went to a subscriber while it was still reserving
 
 
 class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
@@ -143,6 +145,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise
         if tracked.aborted or self._tracked.get(rid) is not tracked:  # aborted while its record was written
             raise ConflictError(f"request {rid!r} was aborted while it was being reserved")
+        tracked.reserving = False
+        if tracked.ended:  # a short local prefill already finished: its record is ended after being written
+            self._background.spawn(self._settle(rid))
+            request_log.info("request %s: %d prompt tokens, prefilled here, done", rid, len(prompt))
+            return worker_pb2.ReserveResponse(
+                worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
+            )
         if tracked.remote and self.receiver is not None:
             self.receiver.reserve(rid, block_ids, ready)  # before the router can hand it to a prefill worker
         if tracked.remote or not tracked.streamed:  # something to wait for: the KV, or a reader
@@ -189,7 +198,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             top = tracked.num_top_logprobs if tracked is not None else 0
             message.deltas.append(delta_from_output(out, top, out.request_id))
             if out.finished:
-                self._background.spawn(self._settle(out.request_id))
+                if tracked is not None and tracked.reserving:
+                    tracked.ended = True  # settled once its Reserve has written the record
+                else:
+                    self._background.spawn(self._settle(out.request_id))
         return message
 
     def _abort_orphans(self, request_ids: set[str]) -> None:

@@ -167,3 +167,40 @@ def test_a_reserve_cancelled_while_its_record_is_written_is_undone(llama_dir: Pa
 
     receiver = run(llama_dir, redis_url, scenario, "race-cancel-record")
     assert receiver.reserved == []
+
+
+def test_a_local_prefill_that_ends_before_its_record_is_written_is_served(
+    llama_dir: Path, redis_url: str
+) -> None:
+    # a short request prefilled here can finish while Reserve still writes its registry record (a slow
+    # Redis under load): that is not an abort; its outputs stand and its record is ended afterwards
+    async def scenario(service: DecodeService, *_: Any) -> None:
+        write = service.registry.reserve
+
+        async def slow_write(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(1.0)  # the engine computes the whole request meanwhile
+            return await write(*args, **kwargs)
+
+        service.registry.reserve = slow_write  # type: ignore[method-assign]
+        stream = service.StreamOutputs(worker_pb2.StreamOutputsRequest(subscriber="router-1"), None)  # type: ignore[arg-type]
+        await anext(stream)  # the subscription is in place
+
+        async def read() -> list[int]:  # as the router's reader does, all along
+            tokens: list[int] = []
+            while True:
+                batch = await anext(stream)
+                for delta in batch.deltas:
+                    tokens += delta.token_ids
+                if any(d.finish_reason for d in batch.deltas):
+                    return tokens
+
+        reading = asyncio.ensure_future(read())
+        request = reserve_request("r~1")
+        request.local_prefill, request.subscriber = True, "router-1"
+        await service.Reserve(request, None)  # type: ignore[arg-type]
+        assert reading.done()  # the request ended while its record was being written
+        assert len(await reading) == 4
+        await stream.aclose()
+
+    receiver = run(llama_dir, redis_url, scenario, "race-local-done")
+    assert receiver.reserved == []  # prefilled here: nothing to receive
