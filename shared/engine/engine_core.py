@@ -23,10 +23,10 @@ from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.host_to_device import host_to_device
 from baton.shared.engine.kv_cache import allocate_kv_caches, block_nbytes, check_kv_run, scatter_kv_run
 from baton.shared.engine.kv_cache_manager import KVCacheManager, cdiv
-from baton.shared.engine.model_runner import LaunchedStep, ModelRunner
+from baton.shared.engine.model_runner import ModelRunner
 from baton.shared.engine.outputs import EngineOutput, Logprob, PositionLogprobs
 from baton.shared.engine.request import Request, RequestStatus
-from baton.shared.engine.sampler import Sampler
+from baton.shared.engine.sampler import QueuedTokens, Sampler
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import (
     SampledToken,
@@ -53,7 +53,7 @@ class _QueuedStep(NamedTuple):
     """A step queued on the device: what was scheduled, and the function that waits for its tokens."""
 
     sched: SchedulerOutput
-    result: LaunchedStep
+    result: QueuedTokens[dict[str, SampledToken]]
     totals: StepKindTotals  # where its wait and finish times count
 
 
@@ -336,7 +336,9 @@ class EngineCore:
         )
         return _QueuedStep(sched, result, totals)
 
-    def _launch_continuation(self, sched: SchedulerOutput, launched: LaunchedStep) -> _QueuedStep | None:
+    def _launch_continuation(
+        self, sched: SchedulerOutput, launched: QueuedTokens[dict[str, SampledToken]]
+    ) -> _QueuedStep | None:
         """Queue the step after `sched`, which is still on the device, when `sched` is decode-only and
         the next step would decode the same batch: each request one token further, its input token
         the one `sched` samples (taken on the device). A request whose pending token ends it by length
@@ -348,7 +350,7 @@ class EngineCore:
         (waiting, ready, or committed since); a request's sampling needs its latest token on the host
         (penalties, a seeded draw, min_tokens not yet reached); or no block is free for a token."""
         scheduler = self.scheduler
-        if launched.sampled_ids is None or scheduler.waiting or scheduler.ready:
+        if launched.token_ids is None or scheduler.waiting or scheduler.ready:
             return None
         started, started_cpu = time.perf_counter(), time.thread_time()
         max_model_len = scheduler.config.max_model_len
@@ -382,7 +384,7 @@ class EngineCore:
                 return None  # blocks given to the ones before stay theirs: their next steps use them
         continuation = SchedulerOutput(chunks)
         with self._on_compute_stream():
-            input_ids = launched.sampled_ids  # [len(sched.chunks)]
+            input_ids = launched.token_ids  # [len(sched.chunks)]
             if len(rows) < len(sched.chunks):
                 input_ids = input_ids.index_select(0, host_to_device(rows, torch.long, self.device))
             result = self.runner.launch(continuation, input_ids)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,7 +13,7 @@ from baton.shared.engine.cuda_graphs import DecodeGraphs
 from baton.shared.engine.host_to_device import arrays_to_device
 from baton.shared.engine.kv_cache import KVCaches
 from baton.shared.engine.kv_cache_manager import KVCacheManager
-from baton.shared.engine.sampler import Sampler, SamplingRow
+from baton.shared.engine.sampler import QueuedTokens, Sampler, SamplingRow
 from baton.shared.engine.scheduler import SampledToken, ScheduledChunk, SchedulerOutput
 from baton.shared.models.llama import LlamaForCausalLM
 
@@ -26,20 +25,6 @@ class ModelInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [num_sampling] int64: last token of each chunk that samples
     sampling_chunks: list[ScheduledChunk]
-
-
-class LaunchedStep:
-    """A step queued on the device. `sampled_ids` [num_sampling] int64 holds its sampled tokens on the
-    device, one per sampling chunk in step order (None when no chunk samples), usable as the next
-    step's inputs before they are read; calling it waits for the device and gives the tokens by
-    request id."""
-
-    def __init__(self, sampled_ids: torch.Tensor | None, read: Callable[[], dict[str, SampledToken]]) -> None:
-        self.sampled_ids = sampled_ids
-        self._read = read
-
-    def __call__(self) -> dict[str, SampledToken]:
-        return self._read()
 
 
 class ModelRunner:
@@ -61,9 +46,12 @@ class ModelRunner:
         """Set by the engine on CUDA: decode-only steps replay a captured graph."""
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, input_ids: torch.Tensor | None = None) -> LaunchedStep:
-        """Queue the step on the device. `input_ids` [num_chunks] (on the device), for a decode-only
-        step whose last tokens are not known on the host yet: each chunk's input token, in order."""
+    def launch(
+        self, sched: SchedulerOutput, input_ids: torch.Tensor | None = None
+    ) -> QueuedTokens[dict[str, SampledToken]]:
+        """Queue the step on the device; its sampled tokens come back as they do from the sampler, by
+        request id. `input_ids` [num_chunks] (on the device), for a decode-only step whose last tokens
+        are not known on the host yet: each chunk's input token, in order."""
         inputs = self.prepare_inputs(sched.chunks, input_ids)
         meta = inputs.meta
         graphs = self.graphs
@@ -72,7 +60,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
         if not inputs.sampling_chunks:
-            return LaunchedStep(None, dict)
+            return QueuedTokens(None, dict)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_sampling, vocab]
         rows = [_sampling_row(chunk) for chunk in inputs.sampling_chunks]
         sampling = self.sampler.launch(logits, rows)
@@ -91,7 +79,7 @@ class ModelRunner:
                 for i, rid in enumerate(request_ids)
             }
 
-        return LaunchedStep(sampling.token_ids, result)
+        return QueuedTokens(sampling.token_ids, result)
 
     def prepare_inputs(
         self, chunks: list[ScheduledChunk], input_ids: torch.Tensor | None = None

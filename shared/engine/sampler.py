@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 
@@ -20,6 +21,8 @@ _SEED_MIX = (
     0x9E3779B97F4A7C15  # 64-bit golden ratio: spreads (seed, position) over the generator's seed space
 )
 _MASK64 = (1 << 64) - 1
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,16 +47,16 @@ class SamplerOutput:
     """Per row: the most likely (token, logprob) pairs, as many as the row's `logprobs` asked."""
 
 
-class QueuedSample:
-    """A step's sampling, queued on the device: `token_ids` [num_rows] (int64, on the device, valid in
-    the queue's stream order) can feed the next step before they are read; calling it waits for the
-    device and reads the result."""
+class QueuedTokens(Generic[T]):
+    """Sampled tokens queued on the device: `token_ids` [num_rows] (int64, on the device, valid in the
+    queue's stream order; None when nothing samples) can feed the next step before they are read;
+    calling it waits for the device and reads the result."""
 
-    def __init__(self, token_ids: torch.Tensor, read: Callable[[], SamplerOutput]) -> None:
+    def __init__(self, token_ids: torch.Tensor | None, read: Callable[[], T]) -> None:
         self.token_ids = token_ids
         self._read = read
 
-    def __call__(self) -> SamplerOutput:
+    def __call__(self) -> T:
         return self._read()
 
 
@@ -69,7 +72,7 @@ class Sampler:
         """logits: [num_rows, vocab] float32, one row per request that samples this step."""
         return self.launch(logits, rows)()
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> QueuedSample:
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> QueuedTokens[SamplerOutput]:
         """Queue the sampling on the device; the returned function waits for it and reads the result
         (so the host can do other work meanwhile). Non-greedy filters may still wait for the device."""
         wants_logprobs = any(r.params.logprobs is not None for r in rows)
@@ -85,8 +88,8 @@ class Sampler:
             greedy = host_to_device([r.params.is_greedy for r in rows], torch.bool, self.device)
             chosen = torch.where(greedy, chosen, self._sample(logits, rows))
         if raw_logprobs is None:
-            return QueuedSample(chosen, _reader(chosen))
-        return QueuedSample(chosen, lambda: _with_logprobs(raw_logprobs, rows, chosen))
+            return QueuedTokens(chosen, _reader(chosen))
+        return QueuedTokens(chosen, lambda: _with_logprobs(raw_logprobs, rows, chosen))
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:  # -> [num_rows]
         temps = host_to_device(
