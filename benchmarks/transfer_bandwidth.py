@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -276,9 +277,8 @@ def main() -> None:
         )
         print(f"torch copy GB/s by MiB ({args.window} queued):", result["torch_copy_window_gbps"], flush=True)
         print(f"raw UCX GB/s by MiB ({args.window} in flight):", result["ucx_raw_window_gbps"], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save = functools.partial(_save, result, args.out)
+    save()  # what the raw figures took, whatever comes next
     if args.raw_only:
         return
     result["kv_push_gbps"] = kv_push(args.src, args.dst, tokens, args.kv_concurrency, args.repeats, False)
@@ -288,8 +288,12 @@ def main() -> None:
     result["kv_push_concurrency"] = args.kv_concurrency
     for key, how in (("kv_push_gbps", "a message per layer"), ("kv_push_grouped_gbps", "one message")):
         print(f"Baton KV push GB/s by prompt tokens ({args.kv_concurrency} at once, {how}):", result[key])
-    if args.out:
-        with open(args.out, "w") as f:
+    save()
+
+
+def _save(result: dict[str, Any], out: str | None) -> None:
+    if out:
+        with open(out, "w") as f:
             json.dump(result, f, indent=2)
 
 

@@ -148,15 +148,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         tracked.reserving = False
         if tracked.ended:  # a short local prefill already finished: its record is ended after being written
             self._background.spawn(self._settle(rid))
-            request_log.info("request %s: %d prompt tokens, prefilled here, done", rid, len(prompt))
-            return worker_pb2.ReserveResponse(
-                worker_id=self.worker_id, transfer_address=self.transfer_address, block_ids=block_ids
-            )
-        if tracked.remote and self.receiver is not None:
-            self.receiver.reserve(rid, block_ids, ready)  # before the router can hand it to a prefill worker
-        if tracked.remote or not tracked.streamed:  # something to wait for: the KV, or a reader
-            timeout_s = self.config.reservation_timeout_s
-            tracked.timeout = asyncio.get_running_loop().call_later(timeout_s, self._expire, rid, timeout_s)
+        else:
+            if tracked.remote and self.receiver is not None:
+                # before the router can hand it to a prefill worker
+                self.receiver.reserve(rid, block_ids, ready)
+            if tracked.remote or not tracked.streamed:  # something to wait for: the KV, or a reader
+                timeout_s = self.config.reservation_timeout_s
+                tracked.timeout = asyncio.get_running_loop().call_later(
+                    timeout_s, self._expire, rid, timeout_s
+                )
         how = "prefilled here" if request.local_prefill else f"{len(block_ids)} blocks reserved"
         request_log.info("request %s: %d prompt tokens, %s", rid, len(prompt), how)
         return worker_pb2.ReserveResponse(

@@ -274,18 +274,16 @@ class KVPushSession(ABC):
     async def finish_with_layers(
         self,
         first_layer: int,
-        kv: torch.Tensor | None,
+        kv: torch.Tensor,
         trailer: dict[str, Any],
         timeout_s: float = 30.0,
         on_sent: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """`send_layers(first_layer, kv)` for the last layers, then `finish(trailer)`; a transport may
         send the two together. `on_sent` is called once the layers are sent, before the verdict, with
-        no reference to `kv` held any more (the caller may then reuse its memory). `kv` is optional
-        only so that a caller can hand over its last reference."""
-        assert kv is not None
+        no reference to `kv` held any more (the caller may then reuse its memory)."""
         await self.send_layers(first_layer, kv)
-        kv = None
+        del kv
         if on_sent is not None:
             on_sent()
         return await self.finish(trailer, timeout_s)

@@ -372,7 +372,7 @@ class PushSession(KVPushSession):
     async def finish_with_layers(
         self,
         first_layer: int,
-        kv: torch.Tensor | None,
+        kv: torch.Tensor,
         trailer: dict[str, Any],
         timeout_s: float = 30.0,
         on_sent: Callable[[], None] | None = None,
@@ -381,10 +381,9 @@ class PushSession(KVPushSession):
         finish does not queue behind other requests' payloads, which a separate `finish` finds posted
         on the shared connection meanwhile, so the receiver completes the request as soon as the
         payload is in. This holds no reference to `kv` once it is sent, when `on_sent` is called."""
-        assert kv is not None
         _check_trailer(trailer)  # before anything goes out
         message = await self._layers_message(first_layer, kv)
-        kv = None
+        del kv
         finish, started, summed = await self._finish_message(trailer)
         what = "sending the last layers and the finish"
         try:
