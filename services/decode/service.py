@@ -143,12 +143,12 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except BaseException:  # aborted meanwhile, or this call was cancelled: nobody will use it
             self._undo_reserve(rid, mux, end_record=True)
             raise
+        tracked.reserving = False
+        if tracked.ended:  # it ended (finished, or aborted) meanwhile: settled now its record exists
+            self._background.spawn(self._settle(rid))
         if tracked.aborted or self._tracked.get(rid) is not tracked:  # aborted while its record was written
             raise ConflictError(f"request {rid!r} was aborted while it was being reserved")
-        tracked.reserving = False
-        if tracked.ended:  # a short local prefill already finished: its record is ended after being written
-            self._background.spawn(self._settle(rid))
-        else:
+        if not tracked.ended:
             if tracked.remote and self.receiver is not None:
                 # before the router can hand it to a prefill worker
                 self.receiver.reserve(rid, block_ids, ready)

@@ -204,3 +204,42 @@ def test_a_local_prefill_that_ends_before_its_record_is_written_is_served(
 
     receiver = run(llama_dir, redis_url, scenario, "race-local-done")
     assert receiver.reserved == []  # prefilled here: nothing to receive
+
+
+def test_an_abort_while_a_subscribed_request_is_recorded_leaves_nothing_tracked(
+    llama_dir: Path, redis_url: str
+) -> None:
+    # the abort's final output reaches the subscriber while Reserve still writes the record: Reserve
+    # refuses the request and it is settled all the same (found by the soak: a request left tracked)
+    async def scenario(service: DecodeService, *_: Any) -> None:
+        write, writing = service.registry.reserve, asyncio.Event()
+
+        async def slow_write(*args: Any, **kwargs: Any) -> Any:
+            writing.set()
+            await asyncio.sleep(1.0)
+            return await write(*args, **kwargs)
+
+        service.registry.reserve = slow_write  # type: ignore[method-assign]
+        stream = service.StreamOutputs(worker_pb2.StreamOutputsRequest(subscriber="router-1"), None)  # type: ignore[arg-type]
+        await anext(stream)
+
+        async def read() -> list[str]:
+            while True:
+                batch = await anext(stream)
+                if reasons := [d.finish_reason for d in batch.deltas if d.finish_reason]:
+                    return reasons
+
+        reading = asyncio.ensure_future(read())
+        request = reserve_request("r~1")
+        request.subscriber = "router-1"  # a remote prefill: nothing computes until the abort
+        reserving = asyncio.ensure_future(service.Reserve(request, None))  # type: ignore[arg-type]
+        await writing.wait()
+        found = await service.Abort(worker_pb2.AbortRequest(request_id="r~1"), None)  # type: ignore[arg-type]
+        assert found.found
+        await asyncio.wait_for(reading, 5)  # the abort went out while Reserve was still recording
+        with pytest.raises(ConflictError, match="aborted while it was being reserved"):
+            await reserving
+        await stream.aclose()
+
+    receiver = run(llama_dir, redis_url, scenario, "race-abort-subscribed")
+    assert receiver.reserved == []
