@@ -339,15 +339,17 @@ class EngineCore:
     def _launch_continuation(
         self, sched: SchedulerOutput, launched: QueuedTokens[dict[str, SampledToken]]
     ) -> _QueuedStep | None:
-        """Queue the step after `sched`, which is still on the device, when `sched` is decode-only and
-        the next step would decode the same batch: each request one token further, its input token
-        the one `sched` samples (taken on the device). A request whose pending token ends it by length
-        is left out; one that a stop token ends is found when the tokens are read, and the token this
-        step computes for it is dropped then (its blocks, freed meanwhile, are written only by steps
-        queued before any later owner's, on the one stream; reservations wait for `fence`).
+        """Queue the step after `sched`, which is still on the device, when `sched` is decode-only:
+        each of its requests one token further, its input token the one `sched` samples (taken on
+        the device). A request whose pending token ends it by length is left out; one that a stop
+        token ends is found when the tokens are read, and the token this step computes for it is
+        dropped then (its blocks, freed meanwhile, are written only by steps queued before any later
+        owner's, on the one stream; reservations wait for `fence`). Requests a decode worker committed
+        since `sched` was scheduled (pushed prompt KV in place, the first token on the host) join it,
+        after the others, so arrivals do not hold the batch to a step at a time.
 
         None, and the next step is scheduled once the tokens are read, when: a request waits to join
-        (waiting, ready, or committed since); a request's sampling needs its latest token on the host
+        (waiting or ready) or runs a prefill; a request's sampling needs its latest token on the host
         (penalties, a seeded draw, min_tokens not yet reached); or no block is free for a token."""
         scheduler = self.scheduler
         if launched.token_ids is None or scheduler.waiting or scheduler.ready:
@@ -356,37 +358,42 @@ class EngineCore:
         max_model_len = scheduler.config.max_model_len
         rows: list[int] = []  # of `sched`'s sampled ids, one per chunk of the next step
         chunks: list[ScheduledChunk] = []
-        num_running = 0
         for row, chunk in enumerate(sched.chunks):  # decode-only: every chunk samples, in order
             request = chunk.request
             if chunk.num_new_tokens != 1 or not chunk.samples:
                 return None
             if request.status is not RequestStatus.RUNNING:
                 continue  # ended (aborted, failed) since it was scheduled
-            num_running += 1
             params = request.sampling_params
             num_output = request.num_output_tokens
-            if (
-                params.has_penalties
-                or (params.seed is not None and not params.is_greedy)
-                or num_output < params.min_tokens
-                or request.prefill_only
-            ):
+            if not _continuable(request):
                 return None
             if num_output + 1 >= params.max_tokens or len(request.all_token_ids) + 1 >= max_model_len:
                 continue  # the pending token is its last
             rows.append(row)
             chunks.append(ScheduledChunk(request, chunk.start + 1, 1, True))
-        if not chunks or num_running != len(scheduler.running):
+        in_step = {chunk.request.request_id for chunk in sched.chunks}
+        joining = [r for r in scheduler.running if r.request_id not in in_step]  # committed since
+        if any(r.num_tokens - r.num_computed_tokens != 1 or not _continuable(r) for r in joining):
+            return None  # (a running request `sched` left out has a prefill chunk or lacked budget)
+        num_chunks = len(chunks) + len(joining)
+        if num_chunks == 0 or num_chunks > scheduler.config.max_num_batched_tokens:
             return None
         for chunk in chunks:  # room for the pending token and this step's
             if self.kv_manager.allocate_slots(chunk.request, 2) is None:
                 return None  # blocks given to the ones before stay theirs: their next steps use them
+        for request in joining:
+            if self.kv_manager.allocate_slots(request, 1) is None:
+                return None
+        chunks += [ScheduledChunk(r, r.num_computed_tokens, 1, True) for r in joining]
         continuation = SchedulerOutput(chunks)
         with self._on_compute_stream():
             input_ids = launched.token_ids  # [len(sched.chunks)]
             if len(rows) < len(sched.chunks):
                 input_ids = input_ids.index_select(0, host_to_device(rows, torch.long, self.device))
+            if joining:  # their input token is the first one, sampled by the prefill worker
+                first = host_to_device([r.all_token_ids[-1] for r in joining], torch.long, self.device)
+                input_ids = torch.cat([input_ids, first])
             result = self.runner.launch(continuation, input_ids)
         totals = self.step_stats.launched(
             continuation, time.perf_counter() - started, time.thread_time() - started_cpu, continued=True
@@ -583,6 +590,19 @@ def _dummy_batch(
     )
     input_ids = torch.zeros(starts[-1], dtype=torch.long, device=device)
     return input_ids, positions.to(device), meta
+
+
+def _continuable(request: Request) -> bool:
+    """Whether the request's next step may be queued before its latest token is read: not when its
+    sampling needs that token on the host (penalties, a seeded draw, min_tokens not yet reached) or
+    it only prefills."""
+    params = request.sampling_params
+    return not (
+        params.has_penalties
+        or (params.seed is not None and not params.is_greedy)
+        or request.num_output_tokens < params.min_tokens
+        or request.prefill_only
+    )
 
 
 def _final_output(

@@ -77,7 +77,7 @@ def test_prefill_then_remote_decode_matches_one_engine(llama_dir: Path, chunk_bu
 def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(
     llama_dir: Path, async_scheduling: bool
 ) -> None:
-    expected = [o.token_ids for o in LLM(str(llama_dir)).generate(PROMPTS, GREEDY)]
+    expected = [o.token_ids for o in LLM(str(llama_dir), async_scheduling=False).generate(PROMPTS, GREEDY)]
     prefill = EngineCore(EngineConfig(model=str(llama_dir)))
     decode = EngineCore(
         EngineConfig(
@@ -105,6 +105,43 @@ def test_commits_past_max_num_seqs_wait_ready_and_decode_the_same_tokens(
     assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
     assert (decode.num_continued_steps > 0) == async_scheduling
     prefill.assert_no_leaks()
+    decode.assert_no_leaks()
+
+
+def test_commits_join_the_continued_decode_steps(llama_dir: Path) -> None:
+    # a decode worker's arrivals join the step queued behind the one in flight, instead of holding
+    # the batch to a step at a time until they have run once
+    expected = [o.token_ids for o in LLM(str(llama_dir), async_scheduling=False).generate(PROMPTS, GREEDY)]
+    prefill = EngineCore(EngineConfig(model=str(llama_dir)))
+    decode = EngineCore(
+        EngineConfig(model=str(llama_dir), num_kv_blocks=64, max_model_len=512, async_scheduling=True)
+    )
+    shipped = [shipped_prefill(prefill, f"r{i}", prompt, GREEDY) for i, prompt in enumerate(PROMPTS)]
+    tokens: dict[str, list[int]] = {}
+
+    def commit(i: int) -> None:
+        layers, first_out = shipped[i]
+        assert decode.reserve(f"r{i}", PROMPTS[i], GREEDY) is not None
+        for layer, kv in sorted(layers.items()):
+            decode.write_reserved_kv(f"r{i}", layer, kv)
+        first = SampledToken(first_out.new_token_ids[0])
+        tokens[f"r{i}"] = list(decode.commit_reserved(f"r{i}", first, 0).new_token_ids)
+
+    def step() -> None:
+        for out in decode.step():
+            tokens[out.request_id] += out.new_token_ids
+
+    commit(0)
+    for i in range(1, len(PROMPTS)):
+        step()
+        step()
+        assert decode._in_flight is not None  # the commit lands while a continued step is queued
+        commit(i)
+    while decode.has_unfinished():
+        step()
+    assert [tokens[f"r{i}"] for i in range(len(PROMPTS))] == expected
+    decode_steps = decode.step_stats.decode
+    assert decode_steps.continued == decode_steps.steps - 1  # all but the very first
     decode.assert_no_leaks()
 
 
