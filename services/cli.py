@@ -144,7 +144,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
         group,
         "--async-scheduling",
         "queue each decode-only step's successor before reading its tokens (host work overlaps the device)",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
     )
     _flag(
         group,
@@ -487,8 +488,7 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-prefix-caching")
     if args.enforce_eager:
         argv.append("--enforce-eager")
-    if args.async_scheduling:
-        argv.append("--async-scheduling")
+    argv.append("--async-scheduling" if args.async_scheduling else "--no-async-scheduling")
     argv += ["--stream-interval", str(args.stream_interval)]
     return argv
 

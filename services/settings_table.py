@@ -39,10 +39,9 @@ def settings(parser: argparse.ArgumentParser) -> list[Setting]:
         for action in sub._actions:
             if action not in SETTING_DEFAULTS:
                 continue
-            flag = action.option_strings[0]
-            variable = env.variable(flag)
+            variable = env.variable(action.option_strings[0])
             help_text = (action.help or "").removesuffix(f" [env {variable}]")
-            entry = found.setdefault(variable, Setting(variable, flag))
+            entry = found.setdefault(variable, Setting(variable, " / ".join(action.option_strings)))
             entry.helps[command] = help_text
             entry.defaults[command] = SETTING_DEFAULTS[action]
     for variable, (default, help_text) in env.ENV_ONLY_SETTINGS.items():

@@ -62,7 +62,7 @@ class EngineConfig(BaseModel):
         False, description="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs."
     )
     async_scheduling: bool = Field(
-        False,
+        True,
         description="Queue a decode-only step's successor before its tokens are read: the next step's "
         "inputs are the sampled ids still on the device, so the host's update and output work overlaps "
         "the device's step (requests with penalties, a seed, or min_tokens not yet reached fall back to "

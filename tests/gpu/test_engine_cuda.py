@@ -115,14 +115,16 @@ def test_async_scheduling_on_cuda_gives_the_same_tokens(llama_dir: Path) -> None
     # are read through pinned memory without waiting for the step queued after them
     lengths = [5, 40, 17, 64, 9, 33, 2, 48, 21, 12, 57, 30]
     plain = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
-    engine = dict(device="cuda", dtype="float32", attention_backend="triton")
-    expected = [o.token_ids for o in LLM(str(llama_dir), **engine).generate(prompts(), plain)]
+    # two engines at once: each a fixed cache, not one sized from the memory the other left
+    engine = dict(device="cuda", dtype="float32", attention_backend="triton", num_kv_blocks=1024)
+    one_at_a_time = LLM(str(llama_dir), async_scheduling=False, **engine)
+    expected = [o.token_ids for o in one_at_a_time.generate(prompts(), plain)]
     # and requests stopped by a token found one step late
     stops = [
         SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, stop_token_ids=[want[n // 2]])
         for n, want in zip(lengths, expected, strict=True)
     ]
-    stopped = [o.token_ids for o in LLM(str(llama_dir), **engine).generate(prompts(), stops)]
+    stopped = [o.token_ids for o in one_at_a_time.generate(prompts(), stops)]
     llm = LLM(str(llama_dir), async_scheduling=True, **engine)
     assert [o.token_ids for o in llm.generate(prompts(), plain)] == expected
     assert [o.token_ids for o in llm.generate(prompts(), stops)] == stopped

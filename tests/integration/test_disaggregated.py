@@ -41,9 +41,9 @@ LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
     """1 prefill + 1 decode worker; every prompt is prefilled remotely (local threshold 0). Each
-    worker runs at most MAX_NUM_SEQS requests at once, with async scheduling (the other cluster tests
-    run a step at a time, the default)."""
-    engine_args = ["--max-model-len", "1024", "--max-num-batched-tokens", "256", "--async-scheduling"]
+    worker runs at most MAX_NUM_SEQS requests at once, a step at a time (the other cluster tests run
+    with async scheduling, the default)."""
+    engine_args = ["--max-model-len", "1024", "--max-num-batched-tokens", "256", "--no-async-scheduling"]
     cluster = start_cluster(
         llama_dir, redis_server, engine_args=[*engine_args, "--max-num-seqs", str(MAX_NUM_SEQS)]
     )

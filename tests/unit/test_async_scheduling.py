@@ -23,7 +23,7 @@ def greedy(max_tokens: int, **kwargs: object) -> SamplingParams:
 
 
 def generate(llama_dir: Path, params: list[SamplingParams], **engine: object) -> tuple[list[list[int]], LLM]:
-    llm = LLM(str(llama_dir), **engine)
+    llm = LLM(str(llama_dir), **{"async_scheduling": False, **engine})
     outputs = llm.generate(PROMPTS[: len(params)], params)
     return [o.token_ids for o in outputs], llm
 
@@ -81,7 +81,7 @@ def test_logprobs_and_unseeded_sampling_are_continued(llama_dir: Path) -> None:
     params = [greedy(10, logprobs=3), greedy(8, logprobs=0)]
     llm = LLM(str(llama_dir), async_scheduling=True)
     outputs = llm.generate(PROMPTS[:2], params)
-    expected = LLM(str(llama_dir)).generate(PROMPTS[:2], params)
+    expected = LLM(str(llama_dir), async_scheduling=False).generate(PROMPTS[:2], params)
     for got, want in zip(outputs, expected, strict=True):
         assert got.token_ids == want.token_ids
         assert got.logprobs is not None and want.logprobs is not None
@@ -131,6 +131,8 @@ def test_a_request_joining_mid_run_is_scheduled_then_continued(llama_dir: Path) 
         for out in core.step():
             tokens[out.request_id] += out.new_token_ids
     assert continued > 0 and core.num_continued_steps > continued + 5
-    alone = LLM(str(llama_dir)).generate(PROMPTS[:2], greedy(15))  # greedy: each its own tokens
+    alone = LLM(str(llama_dir), async_scheduling=False).generate(
+        PROMPTS[:2], greedy(15)
+    )  # greedy: each its own tokens
     assert [tokens["0"], tokens["1"]] == [o.token_ids for o in alone]
     core.assert_no_leaks()

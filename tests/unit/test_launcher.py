@@ -93,12 +93,12 @@ def test_every_engine_flag_given_to_serve_reaches_the_workers_engines() -> None:
     engine += ["--max-num-batched-tokens", "999", "--max-num-seqs", "9", "--max-model-len", "640"]
     engine += ["--gpu-memory-utilization", "0.5", "--seed", "3", "--cpu-kv-cache-gib", "0.25"]
     engine += ["--attention-backend", "torch", "--load-format", "dummy", "--no-prefix-caching"]
-    engine += ["--enforce-eager", "--async-scheduling", "--stream-interval", "4"]
+    engine += ["--enforce-eager", "--no-async-scheduling", "--stream-interval", "4"]
     served = _engine_config(build_parser().parse_args(["serve", *engine]))
     passed_on = _engine_argv(build_parser().parse_args(["serve", *engine]))
     worker = _engine_config(build_parser().parse_args(["decode", *passed_on]))
     assert worker == served
-    assert served.async_scheduling and served.enforce_eager and not served.enable_prefix_caching
+    assert not served.async_scheduling and served.enforce_eager and not served.enable_prefix_caching
 
 
 def test_a_worker_bound_to_every_interface_advertises_its_own_address(

@@ -9,7 +9,7 @@ from baton.shared.engine.step_stats import StepStats
 
 
 def test_an_engine_counts_its_prefill_and_decode_steps(llama_dir: Path) -> None:
-    llm = LLM(str(llama_dir), max_num_batched_tokens=64)
+    llm = LLM(str(llama_dir), max_num_batched_tokens=64, async_scheduling=False)  # continued: next test
     prompts = [list(range(10 + i, 100 + i)) for i in range(3)]  # 270 tokens: at least five 64-token steps
     llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     stats = llm.engine.step_stats
