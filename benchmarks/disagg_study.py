@@ -257,7 +257,8 @@ def main() -> None:
     }
 
     def save(name: str, so_far: dict[str, Any]) -> None:
-        results["layouts"][name] = {**so_far, "goodput_rps": goodput(so_far["runs"])}
+        measured = goodput(so_far["runs"]) if so_far["runs"] else None  # None: no rate was run
+        results["layouts"][name] = {**so_far, "goodput_rps": measured}
         (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
 
     for name, layout in layouts.items():
@@ -266,7 +267,7 @@ def main() -> None:
     goodputs = {name: layout["goodput_rps"] for name, layout in results["layouts"].items()}
     coloc = goodputs.get("colocated_x2")
     for name in ("disaggregated_1p1d", "disaggregated_1p1d_overflow"):
-        if coloc and name in goodputs:
+        if coloc and goodputs.get(name) is not None:
             results["goodput_ratio" + name.removeprefix("disaggregated_1p1d")] = goodputs[name] / coloc
     disagg = results["layouts"].get("disaggregated_1p1d")
     if disagg is not None and disagg["runs"]:
@@ -287,7 +288,8 @@ def main() -> None:
     (args.out / "disagg_study.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.startswith(("goodput_ratio", "decode_tpot"))}))
     for name in layouts:
-        print(f"{name}: goodput {results['layouts'][name]['goodput_rps']} req/s")
+        if results["layouts"][name]["goodput_rps"] is not None:
+            print(f"{name}: goodput {results['layouts'][name]['goodput_rps']} req/s")
 
 
 if __name__ == "__main__":
