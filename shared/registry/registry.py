@@ -3,6 +3,7 @@
 Each worker's allocator is the ground truth; Redis is a view of it, rebuilt from the workers after a
 flush or restart (I5: `heartbeat` returns False, the worker re-registers, republishes its prefix cache
 and restores its request records). Every state change is one Lua script (lua.py); Python only reads.
+Per-request scripts made while others are on the wire share a round trip (batcher.py).
 
 Key layout (namespace `ns`, default "baton"; TTLs in terms of the lease, default 10 s):
 
@@ -38,6 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from baton.shared.config import RegistryConfig
 from baton.shared.registry import lua
+from baton.shared.registry.batcher import ScriptBatcher
 from baton.shared.registry.records import (
     ROLES,
     ReapReport,
@@ -128,6 +130,7 @@ class Registry:
         ]
         scripts = {name: lua.PRELUDE + getattr(lua, name) for name in _SCRIPTS}
         self._scripts = {name: self._redis.register_script(src) for name, src in scripts.items()}
+        self._batcher = ScriptBatcher(self._redis)
 
     @classmethod
     def from_config(cls, config: RegistryConfig, reservation_ttl_s: float = 30.0) -> Registry:
@@ -148,7 +151,14 @@ class Registry:
         await self.close()
 
     async def close(self) -> None:
+        await self._batcher.drain()
         await self._redis.aclose()
+
+    @property
+    def round_trips(self) -> tuple[int, int]:
+        """(per-request scripts run, round trips that carried them) since this client was made: calls
+        made while others were on the wire share round trips (see batcher.py)."""
+        return self._batcher.num_scripts, self._batcher.num_round_trips
 
     async def ping(self) -> bool:
         """True if Redis answers, False if it is unreachable or timed out."""
@@ -311,7 +321,10 @@ class Registry:
         return [key async for key in self._redis.scan_iter(match=pattern, count=1000)]
 
     async def _run(self, script: str, *args: str) -> Any:
-        return await self._guard(self._scripts[script](args=[*self._header, *args]))
+        full_args = [*self._header, *args]
+        if script in _PER_REQUEST:
+            return await self._guard(self._batcher.run(self._scripts[script], full_args))
+        return await self._guard(self._scripts[script](args=full_args))
 
     async def _transition(self, script: str, *args: str) -> RequestRecord:
         reply = await self._run(script, *args)
@@ -342,6 +355,12 @@ _SCRIPTS = (
     "LIVE_REQUESTS",
     "PREFIX_OVERLAP",
 )
+
+_PER_REQUEST = frozenset(
+    {"RESERVE", "BEGIN_PREFILL", "COMMIT_HANDOFF", "RELEASE_PREFILL", "END_REQUEST", "PREFIX_OVERLAP"}
+)
+"""Scripts run once per request (or more): small, and many at once under a burst, so they share
+round trips (batcher.py). The others (leases, the reaper, restores, listings) go on their own."""
 
 
 def _check_ids(*ids: str) -> None:

@@ -309,6 +309,84 @@ def test_a_burst_wider_than_the_connection_pool_waits_for_connections(redis_url:
     run(main())
 
 
+# -- overlapping calls share round trips (batcher.py) ------------------------------------------------
+
+
+def test_transitions_made_while_one_is_on_the_wire_share_a_round_trip(redis_url: str) -> None:
+    async def main() -> None:
+        async with Registry(redis_url) as reg:
+            ids = [f"r{i}" for i in range(64)]
+            records = await asyncio.gather(*(reg.reserve(rid, "d1", 2) for rid in ids))
+            assert [r.request_id for r in records] == ids
+            assert all(r.state is RequestState.RESERVED and r.decode_worker == "d1" for r in records)
+            scripts, round_trips = reg.round_trips
+            assert scripts == 64 and round_trips <= 3, reg.round_trips  # the first alone, the rest together
+            assert [await reg.get_request(rid) for rid in ids] == records
+            ended = await asyncio.gather(*(reg.end_request(rid, "d1") for rid in ids))
+            assert all(ended) and await reg.get_request("r0") is None
+
+    run(main())
+
+
+def test_a_refused_transition_among_others_fails_only_its_caller(redis_url: str) -> None:
+    async def main() -> None:
+        async with Registry(redis_url) as reg:
+            taken = await reg.reserve("taken", "d1", 1)
+            results = await asyncio.gather(
+                reg.reserve("a", "d1", 1),
+                reg.reserve("taken", "d2", 1),
+                reg.commit_handoff("missing", "p1", "d1"),
+                reg.reserve("b", "d1", 1),
+                return_exceptions=True,
+            )
+            assert isinstance(results[0], RequestRecord) and isinstance(results[3], RequestRecord)
+            assert isinstance(results[1], RegistryError) and isinstance(results[2], RegistryError)
+            assert await reg.get_request("taken") == taken
+            assert reg.round_trips[1] < reg.round_trips[0]
+
+    run(main())
+
+
+def test_a_queued_transition_whose_caller_went_away_is_not_sent(redis_url: str) -> None:
+    async def main() -> None:
+        async with Registry(redis_url) as reg, aioredis.from_url(redis_url) as admin:
+            assert await reg.ping()  # connected before Redis pauses
+            await admin.execute_command("CLIENT", "PAUSE", "400", "ALL")
+            first = asyncio.create_task(reg.reserve("first", "d1", 1))  # on the wire, held by the pause
+            await asyncio.sleep(0.1)
+            gone = asyncio.create_task(reg.reserve("gone", "d1", 1))
+            kept = asyncio.create_task(reg.reserve("kept", "d1", 1))
+            await asyncio.sleep(0.1)
+            assert not first.done()
+            gone.cancel()
+            await first
+            assert (await kept).state is RequestState.RESERVED
+            with pytest.raises(asyncio.CancelledError):
+                await gone
+            assert await reg.get_request("gone") is None
+            assert reg.round_trips == (3, 2)
+
+    run(main())
+
+
+def test_scripts_that_redis_lost_are_loaded_again_inside_a_shared_round_trip(redis_url: str) -> None:
+    async def main() -> None:
+        async with Registry(redis_url) as reg, aioredis.from_url(redis_url) as admin:
+            for rid in ("a", "b"):
+                await reg.reserve(rid, "d1", 1)
+            await reg.begin_prefill("b", "p1")
+            await admin.script_flush()  # as a Redis restart would
+            reserved, began, handed_off = await asyncio.gather(
+                reg.reserve("c", "d1", 1), reg.begin_prefill("a", "p1"), reg.commit_handoff("b", "p1", "d1")
+            )
+            assert reserved.state is RequestState.RESERVED
+            assert began.state is RequestState.PREFILLING and began.owner == "p1"
+            assert handed_off.state is RequestState.DECODING and handed_off.owner == "d1"
+            assert reg.round_trips[1] < reg.round_trips[0]
+
+    run(main())
+
+
 # -- prefix index ------------------------------------------------------------------------------------
 
 
@@ -548,6 +626,13 @@ def test_unreachable_redis_raises_registry_unavailable_quickly() -> None:
                 with pytest.raises(RegistryUnavailable, match="Redis unavailable"):
                     await call
                 assert time.monotonic() - started < 2.0
+            # overlapping calls (sharing round trips) fail as quickly
+            started = time.monotonic()
+            failures = await asyncio.gather(
+                *(reg.reserve(f"r{i}", "d1", 1) for i in range(8)), return_exceptions=True
+            )
+            assert all(isinstance(f, RegistryUnavailable) for f in failures), failures
+            assert time.monotonic() - started < 2.0
 
     run(main())
 
