@@ -83,6 +83,7 @@ def decode_interference(
     count, prompt, output = victims
     config = LoadConfig(url=cluster.gateway_url, progress=False)
     result: dict[str, Any] = {"rate": rate, "victims": {"count": count, "prompt": prompt, "output": output}}
+    result["load_prompt_len"] = list(prompt_len)
 
     def victim_set(seed: int) -> list[Any]:
         return random_requests(count, (prompt, prompt), (output, output), vocab, seed)
@@ -183,7 +184,11 @@ def run_layout(
                     break  # a higher rate only queues longer: goodput is settled
             if args.interference_rate > 0:
                 interference = result["interference"] = decode_interference(
-                    cluster, vocab, args.interference_rate, args.client_processes
+                    cluster,
+                    vocab,
+                    args.interference_rate,
+                    args.client_processes,
+                    prompt_len=args.interference_prompt_len,
                 )
                 save(result)
                 print(
@@ -229,6 +234,13 @@ def main() -> None:
         help="prefill-only arrivals beside the victims (0: skip)",
     )
     parser.add_argument(
+        "--interference-prompt-len",
+        default="1024,4096",
+        help="LOW,HIGH: the arrivals' prompt lengths. Short ones (say 96,128: still pushed, the layouts "
+        "prefill locally only up to 64 tokens) keep the decode worker's host work per arrival and cut "
+        "the KV written into its GPU ~30x: which of the two slows the victims",
+    )
+    parser.add_argument(
         "--stop-below",
         type=float,
         default=0.0,
@@ -238,6 +250,8 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    low, high = (int(n) for n in args.interference_prompt_len.split(","))
+    args.interference_prompt_len = (low, high)
     layouts = {name: LAYOUTS[name] for name in args.layouts.split(",")}
     if torch.cuda.device_count() < 2:
         sys.exit("disagg_study.py needs two GPUs")
