@@ -210,7 +210,7 @@ class AsyncEngine:
         try:
             block_ids, fence = await self.call(
                 lambda core: (
-                    core.reserve(request_id, prompt_token_ids, params),
+                    core.reserve(request_id, prompt_token_ids, params, validated=True),
                     core.fence() if written_outside else None,
                 )
             )
@@ -418,7 +418,11 @@ class AsyncEngine:
     def _add(self, command: _Add) -> None:
         try:
             self.core.add_request(
-                command.request_id, command.prompt_token_ids, command.params, command.prefill_only
+                command.request_id,
+                command.prompt_token_ids,
+                command.params,
+                command.prefill_only,
+                validated=True,  # by _queue_request, on the caller's thread
             )
         except ValueError as exc:
             self._send(command.request_id, exc, last=True)

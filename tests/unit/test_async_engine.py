@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,6 +84,32 @@ def test_explicit_abort_ends_the_stream_with_abort(llama_dir: Path) -> None:
             return reason
 
     assert run(main()) == "abort"
+
+
+def test_a_prompt_is_checked_once_on_the_callers_thread_not_again_by_the_step_loop(
+    llama_dir: Path, expected: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking a long prompt's ids is per-token Python: the step loop, whose time every running
+    request waits on, must not repeat what the caller's thread already checked."""
+    threads: list[str] = []
+
+    async def main() -> list[int]:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            validate = engine.core.validate
+
+            def counted(prompt: list[int], params: SamplingParams) -> None:
+                threads.append(threading.current_thread().name)
+                validate(prompt, params)
+
+            monkeypatch.setattr(engine.core, "validate", counted)
+            tokens, _ = await collect(engine, PROMPTS[1])
+            reserved = await engine.reserve("r", PROMPTS[2], GREEDY)
+            assert reserved is not None and reserved.outputs is not None
+            await reserved.outputs.aclose()
+            return tokens
+
+    assert run(main()) == expected[1]
+    assert threads == ["MainThread", "MainThread"]
 
 
 def test_bad_input_raises_before_streaming(llama_dir: Path) -> None:

@@ -107,6 +107,9 @@ def test_chat_uses_the_model_template(llm: LLM) -> None:
         ([], SamplingParams(), "empty"),
         ([1, 2, 10**6], SamplingParams(), "token id 1000000 at position 2 is outside the vocabulary"),
         ([1, -1], SamplingParams(), "outside the vocabulary"),
+        ([1, True], SamplingParams(), "token id True at position 1 is outside the vocabulary"),
+        ([1, 2.0], SamplingParams(), "token id 2.0 at position 1 is outside the vocabulary"),
+        ([1, "7"], SamplingParams(), "token id '7' at position 1 is outside the vocabulary"),
         ([1, 2], SamplingParams(stop_token_ids=[10**6]), "stop_token_ids"),
     ],
 )
