@@ -71,9 +71,16 @@ class ScriptBatcher:
         self._queued = []
         if not batch:
             return
+        sending = self._send(batch)
+        try:
+            task = asyncio.get_running_loop().create_task(sending)
+        except RuntimeError:  # no loop runs any more (a call ended while the loop was being torn down)
+            sending.close()
+            for queued in batch:
+                _settle(queued.reply, error=RedisConnectionError("the registry's event loop is closed"))
+            return
         self._in_flight += 1
         self.num_round_trips += 1
-        task = asyncio.get_running_loop().create_task(self._send(batch))
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
