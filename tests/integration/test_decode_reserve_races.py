@@ -57,10 +57,10 @@ def run(llama_dir: Path, redis_url: str, scenario: Scenario, namespace: str) -> 
         engine = AsyncEngine.from_config(engine_config)
         reserve, hold, release = engine.core.reserve, threading.Event(), threading.Event()
 
-        def held_reserve(*args: Any) -> Any:
+        def held_reserve(*args: Any, **kwargs: Any) -> Any:
             if hold.is_set():
                 release.wait(10)
-            return reserve(*args)
+            return reserve(*args, **kwargs)
 
         engine.core.reserve = held_reserve  # type: ignore[method-assign]
         engine.start()
@@ -95,9 +95,9 @@ def test_an_abort_that_overtook_its_reserve_refuses_it(llama_dir: Path, redis_ur
     async def scenario(service: DecodeService, engine: AsyncEngine, *_: Any) -> None:
         asked, reserve = [], engine.core.reserve
 
-        def counted_reserve(request_id: str, *args: Any) -> Any:
+        def counted_reserve(request_id: str, *args: Any, **kwargs: Any) -> Any:
             asked.append(request_id)
-            return reserve(request_id, *args)
+            return reserve(request_id, *args, **kwargs)
 
         engine.core.reserve = counted_reserve  # type: ignore[method-assign]
         found = await service.Abort(worker_pb2.AbortRequest(request_id="r~1"), None)  # type: ignore[arg-type]
