@@ -80,7 +80,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         if self.draining:
             raise UnavailableError(f"prefill worker {self.worker_id} is draining: prefill elsewhere")
         params = sampling_from_proto(request.sampling)
-        self.engine.core.validate(prompt, params)
+        self.engine.core.validate(prompt, params)  # before the registry and the push hear of it
         if rid in self._tasks:
             raise ValueError(f"request id {rid!r} is already being prefilled here")
         self._loop = asyncio.get_running_loop()
@@ -104,7 +104,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self.sender.open(rid, request.transfer_address, list(request.block_ids), self.num_layers)
             opened = True
             opened_ns = time.monotonic_ns()
-            first = await _only_output(self.engine.add(rid, prompt, params, prefill_only=True))
+            outputs = self.engine.add(rid, prompt, params, prefill_only=True, validated=True)
+            first = await _only_output(outputs)
             computed_ns = time.monotonic_ns()
             if first.finish_reason in ("abort", "error"):
                 raise UnavailableError(

@@ -167,11 +167,17 @@ class AsyncEngine:
             yield out
 
     def add(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prefill_only: bool = False
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefill_only: bool = False,
+        validated: bool = False,
     ) -> AsyncGenerator[EngineOutput, None]:
         """Queue a request (ValueError on bad input or a duplicate id now) and return its output
-        stream; leaving that stream early aborts the request."""
-        stream = self._queue_request(request_id, prompt_token_ids, params, prefill_only, None)
+        stream; leaving that stream early aborts the request. `validated`: the caller already ran
+        `core.validate` on these very arguments."""
+        stream = self._queue_request(request_id, prompt_token_ids, params, prefill_only, None, validated)
         return self._outputs(request_id, stream)
 
     def add_to_sink(
@@ -187,9 +193,11 @@ class AsyncEngine:
         params: SamplingParams,
         prefill_only: bool,
         sink: OutputSink | None,
+        validated: bool = False,
     ) -> _Stream:
         self._check_alive()
-        self.core.validate(prompt_token_ids, params)
+        if not validated:
+            self.core.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, sink)
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
         return stream

@@ -106,6 +106,9 @@ def test_a_prompt_is_checked_once_on_the_callers_thread_not_again_by_the_step_lo
             reserved = await engine.reserve("r", PROMPTS[2], GREEDY)
             assert reserved is not None and reserved.outputs is not None
             await reserved.outputs.aclose()
+            # a caller that checked the prompt itself (the prefill worker, before its registry write)
+            async for _ in engine.add("checked", PROMPTS[0], GREEDY, validated=True):
+                pass
             return tokens
 
     assert run(main()) == expected[1]
