@@ -12,6 +12,7 @@ reaches the decode GPU is the prompts' KV; on the colocated replicas, the prefil
     python3 benchmarks/disagg_study.py OUT_DIR            # on a machine with two GPUs
     python3 benchmarks/disagg_study.py OUT_DIR --rates '' --layouts disaggregated_1p1d,colocated_x2
                                                           # the interference probe alone
+    ... --interference-repeats 3                          # three probes a layout, their median ratio
 
 Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and the cluster logs.
 """
@@ -22,6 +23,7 @@ import argparse
 import concurrent.futures
 import functools
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -75,11 +77,13 @@ def decode_interference(
     victims: tuple[int, int, int] = (32, 128, 512),
     prompt_len: tuple[int, int] = (1024, 4096),
     lead_s: float = 0.5,
+    repeat: int = 0,
 ) -> dict[str, Any]:
     """The victims' (count, prompt, output tokens) TPOT alone and under prefill-only arrivals at
     `rate`. The victims start `lead_s` after the first arrival has been answered (the arrivals' load
     processes take seconds to start), and the arrivals last twice the victims' time alone; the result
-    says when each began and ended, so a probe whose load missed its victims shows."""
+    says when each began and ended, so a probe whose load missed its victims shows. Each `repeat` draws
+    other prompts (none is in a prefix cache from an earlier probe)."""
     count, prompt, output = victims
     config = LoadConfig(url=cluster.gateway_url, progress=False)
     result: dict[str, Any] = {"rate": rate, "victims": {"count": count, "prompt": prompt, "output": output}}
@@ -88,12 +92,13 @@ def decode_interference(
     def victim_set(seed: int) -> list[Any]:
         return random_requests(count, (prompt, prompt), (output, output), vocab, seed)
 
-    alone = run_load_in_processes(config, victim_set(7), 1)
+    seed = 7 + 100 * repeat
+    alone = run_load_in_processes(config, victim_set(seed), 1)
     result["alone"] = summarize(alone.records, alone.elapsed_s, None, None)
     # arrivals for twice the victims' time alone, so the load outlasts them
     num_stream = max(1, round(rate * (lead_s + 2 * alone.elapsed_s)))
-    stream = random_requests(num_stream, prompt_len, (1, 1), vocab, seed=8)
-    stream_config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=8, progress=False)
+    stream = random_requests(num_stream, prompt_len, (1, 1), vocab, seed=seed + 1)
+    stream_config = LoadConfig(url=cluster.gateway_url, request_rate=rate, seed=seed + 1, progress=False)
     flowing = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         background_run = pool.submit(run_load_in_processes, stream_config, stream, client_processes, flowing)
@@ -102,7 +107,7 @@ def decode_interference(
                 background_run.result()  # raises what stopped it
                 raise RuntimeError("the background load ended before any request was answered")
         time.sleep(lead_s)
-        loaded = run_load_in_processes(config, victim_set(9), 1)
+        loaded = run_load_in_processes(config, victim_set(seed + 2), 1)
         background = background_run.result()
     result["loaded"] = summarize(loaded.records, loaded.elapsed_s, None, None)
     result["background"] = summarize(background.records, background.elapsed_s, None, None)
@@ -183,25 +188,36 @@ def run_layout(
                     )
                     break  # a higher rate only queues longer: goodput is settled
             if args.interference_rate > 0:
-                interference = result["interference"] = decode_interference(
-                    cluster,
-                    vocab,
-                    args.interference_rate,
-                    args.client_processes,
-                    prompt_len=args.interference_prompt_len,
-                )
+                probes = result["interference_repeats"] = []
+                for repeat in range(args.interference_repeats):
+                    probe = decode_interference(
+                        cluster,
+                        vocab,
+                        args.interference_rate,
+                        args.client_processes,
+                        prompt_len=args.interference_prompt_len,
+                        repeat=repeat,
+                    )
+                    probes.append(probe)
+                    print(
+                        f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
+                        f"{probe['alone']['tpot_ms']['p99']:.1f} ms alone, "
+                        f"{probe['loaded']['tpot_ms']['p99']:.1f} ms under load (the load began "
+                        f"{probe['victims_after_background_began_s']:.2f} s before them and ended "
+                        f"{probe['background_after_victims_ended_s']:.2f} s after)",
+                        flush=True,
+                    )
+                result["interference"] = {**probes[0], "tpot_p99_ratio_median": median_ratio(probes)}
                 save(result)
-                print(
-                    f"{name} decode interference at {args.interference_rate:g} req/s: victims' TPOT p99 "
-                    f"{interference['alone']['tpot_ms']['p99']:.1f} ms alone, "
-                    f"{interference['loaded']['tpot_ms']['p99']:.1f} ms under load (the load began "
-                    f"{interference['victims_after_background_began_s']:.2f} s before them and ended "
-                    f"{interference['background_after_victims_ended_s']:.2f} s after)",
-                    flush=True,
-                )
         finally:
             cluster.stop()
     return result
+
+
+def median_ratio(probes: list[dict[str, Any]]) -> float | None:
+    """The median TPOT p99 ratio of the probes whose load spanned their victims (None: none did)."""
+    ratios = [p["tpot_p99_ratio"] for p in probes if p["background_covered_victims"] and p["tpot_p99_ratio"]]
+    return statistics.median(ratios) if ratios else None
 
 
 def goodput(runs: list[dict[str, Any]]) -> float:
@@ -234,6 +250,13 @@ def main() -> None:
         help="prefill-only arrivals beside the victims (0: skip)",
     )
     parser.add_argument(
+        "--interference-repeats",
+        type=int,
+        default=1,
+        help="probes per layout, each alone then loaded (the ratio reported is their median: one "
+        "probe's ratio moved 1.24-1.68x between machines)",
+    )
+    parser.add_argument(
         "--interference-prompt-len",
         default="1024,4096",
         help="LOW,HIGH: the arrivals' prompt lengths. Short ones (say 96,128: still pushed, the layouts "
@@ -250,6 +273,8 @@ def main() -> None:
     parser.add_argument("--client-processes", type=int, default=4, help="load processes (see bench serve)")
     args = parser.parse_args()
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if args.interference_repeats < 1:
+        parser.error("--interference-repeats must be at least 1")
     low, high = (int(n) for n in args.interference_prompt_len.split(","))
     args.interference_prompt_len = (low, high)
     layouts = {name: LAYOUTS[name] for name in args.layouts.split(",")}
@@ -292,10 +317,8 @@ def main() -> None:
         quiet, loaded = min(by_rate), disagg["goodput_rps"]
         comparable = loaded in by_rate and loaded > quiet
         results["decode_tpot_p99_ratio"] = by_rate[loaded] / by_rate[quiet] if comparable else None
-    results["decode_interference_tpot_p99_ratio"] = {  # None: the load did not span the victims' run
-        name: layout["interference"]["tpot_p99_ratio"]
-        if layout["interference"]["background_covered_victims"]
-        else None
+    results["decode_interference_tpot_p99_ratio"] = {  # None: the load spanned no probe's victims
+        name: layout["interference"]["tpot_p99_ratio_median"]
         for name, layout in results["layouts"].items()
         if layout["interference"] is not None
     }
