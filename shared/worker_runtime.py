@@ -105,7 +105,7 @@ async def engine_snapshot(
     engine: AsyncEngine, extra_request_ids: Iterable[str], full: bool, records: list[RequestRecord]
 ) -> PresenceSnapshot:
     extra = list(extra_request_ids)
-    return await engine.call(lambda core: snapshot_of(core, extra, full, records))
+    return await engine.call(snapshot_of, extra, full, records)
 
 
 def request_record(
@@ -136,7 +136,7 @@ async def stats_reply(
 ) -> worker_pb2.WorkerStats:
     """The GetStats answer: the engine's state (read on its thread) plus the service's counters."""
     ids = list(request_ids)
-    stats = await engine.call(lambda core: worker_stats(core, worker_id, role, ids, check_integrity))
+    stats = await engine.call(worker_stats, worker_id, role, ids, check_integrity)
     stats.num_transfers = counters.num_transfers
     stats.num_transfer_failures = counters.num_transfer_failures
     stats.transfer_bytes = counters.transfer_bytes

@@ -24,6 +24,7 @@ from baton.services.lifecycle import request_logger
 from baton.shared.background import BackgroundTasks
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import CapacityError, ConflictError, UnavailableError
 from baton.shared.output_mux import Failed, Subscribers
@@ -234,7 +235,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
     async def ResetPrefixCache(
         self, request: worker_pb2.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ResetPrefixCacheResponse:
-        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        num_blocks = await self.engine.call(EngineCore.reset_prefix_cache)
         return worker_pb2.ResetPrefixCacheResponse(num_blocks=num_blocks)
 
     @property

@@ -19,6 +19,7 @@ from baton.services.lifecycle import request_logger
 from baton.services.prefill.sender_process import SenderProcess
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.grpc_server import ConflictError, UnavailableError
 from baton.shared.registry import Registry, RegistryError, RegistryUnavailable, RequestRecord, RequestState
@@ -80,7 +81,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         if self.draining:
             raise UnavailableError(f"prefill worker {self.worker_id} is draining: prefill elsewhere")
         params = sampling_from_proto(request.sampling)
-        self.engine.core.validate(prompt, params)  # before the registry and the push hear of it
+        self.engine.validate(prompt, params)  # before the registry and the push hear of it
         if rid in self._tasks:
             raise ValueError(f"request id {rid!r} is already being prefilled here")
         self._loop = asyncio.get_running_loop()
@@ -176,7 +177,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
     async def ResetPrefixCache(
         self, request: worker_pb2.ResetPrefixCacheRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ResetPrefixCacheResponse:
-        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        num_blocks = await self.engine.call(EngineCore.reset_prefix_cache)
         return worker_pb2.ResetPrefixCacheResponse(num_blocks=num_blocks)
 
     async def drain(self, timeout_s: float) -> None:

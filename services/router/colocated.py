@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from baton.services.router.cluster_stats import summed_stats
 from baton.shared.engine.async_engine import AsyncEngine
+from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.outputs import EngineOutput
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.rpc import router_pb2
@@ -25,13 +26,13 @@ class ColocatedBackend:
 
     async def cluster_stats(self) -> router_pb2.ClusterStats:
         """The engine's counters, as if it were the cluster's one decode worker."""
-        stats = await self.engine.call(lambda core: worker_stats(core, "colocated", "decode", [], False))
+        stats = await self.engine.call(worker_stats, "colocated", "decode", [], False)
         summary = summed_stats([stats])
         summary.num_decode_workers = 1
         return summary
 
     async def reset_prefix_cache(self) -> router_pb2.ResetClusterPrefixCacheResponse:
-        num_blocks = await self.engine.call(lambda core: core.reset_prefix_cache())
+        num_blocks = await self.engine.call(EngineCore.reset_prefix_cache)
         return router_pb2.ResetClusterPrefixCacheResponse(num_blocks=num_blocks, num_workers=1)
 
     async def close(self) -> None:

@@ -67,9 +67,10 @@ class _Release:
 
 @dataclass(frozen=True)
 class _Call:
-    """Run `fn(core)` on the engine thread (between steps) and resolve `reply` with its result."""
+    """Run `fn(core, *args)` on the engine thread (between steps) and resolve `reply` with its result."""
 
-    fn: Callable[[EngineCore], Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
     reply: concurrent.futures.Future[Any]
 
 
@@ -156,6 +157,11 @@ class AsyncEngine:
         return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     # -- requests --------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming what is wrong with a request (see EngineCore.validate); on the caller's
+        thread, touching no engine state."""
+        self.core.validate(prompt_token_ids, params)
+
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[EngineOutput]:
@@ -176,7 +182,7 @@ class AsyncEngine:
     ) -> AsyncGenerator[EngineOutput, None]:
         """Queue a request (ValueError on bad input or a duplicate id now) and return its output
         stream; leaving that stream early aborts the request. `validated`: the caller already ran
-        `core.validate` on these very arguments."""
+        `validate` on these very arguments."""
         stream = self._queue_request(request_id, prompt_token_ids, params, prefill_only, None, validated)
         return self._outputs(request_id, stream)
 
@@ -197,7 +203,7 @@ class AsyncEngine:
     ) -> _Stream:
         self._check_alive()
         if not validated:
-            self.core.validate(prompt_token_ids, params)
+            self.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, sink)
         self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
         return stream
@@ -212,15 +218,12 @@ class AsyncEngine:
         """Hold KV blocks for a prompt another worker will push (see EngineCore.reserve); None when
         they don't fit. The output stream (or `sink`) starts once commit() runs."""
         self._check_alive()
-        self.core.validate(prompt_token_ids, params)
+        self.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, sink)
         written_outside = self._release is not None  # then the writer needs the fence
         try:
             block_ids, fence = await self.call(
-                lambda core: (
-                    core.reserve(request_id, prompt_token_ids, params, validated=True),
-                    core.fence() if written_outside else None,
-                )
+                _reserve_fenced, request_id, prompt_token_ids, params, written_outside
             )
         except BaseException:
             self._close_stream(request_id)
@@ -255,11 +258,13 @@ class AsyncEngine:
         """End a request with finish_reason 'error' and this message."""
         self._end(request_id, _Fail(request_id, message))
 
-    async def call(self, fn: Callable[[EngineCore], T]) -> T:
-        """Run `fn(core)` on the engine thread between steps (consistent reads such as stats())."""
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(core, *args)` on the engine thread between steps (consistent reads such as stats()).
+        A module-level function (or an EngineCore method) with plain arguments is what an engine in
+        another process could run too; a lambda works here only."""
         self._check_alive()
         reply: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._commands.put(_Call(fn, reply))
+        self._commands.put(_Call(fn, args, reply))
         return await asyncio.wrap_future(reply)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncGenerator[EngineOutput, None]:
@@ -417,7 +422,7 @@ class AsyncEngine:
         if not command.reply.set_running_or_notify_cancel():
             return
         try:
-            result = command.fn(self.core)
+            result = command.fn(self.core, *command.args)
         except Exception as exc:  # the caller's error, raised in the caller's coroutine
             command.reply.set_exception(exc)
         else:
@@ -460,6 +465,14 @@ class AsyncEngine:
         for stream in streams.values():
             if not stream.loop.is_closed():
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+
+def _reserve_fenced(
+    core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams, fenced: bool
+) -> tuple[list[int] | None, Any]:
+    """EngineCore.reserve of a validated prompt, and the fence its outside writer waits for if `fenced`."""
+    block_ids = core.reserve(request_id, prompt_token_ids, params, validated=True)
+    return block_ids, core.fence() if fenced else None
 
 
 def _put_all(batch: list[tuple[OutputSink, EngineOutput]]) -> None:

@@ -14,6 +14,7 @@ import pytest
 from baton import LLM, SamplingParams
 from baton.shared.config import EngineConfig
 from baton.shared.engine.async_engine import AsyncEngine, EngineDeadError, Reservation
+from baton.shared.engine.engine_core import EngineCore
 from baton.shared.engine.scheduler import SampledToken
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -127,6 +128,22 @@ def test_bad_input_raises_before_streaming(llama_dir: Path) -> None:
                 async for _ in engine.generate([1, 2], GREEDY, request_id="dup"):
                     pass
             await first.aclose()
+
+    run(main())
+
+
+def test_call_runs_a_function_of_the_core_and_its_arguments_on_the_engine_thread(llama_dir: Path) -> None:
+    """`call(fn, *args)` runs `fn(core, *args)` between steps; its error is raised in the caller."""
+
+    def where(core: EngineCore, offset: int) -> tuple[str, int]:
+        return threading.current_thread().name, core.stats().num_running + offset
+
+    async def main() -> None:
+        async with AsyncEngine.from_config(EngineConfig(model=str(llama_dir))) as engine:
+            assert await engine.call(where, 42) == ("baton-engine", 42)
+            assert await engine.call(EngineCore.reset_prefix_cache) == 0  # nothing cached yet
+            with pytest.raises(KeyError, match="nope"):
+                await engine.call(EngineCore.commit_reserved, "nope", SampledToken(1), 0)
 
     run(main())
 
