@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baton.shared.engine.async_engine import AsyncEngine
-from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.engine_core import EngineCore, EngineStats
 from baton.shared.registry import RequestRecord, RequestState, WorkerLoad
 from baton.shared.rpc import worker_pb2
 from baton.shared.transfer import KVLayout
@@ -46,6 +46,16 @@ def kv_layout(core: EngineCore) -> KVLayout:
     )
 
 
+def track_cache_events(core: EngineCore) -> None:
+    """Start recording the prefix cache's changes, which presence publishes to the registry's index."""
+    core.kv_manager.pool.track_cache_events()
+
+
+def step_summary(core: EngineCore) -> str:
+    """Where the engine's step time went, in one line (logged when a worker stops)."""
+    return core.step_stats.summary()
+
+
 def default_worker_id(role: str) -> str:
     return f"{role}-{socket.gethostname()}-{os.getpid()}"
 
@@ -71,21 +81,37 @@ def snapshot_of(
     )
 
 
-def worker_stats(
-    core: EngineCore, worker_id: str, role: str, extra_request_ids: Iterable[str], check_integrity: bool
-) -> worker_pb2.WorkerStats:
-    """Run on the engine thread: the allocator's and scheduler's counters as a WorkerStats message."""
-    stats = core.stats()
+@dataclass(frozen=True)
+class EngineState:
+    """What GetStats reads on the engine's side (plain values: it may come from another process)."""
+
+    stats: EngineStats
+    num_blocks: int
+    integrity_error: str
+
+
+def engine_state(core: EngineCore, check_integrity: bool) -> EngineState:
+    """Run on the engine thread (AsyncEngine.call): the allocator's and scheduler's counters, and
+    the integrity check's verdict if asked for ("" when it passed or did not run)."""
     integrity_error = ""
     if check_integrity:
         try:
             core.check_integrity()
         except AssertionError as exc:
             integrity_error = str(exc)
+    return EngineState(core.stats(), core.kv_manager.pool.num_blocks, integrity_error)
+
+
+async def worker_stats(
+    engine: AsyncEngine, worker_id: str, role: str, extra_request_ids: Iterable[str], check_integrity: bool
+) -> worker_pb2.WorkerStats:
+    """The engine's counters as a WorkerStats message."""
+    state = await engine.call(engine_state, check_integrity)
+    stats = state.stats
     return worker_pb2.WorkerStats(
         worker_id=worker_id,
         role=role,
-        num_blocks=core.kv_manager.pool.num_blocks,
+        num_blocks=state.num_blocks,
         num_free_blocks=stats.num_free_blocks,
         num_cached_blocks=stats.num_cached_blocks,
         num_held_blocks=stats.num_held_blocks,
@@ -97,7 +123,7 @@ def worker_stats(
         prefix_query_tokens=stats.prefix_query_tokens,
         prefix_hit_tokens=stats.prefix_hit_tokens,
         request_ids=sorted({*stats.request_ids, *extra_request_ids}),
-        integrity_error=integrity_error,
+        integrity_error=state.integrity_error,
     )
 
 
@@ -136,7 +162,7 @@ async def stats_reply(
 ) -> worker_pb2.WorkerStats:
     """The GetStats answer: the engine's state (read on its thread) plus the service's counters."""
     ids = list(request_ids)
-    stats = await engine.call(worker_stats, worker_id, role, ids, check_integrity)
+    stats = await worker_stats(engine, worker_id, role, ids, check_integrity)
     stats.num_transfers = counters.num_transfers
     stats.num_transfer_failures = counters.num_transfer_failures
     stats.transfer_bytes = counters.transfer_bytes

@@ -26,7 +26,7 @@ class ColocatedBackend:
 
     async def cluster_stats(self) -> router_pb2.ClusterStats:
         """The engine's counters, as if it were the cluster's one decode worker."""
-        stats = await self.engine.call(worker_stats, "colocated", "decode", [], False)
+        stats = await worker_stats(self.engine, "colocated", "decode", [], False)
         summary = summed_stats([stats])
         summary.num_decode_workers = 1
         return summary
