@@ -13,6 +13,7 @@ reaches the decode GPU is the prompts' KV; on the colocated replicas, the prefil
     python3 benchmarks/disagg_study.py OUT_DIR --rates '' --layouts disaggregated_1p1d,colocated_x2
                                                           # the interference probe alone
     ... --interference-repeats 3                          # three probes a layout, their median ratio
+    ... --engine-process                                  # decode workers' engine cores in processes
 
 Writes OUT_DIR/disagg_study.json (every run's summary and the comparison) and the cluster logs.
 """
@@ -142,6 +143,7 @@ def run_layout(
         http_port=0,
         engine_args=[*engine, "--max-num-batched-tokens", str(decode_step_tokens)],
         prefill_args=["--max-num-batched-tokens", str(STEP_TOKENS)],  # after engine_args: it wins
+        decode_args=["--engine-process"] if args.engine_process else [],
         router_args=[
             "--local-prefill-max-tokens",
             str(layout["local_prefill_max_tokens"]),
@@ -250,6 +252,11 @@ def main() -> None:
         help="prefill-only arrivals beside the victims (0: skip)",
     )
     parser.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="decode workers run their engine core in a process of their own (baton decode --engine-process)",
+    )
+    parser.add_argument(
         "--interference-repeats",
         type=int,
         default=1,
@@ -285,6 +292,7 @@ def main() -> None:
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0),
         "num_gpus": torch.cuda.device_count(),
+        "decode_engine_process": args.engine_process,
         "workload": {
             "input_len": [1024, 4096],
             "output_len": [64, 256],

@@ -320,6 +320,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         threads=args.threads,
         drain_timeout_s=args.drain_timeout_s,
         stall_timeout_s=args.stall_timeout_s,
+        engine_process=getattr(args, "engine_process", False),
         grpc_tls=tls,
     )
     from baton.services.worker_main import run_worker  # torch and the engine: after the checks
@@ -428,6 +429,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             str(args.max_prefill_queue_tokens),
         ],
         gateway_args=_gateway_argv(args),
+        decode_args=["--engine-process"] if args.engine_process else [],
         log_level=args.log_level,
         log_requests=args.log_requests,
         env={"BATON_API_KEY": args.api_key} if args.api_key else {},  # not in argv, where ps shows it
@@ -711,6 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(serve, "--router-port", "the Router's gRPC port (0: any free port)", type=int, default=50051)
     _flag(
         serve,
+        "--engine-process",
+        "decode workers run their engine core in a process of their own (see `baton decode`)",
+        action="store_true",
+    )
+    _flag(
+        serve,
         "--routers",
         "Router replicas (on --router-port and the ports after it); the gateway spreads requests over "
         "them and fails over when one is unreachable",
@@ -840,6 +848,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=120.0,
         )
+        if role == "decode":
+            _flag(
+                worker,
+                "--engine-process",
+                "run the engine core in a process of its own: its step loop then shares no GIL with the "
+                "worker's gRPC and output streams",
+                action="store_true",
+            )
         _add_registry_flags(worker)
         _add_engine_flags(worker)
         _add_grpc_tls_flags(worker, server=True)

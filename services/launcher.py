@@ -71,6 +71,7 @@ class ClusterSpec:
     gateway_args: Sequence[str] = ()
     worker_args: Sequence[str] = ()
     prefill_args: Sequence[str] = ()
+    decode_args: Sequence[str] = ()
     log_level: str = "INFO"
     log_requests: bool = False
     """Every process logs each request's lifecycle (--log-requests)."""
@@ -207,7 +208,8 @@ class LocalCluster:
 
     def _worker_argv(self, name: str) -> list[str]:
         role = name.split("-")[0]
-        extra = [*self.spec.worker_args, *(self.spec.prefill_args if role == "prefill" else ())]
+        by_role = self.spec.prefill_args if role == "prefill" else self.spec.decode_args
+        extra = [*self.spec.worker_args, *by_role]
         argv = [role, "--worker-id", name, "--host", self.spec.host, *self._common_argv()]
         return [*argv, *self._registry_argv(), *self._tls_argv(server=True), *extra]
 

@@ -14,6 +14,7 @@ import torch
 
 from baton.services.decode.receiver_process import ReceiverProcess, ReceiverSpec
 from baton.services.decode.service import DecodeService
+from baton.services.engine_process import ProcessEngine, engine_info
 from baton.services.lifecycle import LOG_FORMAT, request_stop, wait_for_stop_signal
 from baton.services.prefill.sender_process import SenderProcess, SenderSpec
 from baton.services.prefill.service import PrefillService
@@ -21,6 +22,7 @@ from baton.shared import grpc_tls
 from baton.shared.config import WorkerConfig
 from baton.shared.engine.async_engine import AsyncEngine
 from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.kv_cache import KVCaches, SharedKVCaches
 from baton.shared.gc_pauses import freeze_startup_heap
 from baton.shared.grpc_server import ServiceBinding, start_server
 from baton.shared.loop_lag import LoopLagMonitor
@@ -29,7 +31,7 @@ from baton.shared.registry import Registry, WorkerInfo
 from baton.shared.rpc import worker_pb2_grpc
 from baton.shared.transfer import FaultConfig, KVLayout, TransferSecret
 from baton.shared.worker_presence import WorkerPresence
-from baton.shared.worker_runtime import default_worker_id, engine_snapshot, kv_layout
+from baton.shared.worker_runtime import default_worker_id, engine_snapshot, step_summary, track_cache_events
 
 logger = logging.getLogger(__name__)
 
@@ -39,22 +41,19 @@ async def run_worker(config: WorkerConfig) -> None:
     secret = transfer_secret(config)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    core = await asyncio.to_thread(EngineCore, config.engine)
-    core.kv_manager.pool.track_cache_events()
-    layout = kv_layout(core)
+    engine, kv_caches, info = await start_engine(config)
+    layout = info["layout"]
     worker_id = config.worker_id or default_worker_id(config.role)
     registry = Registry.from_config(config.registry, config.reservation_timeout_s)
     host = advertised_host(config)
-    engine = AsyncEngine(core)
-    engine.start()
     receiver: ReceiverProcess | None = None
     service: Any
     if config.role == "decode":
         service = DecodeService(config, engine, registry, worker_id, layout.num_layers)
-        # The KV receiver runs in a process of its own, writing into this one's cache: in this process
+        # The KV receiver runs in a process of its own, writing into the engine's cache: in this process
         # its UCX completions would wait for the GIL behind the engine thread.
-        spec = receiver_spec(config, core, layout, host, secret)
-        receiver = ReceiverProcess(spec, core.kv_caches, service)
+        spec = receiver_spec(config, info["attention_backend"], layout, host, secret)
+        receiver = ReceiverProcess(spec, kv_caches, service)
         await receiver.start()
         receiver.on_lost = request_stop
         service.receiver = receiver
@@ -66,8 +65,11 @@ async def run_worker(config: WorkerConfig) -> None:
     else:
         # The KV sender runs in a process of its own, reading this one's cache: in this process its UCX
         # threads and checksums slowed the engine's steps down (sender_process.py).
+        assert not isinstance(kv_caches, SharedKVCaches)  # a prefill worker's engine runs on a thread
         sender = SenderProcess(
-            sender_spec(config, core, layout, secret), core.kv_caches, engine.release_prompt_kv
+            sender_spec(config, info["attention_backend"], layout, secret),
+            kv_caches,
+            engine.release_prompt_kv,
         )
         FaultConfig.parse(config.kv_faults)  # a bad spec fails here, not in the child
         await sender.start()
@@ -84,7 +86,7 @@ async def run_worker(config: WorkerConfig) -> None:
         transfer_address=receiver.address if receiver is not None else "",
         model_id=layout.model_id,
         block_size=layout.block_size,
-        num_blocks=core.kv_manager.pool.num_blocks,
+        num_blocks=info["num_blocks"],
     )
     presence = WorkerPresence(
         registry,
@@ -122,13 +124,37 @@ async def run_worker(config: WorkerConfig) -> None:
     await server.server.stop(grace=5)
     if config.role == "prefill":
         await sender.close()
-    await asyncio.to_thread(engine.shutdown)
-    logger.info("engine steps: %s", core.step_stats.summary())
+    if engine.is_running:
+        logger.info("engine steps: %s", await engine.call(step_summary))
+        if (allocator := await engine.call(EngineCore.allocator_summary)) is not None:
+            logger.info("CUDA allocator: %s", allocator)
+    if isinstance(engine, ProcessEngine):
+        await engine.aclose()
+    else:
+        await asyncio.to_thread(engine.shutdown)
     logger.info("event loop lag: %s", loop_lag.stop())
-    if (allocator := core.allocator_summary()) is not None:
-        logger.info("CUDA allocator: %s", allocator)
     await registry.close()
     logger.info("%s worker %s stopped", config.role, worker_id)
+
+
+async def start_engine(
+    config: WorkerConfig,
+) -> tuple[AsyncEngine, KVCaches | SharedKVCaches, dict[str, Any]]:
+    """The worker's engine, started: on a thread of this process, or (--engine-process) in a child
+    process; its KV cache (for the KV helper process) and what engine_info says of it."""
+    if config.engine_process:
+        process_engine = ProcessEngine(config.engine, LOG_FORMAT, config.threads)
+        await process_engine.start_process()
+        process_engine.on_lost = request_stop  # a worker without its engine drains and exits
+        logger.info("engine core in process %s", process_engine.pid)
+        await process_engine.call(track_cache_events)
+        info = process_engine.info
+        return process_engine, info["kv_caches"], info
+    core = await asyncio.to_thread(EngineCore, config.engine)
+    track_cache_events(core)
+    engine = AsyncEngine(core)
+    engine.start()
+    return engine, core.kv_caches, {**engine_info(core), "kv_caches": core.kv_caches}
 
 
 def advertised_host(config: WorkerConfig) -> str:
@@ -153,7 +179,7 @@ def transfer_secret(config: WorkerConfig) -> TransferSecret | None:
 
 
 def receiver_spec(
-    config: WorkerConfig, core: EngineCore, layout: KVLayout, host: str, secret: TransferSecret | None
+    config: WorkerConfig, attention_backend: str, layout: KVLayout, host: str, secret: TransferSecret | None
 ) -> ReceiverSpec:
     """The receiving process's settings; `host`: the address the worker publishes (advertised_host)."""
     return ReceiverSpec(
@@ -161,7 +187,7 @@ def receiver_spec(
         host=config.host,
         port=config.transfer_port,
         advertise_host=host,
-        attention_backend=core.attention_backend,
+        attention_backend=attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
         secret=secret,
@@ -169,7 +195,7 @@ def receiver_spec(
 
 
 def sender_spec(
-    config: WorkerConfig, core: EngineCore, layout: KVLayout, secret: TransferSecret | None
+    config: WorkerConfig, attention_backend: str, layout: KVLayout, secret: TransferSecret | None
 ) -> SenderSpec:
     """The sending process's settings."""
     return SenderSpec(
@@ -178,7 +204,7 @@ def sender_spec(
         max_pushes_per_address=config.max_pushes_per_receiver,
         connections_per_address=config.kv_connections_per_receiver,
         copy_buffer_nbytes=int(config.kv_copy_buffer_gib * (1 << 30)),
-        attention_backend=core.attention_backend,
+        attention_backend=attention_backend,
         log_format=LOG_FORMAT,
         log_level=logging.getLogger().getEffectiveLevel(),
         secret=secret,

@@ -224,12 +224,25 @@ class WorkerConfig(BaseModel):
         "the worker's gRPC health NOT_SERVING until it progresses again.",
     )
 
+    engine_process: bool = Field(
+        False,
+        description="Decode: run the engine core (model, KV cache, step loop) in a process of its own, so "
+        "that the step loop does not share the GIL with the worker's gRPC and output streams (as vLLM V1's "
+        "engine core process).",
+    )
+
     @field_validator("kv_transfer_secret")
     @classmethod
     def _long_enough(cls, secret: SecretStr | None) -> SecretStr | None:
         if secret is not None:
             check_kv_transfer_secret(secret.get_secret_value())
         return secret
+
+    @model_validator(mode="after")
+    def _engine_process_decode_only(self) -> WorkerConfig:
+        if self.engine_process and self.role != "decode":
+            raise ValueError("--engine-process is supported by decode workers only")
+        return self
 
     @property
     def heartbeat_interval_s(self) -> float:

@@ -45,7 +45,13 @@ from baton.shared.background import BackgroundTasks
 from baton.shared.child_link import ChildLink, ParentLink
 from baton.shared.engine.attention import get_attention_backend
 from baton.shared.engine.host_to_device import host_to_device
-from baton.shared.engine.kv_cache import KVCaches, check_kv_run, scatter_kv_run
+from baton.shared.engine.kv_cache import (
+    FenceHandle,
+    KVCaches,
+    SharedKVCaches,
+    check_kv_run,
+    scatter_kv_run,
+)
 from baton.shared.transfer import KVLayout, TransferError, TransferSecret, UcxKVReceiver, stop_ucx
 
 logger = logging.getLogger(__name__)
@@ -84,10 +90,14 @@ class HandoffHandler(Protocol):
 class ReceiverProcess:
     """Starts the receiving child and speaks to it from the worker's event loop."""
 
-    def __init__(self, spec: ReceiverSpec, kv_caches: KVCaches, handler: HandoffHandler) -> None:
+    def __init__(
+        self, spec: ReceiverSpec, kv_caches: KVCaches | SharedKVCaches, handler: HandoffHandler
+    ) -> None:
+        """`kv_caches`: the worker's own cache, or one an engine core in another process exported."""
         self.spec = spec
         self.address = ""  # "ucx://HOST:PORT" once started
-        self._kv_caches = kv_caches
+        # this process exported its own cache to the child (an engine core's process exports its own)
+        self._exports_cuda_cache = not isinstance(kv_caches, SharedKVCaches) and kv_caches[0][0].is_cuda
         self._handler = handler
         self._link = ChildLink("baton-kv-receiver", run_child, (spec, kv_caches), self._dispatch, self._lost)
         self._revoking: dict[str, asyncio.Future[None]] = {}
@@ -107,7 +117,8 @@ class ReceiverProcess:
         (self.address,) = await self._link.start(timeout_s)
 
     def reserve(self, request_id: str, block_ids: list[int], ready: Any) -> None:
-        """Announce a reservation; `ready`: the engine's fence event (None off the GPU)."""
+        """Announce a reservation; `ready`: the engine's fence event, or its FenceHandle (None off the
+        GPU)."""
         self._link.send(("reserve", request_id, block_ids, ready))
 
     async def revoke(self, request_id: str) -> None:
@@ -123,7 +134,7 @@ class ReceiverProcess:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop the child (its connections close; pushes in progress fail) and wait for it."""
         await self._link.close(timeout_s)
-        if self._kv_caches[0][0].is_cuda:
+        if self._exports_cuda_cache:
             torch.cuda.ipc_collect()  # the child's mappings of the cache are gone
         self._nothing_writes()
         await self._tasks.wait(timeout_s)
@@ -167,13 +178,15 @@ class ReceiverProcess:
 
 
 # -- the child -------------------------------------------------------------------------------------
-def run_child(conn: Connection, spec: ReceiverSpec, kv_caches: KVCaches) -> None:
+def run_child(conn: Connection, spec: ReceiverSpec, kv_caches: KVCaches | SharedKVCaches) -> None:
     """The child's entry point (spawned). Exits when told to stop or when the worker is gone; killed
     with it, so that its pushes break off at once, as they would in one process."""
     terminate_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when this process stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=spec.log_format, force=True)
+    if isinstance(kv_caches, SharedKVCaches):
+        kv_caches = kv_caches.open()  # from the engine core's process, which allocated it
     device = kv_caches[0][0].device  # with its index, unlike the engine's configured device
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -248,7 +261,8 @@ class _CacheWriter:
         kind = msg[0]
         if kind == "reserve":
             request_id = msg[1]
-            self._announced[request_id] = _Announced(list(msg[2]), msg[3])
+            ready = msg[3].open() if isinstance(msg[3], FenceHandle) else msg[3]
+            self._announced[request_id] = _Announced(list(msg[2]), ready)
             waiter = self._awaiting_announcement.pop(request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)

@@ -4,6 +4,7 @@ outputs and abort it. The worker services wrap this."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import logging
@@ -17,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from baton.shared.config import EngineConfig
 from baton.shared.engine.engine_core import EngineCore
+from baton.shared.engine.kv_cache import FenceHandle
 from baton.shared.engine.outputs import EngineOutput, merge_outputs, merge_queued
 from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.engine.scheduler import SampledToken
@@ -67,11 +69,12 @@ class _Release:
 
 @dataclass(frozen=True)
 class _Call:
-    """Run `fn(core, *args)` on the engine thread (between steps) and resolve `reply` with its result."""
+    """Run `fn(core, *args)` on the engine thread (between steps) and resolve `reply` with its result:
+    a future, or the call's number when the engine runs in another process (engine_process.py)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
-    reply: concurrent.futures.Future[Any]
+    reply: Any
 
 
 _STOP = object()
@@ -91,7 +94,9 @@ class Reservation:
 
     block_ids: list[int]
     outputs: AsyncGenerator[EngineOutput, None] | None  # starts once commit() runs; None with a sink
-    ready: Any = None  # a torch.cuda.Event, when writers outside the engine need one: write once it completed
+    ready: Any = None
+    """When writers outside the engine need one, they write once it completed: a torch.cuda.Event, or a
+    FenceHandle when the engine core runs in another process."""
 
 
 @dataclass
@@ -103,9 +108,18 @@ class _Stream:
 class AsyncEngine:
     """Use as `async with AsyncEngine(core) as engine:` or call start() / shutdown()."""
 
+    _stopped: bool
+    _error: BaseException | None
+    _fence_as_handle = False  # the engine core is in this process: its fences are events
+
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self.stream_interval = core.config.stream_interval
+        self._init_frontend(core.config)
+
+    def _init_frontend(self, config: EngineConfig) -> None:
+        """What the callers' side holds: their streams and the commands for the engine."""
+        self.config = config
+        self.stream_interval = config.stream_interval
         self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -205,7 +219,7 @@ class AsyncEngine:
         if not validated:
             self.validate(prompt_token_ids, params)
         stream = self._open_stream(request_id, sink)
-        self._commands.put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
+        self._put(_Add(request_id, list(prompt_token_ids), params, prefill_only))
         return stream
 
     async def reserve(
@@ -223,13 +237,13 @@ class AsyncEngine:
         written_outside = self._release is not None  # then the writer needs the fence
         try:
             block_ids, fence = await self.call(
-                _reserve_fenced, request_id, prompt_token_ids, params, written_outside
+                _reserve_fenced, request_id, prompt_token_ids, params, written_outside, self._fence_as_handle
             )
         except BaseException:
             self._close_stream(request_id)
             # the caller went away (cancelled) or the call failed: the engine may still have reserved
             # the blocks, so an abort follows the command (a no-op if nothing was reserved)
-            self._commands.put(_Abort(request_id))
+            self._put(_Abort(request_id))
             raise
         if block_ids is None:
             self._close_stream(request_id)
@@ -247,12 +261,12 @@ class AsyncEngine:
     def commit(self, request_id: str, first_token: SampledToken, num_cached_tokens: int) -> None:
         """The reserved prompt's KV is complete: admit it with its first token."""
         self._uncommitted.pop(request_id, None)
-        self._commands.put(_Commit(request_id, first_token, num_cached_tokens))
+        self._put(_Commit(request_id, first_token, num_cached_tokens))
 
     def release_prompt_kv(self, request_id: str) -> None:
         """The request's announced prompt KV has been read: its blocks may go (see
         EngineCore.release_prompt_kv). Callable from any thread."""
-        self._commands.put(_Release(request_id))
+        self._put(_Release(request_id))
 
     def fail(self, request_id: str, message: str) -> None:
         """End a request with finish_reason 'error' and this message."""
@@ -317,7 +331,7 @@ class AsyncEngine:
         """Queue an abort or a failure; an uncommitted reservation's is queued once it was released."""
         loop = self._uncommitted.pop(request_id, None)
         if loop is None or self._release is None or loop.is_closed():
-            self._commands.put(command)
+            self._put(command)
         else:
             asyncio.run_coroutine_threadsafe(self._release_then(self._release, request_id, command), loop)
 
@@ -328,7 +342,7 @@ class AsyncEngine:
             await release(request_id)
         except Exception:
             logger.exception("releasing the reservation of %s failed; freeing its blocks anyway", request_id)
-        self._commands.put(command)
+        self._put(command)
 
     def _check_alive(self) -> None:
         if self._error is not None:
@@ -347,18 +361,17 @@ class AsyncEngine:
                 if pacing_s and self._in_burst() and not self._hold(last_step + pacing_s):
                     break
                 if self.core.has_work():
-                    last_step = self._busy_since = time.monotonic()
+                    last_step = time.monotonic()
+                    self._set_busy(last_step)
                     outputs = self.core.step()
-                    self._busy_since = None
+                    self._set_busy(None)
                     self._deliver(outputs)
         except BaseException as exc:  # fatal: every caller must hear about it, nobody may hang
             logger.exception("engine thread died")
             self._error = exc
             self._fail_all(EngineDeadError(f"engine failed: {exc!r}"))
             return
-        with self._lock:
-            in_flight = list(self._streams)
-        self._deliver(self.core.abort_requests(in_flight))
+        self._deliver(self.core.abort_requests(self._in_flight_ids()))
         self._fail_all(EngineDeadError("engine shut down"))
 
     def _in_burst(self) -> bool:
@@ -419,14 +432,35 @@ class AsyncEngine:
         self._deliver([out])
 
     def _call(self, command: _Call) -> None:
-        if not command.reply.set_running_or_notify_cancel():
-            return
         try:
             result = command.fn(self.core, *command.args)
         except Exception as exc:  # the caller's error, raised in the caller's coroutine
-            command.reply.set_exception(exc)
+            self._reply(command.reply, False, exc)
         else:
-            command.reply.set_result(result)
+            self._reply(command.reply, True, result)
+
+    # -- where the engine thread's results go (an engine in another process sends them instead) ---
+    def _put(self, command: Any) -> None:
+        """Queue a command for the engine thread (any thread)."""
+        self._commands.put(command)
+
+    def _reply(self, reply: Any, ok: bool, value: Any) -> None:
+        """Resolve a call's `reply` future with its result (`ok`) or its error."""
+        if not reply.set_running_or_notify_cancel():
+            return  # the caller went away
+        if ok:
+            reply.set_result(value)
+        else:
+            reply.set_exception(value)
+
+    def _set_busy(self, since: float | None) -> None:
+        """The step in progress began at `since` (None: between steps)."""
+        self._busy_since = since
+
+    def _in_flight_ids(self) -> list[str]:
+        """The requests to abort when the engine stops: every one with a stream."""
+        with self._lock:
+            return list(self._streams)
 
     def _add(self, command: _Add) -> None:
         try:
@@ -467,12 +501,26 @@ class AsyncEngine:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
 
+_KEPT_FENCES: collections.deque[Any] = collections.deque(maxlen=4096)
+"""Fences handed out as FenceHandles, kept alive here (their waiter opens them at once)."""
+
+
 def _reserve_fenced(
-    core: EngineCore, request_id: str, prompt_token_ids: list[int], params: SamplingParams, fenced: bool
+    core: EngineCore,
+    request_id: str,
+    prompt_token_ids: list[int],
+    params: SamplingParams,
+    fenced: bool,
+    as_handle: bool = False,
 ) -> tuple[list[int] | None, Any]:
-    """EngineCore.reserve of a validated prompt, and the fence its outside writer waits for if `fenced`."""
+    """EngineCore.reserve of a validated prompt, and the fence its outside writer waits for if `fenced`
+    (as a FenceHandle if `as_handle`: for an engine core in another process than its writer's worker)."""
     block_ids = core.reserve(request_id, prompt_token_ids, params, validated=True)
-    return block_ids, core.fence() if fenced else None
+    fence = core.fence() if fenced and block_ids is not None else None
+    if fence is not None and as_handle:
+        _KEPT_FENCES.append(fence)
+        return block_ids, FenceHandle.of(fence, core.device)
+    return block_ids, fence
 
 
 def _put_all(batch: list[tuple[OutputSink, EngineOutput]]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.multiprocessing  # registers the reductions of CUDA tensors and events
 
 from baton.shared.models.model_config import ModelConfig
 
@@ -28,6 +31,43 @@ def allocate_kv_caches(
         (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         for _ in range(cfg.num_layers)
     ]
+
+
+@dataclass(frozen=True)
+class SharedKVCaches:
+    """A KV cache as the process that allocated it exports it (CUDA IPC handles, or shared-memory
+    descriptors on a CPU), in bytes that another process opens once. A process that imported CUDA
+    memory cannot export it again, so an engine core in a process of its own hands its cache to the
+    worker's KV receiver this way: the worker passes the bytes on unopened."""
+
+    blob: bytes
+    is_cuda: bool
+
+    @classmethod
+    def export(cls, kv_caches: KVCaches) -> SharedKVCaches:
+        return cls(bytes(ForkingPickler.dumps(kv_caches)), kv_caches[0][0].is_cuda)
+
+    def open(self) -> KVCaches:
+        """The cache, mapped into this process (once: a CPU cache's descriptors are handed out once)."""
+        kv_caches: KVCaches = ForkingPickler.loads(self.blob)
+        return kv_caches
+
+
+@dataclass(frozen=True)
+class FenceHandle:
+    """An interprocess CUDA event as bytes, opened by the process that waits for it: the fence of a
+    reservation made by an engine core in another process travels through the worker this way."""
+
+    device_index: int
+    handle: bytes
+
+    @classmethod
+    def of(cls, event: Any, device: torch.device) -> FenceHandle:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return cls(index, bytes(event.ipc_handle()))
+
+    def open(self) -> torch.cuda.Event:
+        return torch.cuda.Event.from_ipc_handle(self.device_index, self.handle)
 
 
 def check_kv_run(kv_caches: KVCaches, first_layer: int, kv: torch.Tensor, num_blocks: int) -> None:

@@ -105,7 +105,11 @@ def test_prefill_push_over_ucx_from_cuda_then_decode(llama_dir: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
-def test_one_prefill_one_decode_cluster_on_the_gpu(llama_dir: Path) -> None:
+@pytest.mark.parametrize("decode_args", [[], ["--engine-process"]], ids=["engine-thread", "engine-process"])
+def test_one_prefill_one_decode_cluster_on_the_gpu(llama_dir: Path, decode_args: list[str]) -> None:
+    """Greedy outputs through the cluster equal the offline engine's; with --engine-process the decode
+    worker's cache is allocated by its engine core's process and written by its KV receiver's (CUDA
+    IPC across two children of the worker), each reservation's fence crossing as a handle."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -124,6 +128,7 @@ def test_one_prefill_one_decode_cluster_on_the_gpu(llama_dir: Path) -> None:
             "--num-kv-blocks",
             "512",
         ],
+        decode_args=decode_args,
     )
     try:
         got = generate_all(cluster.router_address, PROMPTS * 4, greedy(12))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import threading
 import time
@@ -112,10 +114,16 @@ def test_two_routers_share_the_gateways_requests_and_one_dying_costs_none(make_c
 
 
 async def _load_then(
-    cluster: LocalCluster, batch: list[list[int]], max_tokens: int, victim: str, sig: int = signal.SIGKILL
+    cluster: LocalCluster,
+    batch: list[list[int]],
+    max_tokens: int,
+    victim: str,
+    sig: int = signal.SIGKILL,
+    victim_pid: int | None = None,
 ) -> list[Completion]:
     """Start every request; once prompts are being pushed (and, for a decode victim, it is decoding
-    some of them), send `victim` the signal; collect every completion."""
+    some of them), send `victim` the signal (or `victim_pid`, a process of its); collect every
+    completion."""
     tasks = [
         asyncio.create_task(generate(cluster.router_address, p, greedy(max_tokens), timeout_s=90))
         for p in batch
@@ -129,7 +137,10 @@ async def _load_then(
             break
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)  # let the victim's running requests stream a few tokens
-    await asyncio.to_thread(cluster.kill, victim, sig)
+    if victim_pid is None:
+        await asyncio.to_thread(cluster.kill, victim, sig)
+    else:
+        os.kill(victim_pid, sig)
     return list(await asyncio.gather(*tasks))
 
 
@@ -143,23 +154,44 @@ def test_killing_a_prefill_worker_under_load_loses_no_request(make_cluster, offl
     assert_no_leaks(cluster)
 
 
-def test_killing_a_decode_worker_ends_its_requests_with_a_clear_error(make_cluster, offline: LLM) -> None:
-    cluster = make_cluster(num_prefill=1, num_decode=2)
+@pytest.mark.parametrize(
+    ("decode_args", "error"),
+    [([], "decode worker decode-0 failed"), (["--engine-process"], "engine process exited")],
+    ids=["worker-killed", "engine-process-killed"],
+)
+def test_killing_a_decode_worker_ends_its_requests_with_a_clear_error(
+    make_cluster, offline: LLM, decode_args: list[str], error: str
+) -> None:
+    """kill -9 of decode-0 mid-decode (with --engine-process: of its engine core's process): its
+    requests end with a clear error (none hangs), the other decode worker's complete, and a worker
+    whose engine process died drains and leaves on its own."""
+    cluster = make_cluster(num_prefill=1, num_decode=2, decode_args=decode_args)
+    engine_pid = _engine_process_pid(cluster, "decode-0") if decode_args else None
     batch = prompts(12, 20, 60)
     started = time.monotonic()
-    got = asyncio.run(_load_then(cluster, batch, 300, victim="decode-0"))
+    got = asyncio.run(_load_then(cluster, batch, 300, victim="decode-0", victim_pid=engine_pid))
     assert time.monotonic() - started < 90  # nothing hung
     want = expected(offline, batch, 300)
     failed = [c for c in got if c.finish_reason == "FINISH_REASON_ERROR"]
-    assert failed, "some requests were decoding on the killed worker"
+    assert failed, "some requests were decoding on decode-0"
     for prompt, completion, tokens in zip(batch, got, want, strict=True):
         if completion.finish_reason == "FINISH_REASON_ERROR":
-            assert "decode worker decode-0 failed" in completion.error
+            assert error in completion.error, completion.error
         else:
             assert completion.finish_reason == "FINISH_REASON_LENGTH" and len(completion.token_ids) == 300
         assert greedy_mismatch(offline, prompt, completion.token_ids, tokens) is None
+    if engine_pid is not None:
+        cluster.processes["decode-0"].wait(timeout=60)  # it drained and left on its own
     wait_reaped(cluster, "decode-0")
     assert_no_leaks(cluster)
+
+
+def _engine_process_pid(cluster: LocalCluster, worker: str) -> int:
+    """The pid of `worker`'s engine core process, from the line its worker logs."""
+    log = "".join(cluster.log.lines)  # type: ignore[attr-defined]
+    found = re.search(rf"^{worker}\s*\|.*engine core in process (\d+)$", log, re.MULTILINE)
+    assert found is not None, f"{worker} logged no engine core process"
+    return int(found.group(1))
 
 
 def test_a_full_decode_worker_refuses_fast_with_resource_exhausted(make_cluster) -> None:

@@ -38,14 +38,18 @@ PROMPTS = [[rng.randrange(3, 2000) for _ in range(n)] for n in (5, 17, 40, 90, 3
 LONG_PROMPT = [rng.randrange(3, 2000) for _ in range(700)]  # > the workers' 256-token step budget
 
 
-@pytest.fixture(scope="module")
-def cluster(llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def cluster(request: pytest.FixtureRequest, llama_dir: Path, redis_server: str) -> Iterator[LocalCluster]:
     """1 prefill + 1 decode worker; every prompt is prefilled remotely (local threshold 0). Each
     worker runs at most MAX_NUM_SEQS requests at once, a step at a time (the other cluster tests run
-    with async scheduling, the default)."""
+    with async scheduling, the default). Every test runs twice: with the decode worker's engine core
+    on a thread of the worker, and in a process of its own (--engine-process)."""
     engine_args = ["--max-model-len", "1024", "--max-num-batched-tokens", "256", "--no-async-scheduling"]
     cluster = start_cluster(
-        llama_dir, redis_server, engine_args=[*engine_args, "--max-num-seqs", str(MAX_NUM_SEQS)]
+        llama_dir,
+        redis_server,
+        engine_args=[*engine_args, "--max-num-seqs", str(MAX_NUM_SEQS)],
+        decode_args=["--engine-process"] if request.param == "engine-process" else [],
     )
     yield cluster
     codes = cluster.stop()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from pydantic import ValidationError
 
 from baton.services.cli import (
     SHARED_GPU_BURST_STEP_INTERVAL_MS,
@@ -18,7 +19,7 @@ from baton.services.cli import (
     main,
 )
 from baton.services.launcher import ClusterSpec, LocalCluster
-from baton.shared.config import GatewayConfig
+from baton.shared.config import EngineConfig, GatewayConfig, WorkerConfig
 
 
 def test_gpus_are_dealt_round_robin_decode_workers_first() -> None:
@@ -163,3 +164,17 @@ def test_router_replicas_reach_the_gateway_and_are_checked(capsys: pytest.Captur
         LocalCluster(ClusterSpec(model="m", colocated=True, num_decode=0, num_routers=2))
     assert main(["serve", "--routers", "0"]) == 2  # a clear message, nothing started
     assert "router" in capsys.readouterr().err
+
+
+def test_the_engine_process_flag_reaches_decode_workers_only() -> None:
+    cluster = LocalCluster(ClusterSpec(model="m", decode_args=["--engine-process"]))
+    assert "--engine-process" in cluster._worker_argv("decode-0")
+    assert "--engine-process" not in cluster._worker_argv("prefill-0")
+    assert build_parser().parse_args(["serve", "--engine-process"]).engine_process
+    assert build_parser().parse_args(["decode", "--engine-process"]).engine_process
+    with pytest.raises(SystemExit):  # a prefill worker's engine shares its process (the KV sender)
+        build_parser().parse_args(["prefill", "--engine-process"])
+    engine = EngineConfig(model="m")
+    assert WorkerConfig(role="decode", engine=engine, engine_process=True).engine_process
+    with pytest.raises(ValidationError, match="decode workers only"):
+        WorkerConfig(role="prefill", engine=engine, engine_process=True)
