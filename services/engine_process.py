@@ -85,14 +85,15 @@ class ProcessEngine(AsyncEngine):
             return
         self._busy = torch.multiprocessing.get_context("spawn").Value("d", 0.0, lock=False)
         level = logging.getLogger().getEffectiveLevel()
-        self._link = ChildLink(
+        link = ChildLink(
             "baton-engine-core",
             run_engine_child,
             (self.config, self._busy, self._log_format, level, self._threads),
             self._on_message,
             self._on_lost,
         )
-        (self.info,) = await self._link.start(timeout_s)
+        (self.info,) = await link.start(timeout_s)  # raises, naming why, if the engine was not built
+        self._link = link
 
     def start(self) -> None:
         raise TypeError("a ProcessEngine starts with `await start_process()`")
@@ -137,11 +138,11 @@ class ProcessEngine(AsyncEngine):
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validator.validate(prompt_token_ids, params)
 
-    async def call(self, fn: Any, *args: Any) -> Any:
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(core, *args)` in the child between steps; `fn` and `args` must pickle."""
         self._check_alive()
         number = next(self._call_ids)
-        reply: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        reply: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._calls[number] = reply
         try:
             self._put(_Call(fn, args, number))

@@ -115,3 +115,17 @@ def test_a_dead_engine_process_fails_every_stream_and_call(llama_dir: Path) -> N
             await engine.aclose()
 
     run(main())
+
+
+def test_an_engine_that_cannot_be_built_fails_the_start_with_its_reason(llama_dir: Path) -> None:
+    config = EngineConfig(model=str(llama_dir), max_model_len=256, num_kv_blocks=2)  # < one sequence
+
+    async def main() -> None:
+        engine = ProcessEngine(config)
+        with pytest.raises(RuntimeError, match="cannot hold one sequence"):
+            await engine.start_process()
+        assert not engine.is_running
+        with pytest.raises(EngineDeadError):
+            await collect(engine, PROMPTS[0])
+
+    run(main())
