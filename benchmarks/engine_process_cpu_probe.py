@@ -9,8 +9,8 @@ on a machine of few cores every process competes for them, so only same-run comp
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ def probe(model: Path, engine_process: bool) -> list[dict[str, Any]]:
         decode_args=["--engine-process"] if engine_process else [],
     )
     vocab = ModelConfig.from_dir(model).vocab_size
-    with LocalCluster(spec, log=io.StringIO()) as cluster:
+    with open(os.devnull, "w") as quiet, LocalCluster(spec, log=quiet) as cluster:
         return [
             decode_interference(cluster, vocab, ARRIVALS_PER_S, 1, VICTIMS, ARRIVAL_PROMPT_LEN, repeat=repeat)
             for repeat in range(PROBES_PER_CLUSTER)

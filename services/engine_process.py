@@ -17,7 +17,6 @@ A call's function and arguments must pickle: a module-level function or an Engin
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import itertools
@@ -28,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch.multiprocessing
@@ -45,8 +44,6 @@ from baton.shared.engine.sampling_params import SamplingParams
 from baton.shared.worker_runtime import kv_layout
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 class ProcessEngine(AsyncEngine):
@@ -116,9 +113,6 @@ class ProcessEngine(AsyncEngine):
         await self.start_process()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
     @property
     def is_running(self) -> bool:
         return self._link is not None and self._link.alive and not self._stopped
@@ -138,26 +132,25 @@ class ProcessEngine(AsyncEngine):
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.validator.validate(prompt_token_ids, params)
 
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(core, *args)` in the child between steps; `fn` and `args` must pickle."""
-        self._check_alive()
-        number = next(self._call_ids)
-        reply: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._calls[number] = reply
-        try:
-            self._put(_Call(fn, args, number))
-        except Exception as exc:  # a lambda, a closure, an argument that does not pickle
-            del self._calls[number]
-            raise TypeError(f"an engine call's function and arguments must pickle: {exc}") from exc
-        return await asyncio.wrap_future(reply)
-
     def _put(self, command: Any) -> None:
-        """Send a command to the child (any thread); a command that does not pickle raises here."""
+        """Send a command to the child (any thread). A call's future stays here, under a number the
+        child's reply names; a call whose function or arguments do not pickle raises TypeError."""
         link = self._link
         if link is None:
             return
-        with self._send_lock:
-            link.send(command)
+        number = None
+        if isinstance(command, _Call):
+            number = next(self._call_ids)
+            self._calls[number] = command.reply
+            command = _Call(command.fn, command.args, number)
+        try:
+            with self._send_lock:
+                link.send(command)
+        except Exception as exc:  # a lambda, a closure, an argument that does not pickle
+            if number is None:
+                raise
+            del self._calls[number]
+            raise TypeError(f"an engine call's function and arguments must pickle: {exc}") from exc
 
     # -- the child's messages (on the event loop that started it) --------------------------------
     def _on_message(self, msg: Message) -> None:

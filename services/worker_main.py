@@ -128,10 +128,7 @@ async def run_worker(config: WorkerConfig) -> None:
         logger.info("engine steps: %s", await engine.call(step_summary))
         if (allocator := await engine.call(EngineCore.allocator_summary)) is not None:
             logger.info("CUDA allocator: %s", allocator)
-    if isinstance(engine, ProcessEngine):
-        await engine.aclose()
-    else:
-        await asyncio.to_thread(engine.shutdown)
+    await engine.aclose()
     logger.info("event loop lag: %s", loop_lag.stop())
     await registry.close()
     logger.info("%s worker %s stopped", config.role, worker_id)
@@ -154,7 +151,7 @@ async def start_engine(
     track_cache_events(core)
     engine = AsyncEngine(core)
     engine.start()
-    return engine, core.kv_caches, {**engine_info(core), "kv_caches": core.kv_caches}
+    return engine, core.kv_caches, engine_info(core)
 
 
 def advertised_host(config: WorkerConfig) -> str:

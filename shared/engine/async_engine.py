@@ -155,6 +155,10 @@ class AsyncEngine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """shutdown(), without blocking the event loop."""
         await asyncio.to_thread(self.shutdown)
 
     @property
@@ -278,7 +282,7 @@ class AsyncEngine:
         another process could run too; a lambda works here only."""
         self._check_alive()
         reply: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._commands.put(_Call(fn, args, reply))
+        self._put(_Call(fn, args, reply))
         return await asyncio.wrap_future(reply)
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncGenerator[EngineOutput, None]:
